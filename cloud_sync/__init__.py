@@ -1,0 +1,3 @@
+"""cloud-sync: the fleet's cloud side (device registry, result ingest, rollouts) and fleetctl."""
+
+__all__: list[str] = []
