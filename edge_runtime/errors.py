@@ -1,0 +1,70 @@
+"""The exceptions edge_runtime raises; every protocol edge maps each one to its own status.
+
+Core modules raise these and import neither grpc nor an HTTP framework; edge_runtime/kserve/status.py maps
+them to gRPC status codes.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigError",
+    "EdgeRuntimeError",
+    "EngineError",
+    "InvalidInput",
+    "ModelNotFound",
+    "ModelNotReady",
+    "Overloaded",
+    "PackageError",
+    "RequestTimeout",
+    "RequestTooLarge",
+    "ShuttingDown",
+    "VerificationFailed",
+]
+
+
+class EdgeRuntimeError(Exception):
+    """Root of every error edge_runtime raises on purpose."""
+
+
+class ConfigError(EdgeRuntimeError):
+    """A config file or policy document is invalid; the message names the key."""
+
+
+class PackageError(EdgeRuntimeError):
+    """A model package (manifest or ONNX file) is malformed or does not match its manifest."""
+
+
+class VerificationFailed(PackageError):
+    """A package's checksum or signature does not verify; nothing was installed."""
+
+
+class ModelNotFound(EdgeRuntimeError):
+    """No such model, or no such version of it."""
+
+
+class ModelNotReady(EdgeRuntimeError):
+    """The model exists but cannot serve yet (loading, warming up, failed)."""
+
+
+class InvalidInput(EdgeRuntimeError):
+    """A request does not match the model's signature (names, dtypes, shapes, byte sizes)."""
+
+
+class RequestTooLarge(EdgeRuntimeError):
+    """A request is past the configured size limit; the message gives the limit."""
+
+
+class Overloaded(EdgeRuntimeError):
+    """The model's queue is full; the caller should back off and retry."""
+
+
+class RequestTimeout(EdgeRuntimeError):
+    """The request waited past its timeout before an engine could run it."""
+
+
+class ShuttingDown(EdgeRuntimeError):
+    """The agent or this model version is draining and takes no new requests."""
+
+
+class EngineError(EdgeRuntimeError):
+    """An engine failed to load, build or run a model."""

@@ -1,0 +1,1 @@
+"""Requests, responses, tensor signatures and their validation."""
