@@ -28,8 +28,18 @@ _BY_DTYPE = {dtype: name for name, dtype in DATATYPES.items()}
 
 # onnx.TensorProto element types (stable numbers of the ONNX spec) -> KServe datatype.
 _ONNX_ELEM = {
-    1: "FP32", 2: "UINT8", 3: "INT8", 4: "UINT16", 5: "INT16", 6: "INT32", 7: "INT64",
-    9: "BOOL", 10: "FP16", 11: "FP64", 12: "UINT32", 13: "UINT64",
+    1: "FP32",
+    2: "UINT8",
+    3: "INT8",
+    4: "UINT16",
+    5: "INT16",
+    6: "INT32",
+    7: "INT64",
+    9: "BOOL",
+    10: "FP16",
+    11: "FP64",
+    12: "UINT32",
+    13: "UINT64",
 }
 
 

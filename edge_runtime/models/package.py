@@ -89,7 +89,8 @@ def _tensor(value: Any, where: str, batched: bool) -> TensorSpec:
     _require(isinstance(name, str) and 0 < len(name) <= 256, f"{where}.name must be a non-empty string")
     _require(datatype in DATATYPES, f"{where}.datatype {datatype!r} is not one of {', '.join(DATATYPES)}")
     _require(
-        isinstance(shape, list) and 0 < len(shape) <= 16
+        isinstance(shape, list)
+        and 0 < len(shape) <= 16
         and all(isinstance(d, int) and not isinstance(d, bool) and (d == -1 or d > 0) for d in shape),
         f"{where}.shape must be a list of 1..16 dimensions, each -1 or positive",
     )
@@ -106,19 +107,37 @@ def parse_manifest(raw: bytes) -> ModelManifest:
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise PackageError(f"invalid manifest: not UTF-8 JSON ({exc})") from exc
     _require(isinstance(data, dict), "must be a JSON object")
-    known = {"name", "version", "platform", "inputs", "outputs", "labels", "max_batch_size", "sha256",
-             "size", "created", "description", "extra"}
+    known = {
+        "name",
+        "version",
+        "platform",
+        "inputs",
+        "outputs",
+        "labels",
+        "max_batch_size",
+        "sha256",
+        "size",
+        "created",
+        "description",
+        "extra",
+    }
     unknown = set(data) - known
     _require(not unknown, f"unknown keys {sorted(unknown)}")
     name, version = data.get("name"), data.get("version")
-    _require(isinstance(name, str) and bool(_NAME.match(name)),
-             "name must be 1-63 characters of a-z, 0-9, '.', '_', '-', starting with a letter or digit")
-    _require(isinstance(version, int) and not isinstance(version, bool) and 0 < version < 2**31,
-             "version must be a positive integer")
+    _require(
+        isinstance(name, str) and bool(_NAME.match(name)),
+        "name must be 1-63 characters of a-z, 0-9, '.', '_', '-', starting with a letter or digit",
+    )
+    _require(
+        isinstance(version, int) and not isinstance(version, bool) and 0 < version < 2**31,
+        "version must be a positive integer",
+    )
     _require(data.get("platform", "onnx") == "onnx", "platform must be 'onnx'")
     mbs = data.get("max_batch_size", 0)
-    _require(isinstance(mbs, int) and not isinstance(mbs, bool) and 0 <= mbs <= 65536,
-             "max_batch_size must be an integer in 0..65536")
+    _require(
+        isinstance(mbs, int) and not isinstance(mbs, bool) and 0 <= mbs <= 65536,
+        "max_batch_size must be an integer in 0..65536",
+    )
     for key in ("inputs", "outputs"):
         _require(isinstance(data.get(key), list) and 0 < len(data[key]) <= 64, f"{key} must list 1..64 tensors")
     inputs = tuple(_tensor(t, f"inputs[{i}]", mbs > 0) for i, t in enumerate(data["inputs"]))
@@ -136,9 +155,17 @@ def parse_manifest(raw: bytes) -> ModelManifest:
     extra = data.get("extra", {})
     _require(isinstance(extra, dict), "extra must be an object")
     return ModelManifest(
-        name=name, version=version, inputs=inputs, outputs=outputs, sha256=sha, size=size,
-        max_batch_size=mbs, labels=tuple(labels), created=data.get("created", ""),
-        description=data.get("description", ""), extra=extra,
+        name=name,
+        version=version,
+        inputs=inputs,
+        outputs=outputs,
+        sha256=sha,
+        size=size,
+        max_batch_size=mbs,
+        labels=tuple(labels),
+        created=data.get("created", ""),
+        description=data.get("description", ""),
+        extra=extra,
     )
 
 
@@ -206,10 +233,17 @@ def write_package(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     manifest = ModelManifest(
-        name=name, version=version, inputs=tuple(inputs), outputs=tuple(outputs),
-        sha256=hashlib.sha256(model_bytes).hexdigest(), size=len(model_bytes), max_batch_size=max_batch_size,
-        labels=tuple(labels or ()), created=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        description=description, extra=dict(extra or {}),
+        name=name,
+        version=version,
+        inputs=tuple(inputs),
+        outputs=tuple(outputs),
+        sha256=hashlib.sha256(model_bytes).hexdigest(),
+        size=len(model_bytes),
+        max_batch_size=max_batch_size,
+        labels=tuple(labels or ()),
+        created=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        description=description,
+        extra=dict(extra or {}),
     )
     parse_manifest(manifest.to_json())  # what we write must be what we accept
     (directory / MODEL_FILE).write_bytes(model_bytes)

@@ -1,0 +1,1 @@
+"""The adaptive dynamic batcher: pure planning (policy), measurement (profiler), execution (batcher)."""

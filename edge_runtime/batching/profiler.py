@@ -1,0 +1,78 @@
+"""Measure an engine's latency at a few batch sizes, and cache the profile across restarts.
+
+The profile feeds batching/policy.py's plan. Measured once per (model file, engine, threads) on a device;
+later starts read the cache, which keeps start-to-READY short.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import structlog
+
+from edge_runtime.batching.policy import ProfilePoint, profile_sizes, profiling_done
+from edge_runtime.durable import write_atomic
+from edge_runtime.engines.base import Engine
+from edge_runtime.inference.synthetic import example_inputs
+
+__all__ = ["ProfileCache", "profile_engine"]
+
+log = structlog.get_logger(__name__)
+
+REPEATS = 5
+# A batch slower than this is not worth profiling further (and would stall start-up).
+BATCH_BUDGET_S = 0.5
+TOTAL_BUDGET_S = 5.0
+
+
+def profile_engine(engine: Engine, cap: int, slo_s: float) -> list[ProfilePoint]:
+    """Median latency per batch size, stopping early once larger batches stop paying."""
+    points: list[ProfilePoint] = []
+    started = time.monotonic()
+    for size in profile_sizes(cap):
+        inputs = example_inputs(engine.inputs, size, seed=size)
+        engine.run(inputs)  # first run at a new shape pays allocation and kernel selection
+        times = []
+        for i in range(REPEATS):
+            t0 = time.monotonic()
+            engine.run(inputs, release_memory=i == REPEATS - 1)
+            times.append(time.monotonic() - t0)
+        points.append(ProfilePoint(size, statistics.median(times)))
+        if profiling_done(points, slo_s, BATCH_BUDGET_S) or time.monotonic() - started > TOTAL_BUDGET_S:
+            break
+    return points
+
+
+class ProfileCache:
+    """Profiles on disk, keyed by everything that changes the timings."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    @staticmethod
+    def key(model_sha256: str, engine: str, threads: int, cap: int) -> str:
+        text = json.dumps([model_sha256, engine, threads, cap, _machine()])
+        return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+    def load(self, key: str) -> list[ProfilePoint] | None:
+        try:
+            data = json.loads((self.directory / f"{key}.json").read_text())
+            return [ProfilePoint(int(p["batch_size"]), float(p["latency_s"])) for p in data["points"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None  # absent or damaged: measure again
+
+    def store(self, key: str, points: Sequence[ProfilePoint]) -> None:
+        data = {"points": [{"batch_size": p.batch_size, "latency_s": p.latency_s} for p in points]}
+        write_atomic(self.directory / f"{key}.json", json.dumps(data).encode())
+
+
+def _machine() -> str:
+    import os
+    import platform
+
+    return f"{platform.machine()}-{platform.processor()}-{os.cpu_count()}"

@@ -1,0 +1,256 @@
+"""The model repository: which versions are loaded and active, and the in-process inference API.
+
+Apps embed it directly (`ModelRepository.open(config).infer(...)`); the agent's gRPC server calls the same
+methods, so both paths have the same semantics. A new version becomes active only after it is READY, the
+pointer on disk switches first, and requests already queued on the old version finish there.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future
+from pathlib import Path
+
+import structlog
+
+from edge_runtime.config import AgentConfig, InferencePolicy
+from edge_runtime.errors import EdgeRuntimeError, ModelNotFound, ModelNotReady, ShuttingDown
+from edge_runtime.inference.types import InferRequest, InferResponse
+from edge_runtime.models.package import ModelPackage
+from edge_runtime.models.served import LoadContext, ModelState, ServedModel
+from edge_runtime.models.store import ModelStore
+from edge_runtime.observability.metrics import AgentMetrics
+
+__all__ = ["ModelRepository", "ModelStatus"]
+
+log = structlog.get_logger(__name__)
+
+
+class ModelStatus:
+    """A model version's state as reported: LOADING, READY (and whether active) or FAILED with a reason."""
+
+    def __init__(
+        self,
+        name: str,
+        version: int,
+        state: ModelState,
+        reason: str = "",
+        active: bool = False,
+        backend: str = "",
+    ) -> None:
+        self.name, self.version, self.state = name, version, state
+        self.reason, self.active, self.backend = reason, active, backend
+
+    def __repr__(self) -> str:
+        return f"ModelStatus({self.name}:{self.version} {self.state.value}{' active' if self.active else ''})"
+
+
+class ModelRepository:
+    def __init__(self, config: AgentConfig, metrics: AgentMetrics | None = None) -> None:
+        self.config = config
+        self.metrics = metrics or AgentMetrics()
+        self.store = ModelStore(config.data_dir / "models")
+        self._policy = config.inference
+        self._served: dict[str, dict[int, ServedModel]] = {}
+        self._active: dict[str, int] = {}
+        self._status: dict[tuple[str, int], ModelStatus] = {}
+        # Models that should be served (an active version was asked for), loaded or not.
+        self._wanted: set[str] = set()
+        self._switch = threading.RLock()  # one load/activate/unload at a time
+        self._closed = False
+
+    @classmethod
+    def open(cls, config: AgentConfig, metrics: AgentMetrics | None = None) -> ModelRepository:
+        """A repository serving every model that is active in the store (failures are recorded, not raised)."""
+        repo = cls(config, metrics)
+        repo.load_active()
+        return repo
+
+    # -- lifecycle --------------------------------------------------------------------------------------
+
+    def load_active(self) -> list[ModelStatus]:
+        for name in self.store.names():
+            try:
+                pointer = self.store.active(name)
+                if pointer is not None:
+                    self.activate(name, pointer.version)
+            except EdgeRuntimeError as exc:
+                log.error("model.load_failed", model=name, reason=str(exc))
+        return self.status()
+
+    def install(self, source: Path, *, activate: bool = True) -> ModelPackage:
+        """Install a package directory into the store (verified) and, by default, make it active."""
+        package = self.store.install(source)
+        if activate:
+            self.activate(package.manifest.name, package.manifest.version)
+        return package
+
+    def activate(self, name: str, version: int) -> ServedModel:
+        """Load `version` (unless loaded), and switch to it once READY; the old version drains and unloads."""
+        with self._switch:
+            self._check_open()
+            self._wanted.add(name)
+            served = self._served.get(name, {}).get(version) or self._load(name, version)
+            self.store.set_active(name, version)
+            old = self._active.get(name)
+            self._active[name] = version
+            self._set_status(_ready_status(served, active=True))
+            if old is not None and old != version:
+                self._retire(name, old)
+            log.info("model.activated", model=name, version=version, previous=old)
+            return served
+
+    def rollback(self, name: str) -> ServedModel:
+        """Return `name` to the version that was active before the current one."""
+        pointer = self.store.active(name)
+        if pointer is None or pointer.previous is None:
+            raise ModelNotFound(f"model {name} has no previous version to roll back to")
+        return self.activate(name, pointer.previous)
+
+    def unload(self, name: str) -> None:
+        with self._switch:
+            for version in list(self._served.get(name, {})):
+                self._retire(name, version)
+            self._active.pop(name, None)
+            self._wanted.discard(name)
+
+    def apply_policy(self, policy: InferencePolicy) -> None:
+        """Apply a new inference policy to every loaded version live, without dropping a request."""
+        with self._switch:
+            self._policy = policy
+            for versions in self._served.values():
+                for served in versions.values():
+                    served.apply_policy(policy)
+            log.info("policy.applied", section="inference")
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Finish what is queued (up to `timeout`) and unload everything."""
+        with self._switch:
+            self._closed = True
+            served = [s for versions in self._served.values() for s in versions.values()]
+            self._served.clear()
+            self._active.clear()
+        for s in served:
+            s.close(timeout)
+
+    # -- serving ----------------------------------------------------------------------------------------
+
+    def infer(self, request: InferRequest) -> InferResponse:
+        """Run one request to completion on the caller's thread (or wait for an engine worker)."""
+        served = self.model(request.model_name, request.model_version)
+        try:
+            return served.batcher.run(served.prepare(request))
+        except ShuttingDown:
+            served = self._replacement(served, request)
+            return served.batcher.run(served.prepare(request))
+
+    def submit(self, request: InferRequest) -> tuple[ServedModel, Future[InferResponse]]:
+        """Validate and queue; raises at once for a bad or unservable request. Await the future for the result."""
+        served = self.model(request.model_name, request.model_version)
+        try:
+            return served, served.batcher.submit(served.prepare(request))
+        except ShuttingDown:
+            served = self._replacement(served, request)
+            return served, served.batcher.submit(served.prepare(request))
+
+    def model(self, name: str, version: str = "") -> ServedModel:
+        """The loaded version a request names ("" = active); ModelNotFound / ModelNotReady otherwise."""
+        versions = self._served.get(name)
+        if version == "":
+            active = self._active.get(name)
+            if versions is not None and active is not None and active in versions:
+                return versions[active]
+            return self._missing(name, None)
+        if not version.isdigit() or len(version) > 10:
+            raise ModelNotFound(f"model {name!r} has no version {version!r}: versions are positive integers")
+        served = versions.get(int(version)) if versions else None
+        return served if served is not None else self._missing(name, int(version))
+
+    def models(self) -> list[ServedModel]:
+        return [s for versions in list(self._served.values()) for s in list(versions.values())]
+
+    def active_version(self, name: str) -> int | None:
+        return self._active.get(name)
+
+    def status(self) -> list[ModelStatus]:
+        return sorted(self._status.values(), key=lambda s: (s.name, s.version))
+
+    def ready(self) -> bool:
+        """Every model that should be served has a READY active version, and nothing is loading."""
+        if self._closed or any(s.state is ModelState.LOADING for s in self._status.values()):
+            return False
+        return all(self._active.get(name) in self._served.get(name, {}) for name in self._wanted)
+
+    # -- internals --------------------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ShuttingDown("the model repository is closed")
+
+    def _load(self, name: str, version: int) -> ServedModel:
+        self._set_status(ModelStatus(name, version, ModelState.LOADING))
+        ctx = LoadContext(
+            engine=self.config.engine,
+            policy=self._policy,
+            max_request_bytes=self.config.server.max_request_bytes,
+            cache_dir=self.config.data_dir / "cache",
+            metrics=self.metrics,
+        )
+        try:
+            served = ServedModel.load(self.store.package(name, version, verify=True), ctx)
+        except EdgeRuntimeError as exc:
+            self._set_status(ModelStatus(name, version, ModelState.FAILED, reason=str(exc)))
+            log.error("model.failed", model=name, version=version, reason=str(exc))
+            raise
+        self._served.setdefault(name, {})[version] = served
+        self._set_status(_ready_status(served, active=False))
+        return served
+
+    def _retire(self, name: str, version: int) -> None:
+        served = self._served.get(name, {}).pop(version, None)
+        self._status.pop((name, version), None)
+        if served is None:
+            return
+        # Close off the caller's thread: requests queued on the old version still finish there.
+        threading.Thread(
+            target=served.close,
+            args=(self.config.agent.shutdown_grace_s,),
+            name=f"retire-{name}-{version}",
+            daemon=True,
+        ).start()
+
+    def _replacement(self, retired: ServedModel, request: InferRequest) -> ServedModel:
+        """After a version switch raced the request: the version that replaced it, if the request allows."""
+        served = self.model(request.model_name, request.model_version)
+        if served is retired:
+            raise ShuttingDown(f"{retired.name}:{retired.version} is shutting down")
+        return served
+
+    def _missing(self, name: str, version: int | None) -> ServedModel:
+        if version is None:
+            version = self._active.get(name)
+        status = self._status.get((name, version)) if version is not None else None
+        if status is not None and status.state is ModelState.LOADING:
+            raise ModelNotReady(f"model {name} version {version} is loading; retry shortly")
+        if status is not None and status.state is ModelState.FAILED:
+            raise ModelNotReady(f"model {name} version {version} failed to load: {status.reason}")
+        if name not in self._served and not any(s.name == name for s in self._status.values()):
+            known = sorted(self._served)
+            raise ModelNotFound(f"unknown model {name!r}; this device serves {known or 'no models'}")
+        loaded = sorted(self._served.get(name, {}))
+        raise ModelNotFound(f"model {name!r} version {version} is not loaded (loaded: {loaded})")
+
+    def _set_status(self, status: ModelStatus) -> None:
+        self._status[(status.name, status.version)] = status
+
+
+def _ready_status(served: ServedModel, *, active: bool) -> ModelStatus:
+    info = served.engine.info
+    return ModelStatus(
+        served.name,
+        served.version,
+        ModelState.READY,
+        reason=info.fallback_reason,
+        active=active,
+        backend=info.description,
+    )
