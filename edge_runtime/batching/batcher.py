@@ -165,6 +165,7 @@ class DynamicBatcher(Generic[R, T]):
         with self._cond:
             leftover, self._heap, self._queued_rows = self._heap, [], 0
         for item in leftover:
+            self._observer.on_rejected("shutdown")
             _fail(item.future, ShuttingDown(f"{self.name} shut down before this request could run"))
 
     # -- internals --------------------------------------------------------------------------------------
@@ -188,7 +189,7 @@ class DynamicBatcher(Generic[R, T]):
         except concurrent.futures.TimeoutError:
             if not future.cancel():
                 return future.result()  # it started in time: let it finish
-            self._observer.on_rejected("timeout")
+            # Counted once, by the worker that drops the withdrawn request from the queue.
             raise RequestTimeout(f"{self.name}: request was still queued at its timeout") from None
 
     def _start_workers(self) -> None:
@@ -211,13 +212,12 @@ class DynamicBatcher(Generic[R, T]):
                 self._busy += 1
             try:
                 for item in expired:
+                    # Counted here even when wait() already withdrew it at its deadline: once, as a timeout.
                     self._observer.on_rejected("timeout")
+                    waited = time.monotonic() - item.enqueued
                     _fail(
                         item.future,
-                        RequestTimeout(
-                            f"{self.name}: request waited {time.monotonic() - item.enqueued:.3f}s in the queue, "
-                            "past its timeout"
-                        ),
+                        RequestTimeout(f"{self.name}: request waited {waited:.3f}s in the queue, past its timeout"),
                     )
                 if batch:
                     self._execute(batch)
@@ -269,6 +269,9 @@ class DynamicBatcher(Generic[R, T]):
 
     def _execute(self, batch: list[_Item[R, T]]) -> None:
         live = [item for item in batch if item.future.set_running_or_notify_cancel()]
+        for _ in range(len(batch) - len(live)):
+            # Withdrawn by its caller (wait() past the deadline, a gRPC client gone): counted, never run.
+            self._observer.on_rejected("cancelled")
         if not live:
             return
         started = time.monotonic()
@@ -305,5 +308,6 @@ def _as_runtime_error(exc: Exception, name: str) -> EdgeRuntimeError:
 
 
 def _fail(future: Future[Any], error: Exception) -> None:
+    """Fail a future, unless its caller already withdrew it."""
     if future.set_running_or_notify_cancel():
         future.set_exception(error)

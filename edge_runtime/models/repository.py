@@ -14,7 +14,7 @@ from pathlib import Path
 import structlog
 
 from edge_runtime.config import AgentConfig, InferencePolicy
-from edge_runtime.errors import EdgeRuntimeError, ModelNotFound, ModelNotReady, ShuttingDown
+from edge_runtime.errors import EdgeRuntimeError, InvalidInput, ModelNotFound, ModelNotReady, ShuttingDown
 from edge_runtime.inference.types import InferRequest, InferResponse
 from edge_runtime.models.package import ModelPackage
 from edge_runtime.models.served import LoadContext, ModelState, ServedModel
@@ -155,14 +155,15 @@ class ModelRepository:
 
     def model(self, name: str, version: str = "") -> ServedModel:
         """The loaded version a request names ("" = active); ModelNotFound / ModelNotReady otherwise."""
+        self._check_open()
         versions = self._served.get(name)
         if version == "":
             active = self._active.get(name)
             if versions is not None and active is not None and active in versions:
                 return versions[active]
             return self._missing(name, None)
-        if not version.isdigit() or len(version) > 10:
-            raise ModelNotFound(f"model {name!r} has no version {version!r}: versions are positive integers")
+        if not (version.isascii() and version.isdigit()) or len(version) > 10:
+            raise InvalidInput(f"model version {version!r} is not a version: versions are positive integers")
         served = versions.get(int(version)) if versions else None
         return served if served is not None else self._missing(name, int(version))
 

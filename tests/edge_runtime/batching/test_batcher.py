@@ -163,9 +163,10 @@ def test_a_request_past_its_deadline_times_out_without_running() -> None:
     assert "timeout" in observer.rejected
 
 
-def test_wait_withdraws_a_request_still_queued_at_its_deadline() -> None:
+def test_wait_withdraws_a_request_still_queued_at_its_deadline_and_it_counts_once() -> None:
     runner = GatedRunner(open_gate=False)
-    batcher = make(runner)
+    observer = Recorder()
+    batcher = make(runner, observer=observer)
     block_worker(batcher, runner)
     request = Req(7, deadline=time.monotonic() + 0.05)
     with pytest.raises(RequestTimeout, match="still queued"):
@@ -173,6 +174,20 @@ def test_wait_withdraws_a_request_still_queued_at_its_deadline() -> None:
     runner.gate.set()
     batcher.close()
     assert all(7 not in batch for batch in runner.batches)
+    assert observer.rejected == ["timeout"]
+
+
+def test_a_request_its_caller_cancelled_is_counted_and_never_runs() -> None:
+    runner = GatedRunner(open_gate=False)
+    observer = Recorder()
+    batcher = make(runner, observer=observer)
+    block_worker(batcher, runner)
+    abandoned = batcher.submit(Req(5))
+    assert abandoned.cancel()
+    runner.gate.set()
+    batcher.close()
+    assert all(5 not in batch for batch in runner.batches)
+    assert observer.rejected == ["cancelled"]
 
 
 def test_a_failing_batch_fails_only_its_own_requests() -> None:

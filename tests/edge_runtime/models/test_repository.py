@@ -22,6 +22,7 @@ from edge_runtime.errors import (
     ModelNotReady,
     PackageError,
     RequestTooLarge,
+    ShuttingDown,
 )
 from edge_runtime.models.package import MANIFEST_FILE, MODEL_FILE, write_package
 from edge_runtime.models.served import ModelState
@@ -92,7 +93,9 @@ def test_only_the_requested_outputs_come_back(digits: ModelRepository) -> None:
     [
         (InferRequest("nope", {}), ModelNotFound, "unknown model 'nope'"),
         (InferRequest("digits", {}, model_version="7"), ModelNotFound, "version 7 is not loaded"),
-        (InferRequest("digits", {}, model_version="one"), ModelNotFound, "versions are positive integers"),
+        (InferRequest("digits", {}, model_version="one"), InvalidInput, "versions are positive integers"),
+        (InferRequest("digits", {}, model_version="\u00b2"), InvalidInput, "versions are positive integers"),
+        (InferRequest("digits", {}, model_version="\u0661"), InvalidInput, "versions are positive integers"),
         (InferRequest("digits", {"pixels": np.zeros((1, 64))}), InvalidInput, "convert it with .astype"),
         (InferRequest("digits", {"pixels": np.zeros((1, 63), np.float32)}), InvalidInput, "expects"),
         (InferRequest("digits", {"pixels": np.zeros((64,), np.float32)}), InvalidInput, "rank 2"),
@@ -291,6 +294,6 @@ def test_a_policy_change_applies_live_without_dropping_requests(digits: ModelRep
 
 def test_close_refuses_new_work(digits: ModelRepository) -> None:
     digits.close()
-    with pytest.raises(ModelNotFound):
+    with pytest.raises(ShuttingDown, match="closed"):
         digits.infer(InferRequest("digits", {"pixels": holdout(1)}))
     assert not digits.ready()

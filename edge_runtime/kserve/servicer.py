@@ -1,0 +1,205 @@
+"""The grpc.aio servicer of inference.GRPCInferenceService over a ModelRepository.
+
+Runs on the agent's event loop: it decodes, validates and queues on the loop (microseconds), and awaits
+the batcher's future, so a waiting request holds no thread (DESIGN.md "Concurrency on the device").
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+import structlog
+from google.protobuf.message import DecodeError, Message
+
+from edge_runtime.errors import EdgeRuntimeError, InvalidInput, ModelNotFound, ModelNotReady
+from edge_runtime.inference.stats import Duration
+from edge_runtime.kserve.codec import check_version, decode_request, encode_response
+from edge_runtime.kserve.status import status_for
+from edge_runtime.models.repository import ModelRepository
+from edge_runtime.models.served import ServedModel
+from edge_runtime.proto.inference import grpc_service_pb2 as pb
+from edge_runtime.proto.inference import grpc_service_pb2_grpc as pb_grpc
+
+__all__ = ["SERVER_NAME", "KServeServicer", "add_to_server", "status_message"]
+
+log = structlog.get_logger(__name__)
+
+SERVER_NAME = "edgefleet-edge-agent"
+EXTENSIONS = ["statistics", "parameters"]
+
+T = TypeVar("T")
+# A status message travels in the grpc-message header, percent-encoded: a client refuses metadata past 16 KiB
+# (and may past 8 KiB), and then sees "received metadata size exceeds hard limit" instead of the reason.
+# Messages quote names and values the client sent, so they are cut to this many UTF-8 bytes.
+MAX_MESSAGE_BYTES = 1024
+
+
+def status_message(message: str) -> str:
+    """`message`, or its head and tail when it is longer than MAX_MESSAGE_BYTES."""
+    data = message.encode()
+    if len(data) <= MAX_MESSAGE_BYTES:
+        return message
+    head = data[: MAX_MESSAGE_BYTES * 2 // 3].decode(errors="ignore")
+    tail = data[-(MAX_MESSAGE_BYTES // 4) :].decode(errors="ignore")
+    return f"{head} [... {len(data) - len(head.encode()) - len(tail.encode())} bytes cut ...] {tail}"
+
+
+async def _guarded(context: grpc.aio.ServicerContext, call: Callable[[], Awaitable[T]]) -> T:
+    """Run `call`, turning our errors into their status and anything else into INTERNAL (logged)."""
+    try:
+        return await call()
+    except EdgeRuntimeError as exc:
+        code, message = status_for(exc), str(exc)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        log.exception("kserve.internal_error", error=repr(exc))
+        code, message = grpc.StatusCode.INTERNAL, "internal error in edge-agent; see its log"
+    await context.abort(code, status_message(message))
+    raise AssertionError("unreachable: abort raises")  # pragma: no cover
+
+
+@dataclass(frozen=True)
+class _Malformed:
+    """A request body that did not parse; the handler answers INVALID_ARGUMENT for it."""
+
+    message_type: str
+    error: str
+
+
+def _parser(message_class: type[Message]) -> Callable[[bytes], Message | _Malformed]:
+    # grpc turns an exception raised while deserializing into UNKNOWN "Unexpected <class DecodeError>" and
+    # logs a traceback per request; parsing here instead gives the caller INVALID_ARGUMENT and a reason.
+    def parse(data: bytes) -> Message | _Malformed:
+        try:
+            return message_class.FromString(data)
+        except DecodeError as exc:
+            return _Malformed(message_class.DESCRIPTOR.full_name, str(exc))
+
+    return parse
+
+
+def _rejecting_malformed(method: Callable[[Any, Any], Awaitable[T]]) -> Callable[[Any, Any], Awaitable[T]]:
+    async def handle(request: Any, context: grpc.aio.ServicerContext) -> T:
+        if isinstance(request, _Malformed):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"the request body is not a valid {request.message_type} ({request.error})",
+            )
+        return await method(request, context)
+
+    return handle
+
+
+def add_to_server(servicer: KServeServicer, server: grpc.aio.Server) -> None:
+    """Register `servicer` for every RPC of inference.GRPCInferenceService (what the generated
+    add_GRPCInferenceServiceServicer_to_server does, except that a body that does not parse gets
+    INVALID_ARGUMENT)."""
+    service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    handlers = {}
+    for method in service.methods:
+        assert not method.client_streaming and not method.server_streaming, method.full_name
+        request_class, response_class = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
+        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+            _rejecting_malformed(getattr(servicer, method.name)),
+            request_deserializer=_parser(request_class),
+            response_serializer=response_class.SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
+
+
+def _duration(target: pb.StatisticDuration, source: Duration) -> None:
+    target.count, target.ns = source.count, source.ns
+
+
+class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, repository: ModelRepository, max_request_bytes: int, version: str) -> None:
+        self._repo = repository
+        self._max_bytes = max_request_bytes
+        self._version = version
+
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: Any) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self._repo.ready())
+
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
+        async def call() -> pb.ModelReadyResponse:
+            version = check_version(request.name, request.version)
+            try:
+                served = self._repo.model(request.name, version)
+            except (ModelNotFound, ModelNotReady):
+                return pb.ModelReadyResponse(ready=False)  # as Triton: not ready, not an error
+            return pb.ModelReadyResponse(ready=served.ready)
+
+        return await _guarded(context, call)
+
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Any) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=self._version, extensions=EXTENSIONS)
+
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
+        async def call() -> pb.ModelMetadataResponse:
+            served = self._repo.model(request.name, check_version(request.name, request.version))
+            m = served.manifest
+            versions = sorted(s.version for s in self._repo.models() if s.name == m.name)
+            T = pb.ModelMetadataResponse.TensorMetadata
+            return pb.ModelMetadataResponse(
+                name=m.name,
+                versions=[str(v) for v in versions],
+                platform=served.engine.info.platform,
+                inputs=[T(name=t.name, datatype=t.datatype, shape=t.shape) for t in m.inputs],
+                outputs=[T(name=t.name, datatype=t.datatype, shape=t.shape) for t in m.outputs],
+            )
+
+        return await _guarded(context, call)
+
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInferResponse:
+        async def call() -> pb.ModelInferResponse:
+            infer = decode_request(request, self._max_bytes)
+            remaining = context.time_remaining()
+            if remaining is not None:  # a request the client stopped waiting for must not run
+                infer.timeout_s = remaining if infer.timeout_s is None else min(infer.timeout_s, remaining)
+            _served, future = self._repo.submit(infer)
+            # Cancelling this await (client gone, deadline) cancels the queued request too.
+            return encode_response(await asyncio.wrap_future(future))
+
+        return await _guarded(context, call)
+
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Any) -> pb.ModelStatisticsResponse:
+        async def call() -> pb.ModelStatisticsResponse:
+            if request.name:
+                selected = [self._repo.model(request.name, check_version(request.name, request.version))]
+            elif request.version:
+                raise InvalidInput("a version needs a model name")
+            else:
+                selected = sorted(self._repo.models(), key=lambda s: (s.name, s.version))
+            return pb.ModelStatisticsResponse(model_stats=[self._statistics(s) for s in selected])
+
+        return await _guarded(context, call)
+
+    @staticmethod
+    def _statistics(served: ServedModel) -> pb.ModelStatistics:
+        snap = served.stats.snapshot()
+        msg = pb.ModelStatistics(
+            name=served.name,
+            version=served.version_str,
+            last_inference=snap.last_inference_ms,
+            inference_count=snap.inference_count,
+            execution_count=snap.execution_count,
+        )
+        _duration(msg.inference_stats.success, snap.success)
+        _duration(msg.inference_stats.fail, snap.fail)
+        _duration(msg.inference_stats.queue, snap.queue)
+        _duration(msg.inference_stats.compute_infer, snap.compute_infer)
+        for size in sorted(snap.batches):
+            batch = msg.batch_stats.add(batch_size=size)
+            _duration(batch.compute_infer, snap.batches[size])
+        return msg
