@@ -7,6 +7,7 @@ away an oversized message with RESOURCE_EXHAUSTED before it is buffered whole.
 
 from __future__ import annotations
 
+import fcntl
 import ipaddress
 import os
 import socket
@@ -26,6 +27,8 @@ __all__ = ["InferenceServer", "check_loopback", "parse_tcp_address"]
 
 log = structlog.get_logger(__name__)
 
+# sockaddr_un.sun_path holds 108 bytes, one of them the terminating NUL.
+MAX_SOCKET_PATH = 107
 # Protobuf framing and tensor metadata on top of the tensor bytes themselves.
 MESSAGE_OVERHEAD = 1 << 20
 
@@ -47,6 +50,19 @@ def check_loopback(host: str) -> None:
             f"server.tcp_address host {host!r} is not a loopback address; the inference API is plaintext and "
             "local-only: serve apps on this device over the Unix socket or 127.0.0.1"
         )
+
+
+def _lock_socket_path(path: Path) -> int:
+    """Hold {socket}.lock for the server's life: two agents starting at once cannot both pass the probe
+    below (grpc would silently unbind the first one's socket). The kernel drops the lock on kill -9."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(f"server.unix_socket {path} is in use by another process (another edge-agent?)") from None
+    return fd
 
 
 def _prepare_socket_path(path: Path) -> None:
@@ -73,6 +89,7 @@ class InferenceServer:
     unix_socket: str = ""
     tcp_port: int = 0
     targets: list[str] = field(default_factory=list)
+    _lock_fd: int = -1
 
     @classmethod
     async def start(cls, repository: ModelRepository, config: ServerSection, version: str) -> InferenceServer:
@@ -86,28 +103,43 @@ class InferenceServer:
         )
         add_to_server(KServeServicer(repository, config.max_request_bytes, version), server)
         result = cls(server)
-        if config.unix_socket:
-            path = Path(config.unix_socket)
-            _prepare_socket_path(path)
-            server.add_insecure_port(f"unix:{path}")
-            result.unix_socket = str(path)
-            result.targets.append(f"unix:{path}")
-        if config.tcp_address:
-            host, port = parse_tcp_address(config.tcp_address)
-            check_loopback(host)
-            try:
-                result.tcp_port = server.add_insecure_port(f"{host}:{port}")
-            except RuntimeError as exc:
-                raise ConfigError(f"cannot listen on server.tcp_address {config.tcp_address}: {exc}") from exc
-            result.targets.append(f"{host}:{result.tcp_port}")
-        if not result.targets:
-            raise ConfigError("neither server.unix_socket nor server.tcp_address is set: apps could not connect")
-        await server.start()
+        try:
+            result._listen(config)
+            await server.start()
+        except BaseException:
+            result._release_lock()
+            raise
         if result.unix_socket:
             # Apps in the agent's group may connect; nobody else on the device.
             os.chmod(result.unix_socket, 0o660)
         log.info("server.listening", targets=result.targets)
         return result
+
+    def _listen(self, config: ServerSection) -> None:
+        if config.unix_socket:
+            path = Path(config.unix_socket)
+            if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+                raise ConfigError(
+                    f"server.unix_socket {path} is longer than the {MAX_SOCKET_PATH} bytes a Unix socket path may have"
+                )
+            self._lock_fd = _lock_socket_path(path)
+            _prepare_socket_path(path)
+            try:
+                self.server.add_insecure_port(f"unix:{path}")
+            except RuntimeError as exc:
+                raise ConfigError(f"cannot listen on server.unix_socket {path}: {exc}") from exc
+            self.unix_socket = str(path)
+            self.targets.append(f"unix:{path}")
+        if config.tcp_address:
+            host, port = parse_tcp_address(config.tcp_address)
+            check_loopback(host)
+            try:
+                self.tcp_port = self.server.add_insecure_port(f"{host}:{port}")
+            except RuntimeError as exc:
+                raise ConfigError(f"cannot listen on server.tcp_address {config.tcp_address}: {exc}") from exc
+            self.targets.append(f"{host}:{self.tcp_port}")
+        if not self.targets:
+            raise ConfigError("neither server.unix_socket nor server.tcp_address is set: apps could not connect")
 
     async def stop(self, grace_s: float) -> None:
         """Refuse new calls at once; let calls in flight finish for up to `grace_s`."""
@@ -115,3 +147,9 @@ class InferenceServer:
         if self.unix_socket:
             # Removing a directory entry: nothing to wait for, so not worth a thread hop.
             Path(self.unix_socket).unlink(missing_ok=True)  # noqa: ASYNC240
+        self._release_lock()
+
+    def _release_lock(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1

@@ -88,3 +88,10 @@ def test_the_example_config_covers_every_field_with_its_default() -> None:
     for key, (default, _doc) in docs.items():
         assert flat[key] == default, f"{key}: the example says {flat[key]!r}, the default is {default!r}"
     assert load_config(EXAMPLE) == AgentConfig()
+
+
+def test_the_package_exports_what_it_names() -> None:
+    import edge_runtime
+
+    for name in edge_runtime.__all__:
+        assert getattr(edge_runtime, name) is not None

@@ -27,6 +27,7 @@ from edge_runtime.errors import (
 from edge_runtime.models.package import MANIFEST_FILE, MODEL_FILE, write_package
 from edge_runtime.models.served import ModelState
 from models.build import digits_holdout
+from tests.waiting import wait_for
 
 Factory = Callable[..., ModelRepository]
 
@@ -179,6 +180,9 @@ def test_switching_versions_under_load_drops_no_request(
         t.start()
     for version in (2, 1, 2):
         digits.activate("digits", version)
+        answered = len(seen)
+        # Let the hammering reach the version just activated before switching again.
+        wait_for(lambda v=str(version), n=answered: v in seen[n:], what=f"a request served by version {version}")
     stop.set()
     for t in threads:
         t.join(10)

@@ -1,0 +1,218 @@
+"""`edge-agent` as a user runs it: help, config checking, installing packages; exit codes 0 / 1 / 2.
+
+Every invocation is a real `python -m edge_runtime.agent.cli` process. The independent ones start side by
+side in one module fixture (each pays the interpreter's start-up); each test then asserts on its own run.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from edge_runtime import __version__
+from edge_runtime.config import field_docs
+from edge_runtime.models.store import ModelStore
+from tests.edge_runtime.agent.conftest import run_cli, run_cli_all, toml_text
+
+COMMANDS = ["run", "install", "models", "check-config"]
+
+BAD_CONFIGS = {
+    "unknown-key": ("[inference]\nmax_batch_sze = 4\n", ["unknown key 'inference.max_batch_sze'"]),
+    "unknown-section": ("[infrence]\nmax_batch_size = 4\n", ["unknown key 'infrence'"]),
+    "wrong-type": ('[inference]\nmax_batch_size = "8"\n', ["inference.max_batch_size must be int", "str"]),
+    "bool-for-int": ("[inference]\ninstances = true\n", ["inference.instances must be int"]),
+    "not-a-section": ('agent = "fast"\n', ["agent must be a table"]),
+    "out-of-range": ("[agent]\nshutdown_grace_s = -1\n", ["agent.shutdown_grace_s = -1.0 is out of range"]),
+    "not-a-choice": ('[engine]\nbackend = "cuda"\n', ["engine.backend must be one of", "'cuda'"]),
+    "cross-field": (
+        "[inference]\npriority_levels = 2\ndefault_priority = 3\n",
+        ["inference.default_priority (3)", "inference.priority_levels (2)"],
+    ),
+    "invalid-toml": ("[agent\ndata_dir = 1\n", ["not valid TOML"]),
+}
+
+NOT_PACKAGES = ["empty-dir", "missing-dir", "no-model-file"]
+
+
+class Runs:
+    """The side-by-side runs, by name, and the directory their inputs live in."""
+
+    def __init__(self, root: Path, results: dict[str, subprocess.CompletedProcess[str]]) -> None:
+        self.root = root
+        self.results = results
+
+    def __getitem__(self, name: str) -> subprocess.CompletedProcess[str]:
+        return self.results[name]
+
+
+def _corrupt_copy(package: Path, target: Path) -> Path:
+    shutil.copytree(package, target)
+    model = target / "model.onnx"
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0x01  # same size, one bit different
+    model.write_bytes(bytes(data))
+    return target
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory, model_packages: dict[str, Path]) -> Runs:
+    root = tmp_path_factory.mktemp("cli")
+    argvs: dict[str, list[str | Path]] = {"help": ["--help"], "version": ["--version"]}
+    argvs.update({f"help-{command}": [command, "--help"] for command in COMMANDS})
+    argvs.update({"unknown-command": ["serve"], "no-command": []})
+
+    valid = root / "valid.toml"
+    valid.write_text(
+        toml_text(
+            {
+                "agent": {"data_dir": str(root / "valid-data"), "shutdown_grace_s": 3},
+                "server": {"tcp_address": "127.0.0.1:9001"},
+                "inference": {"max_batch_size": 8},
+            }
+        )
+    )
+    argvs["check-valid"] = ["check-config", valid]
+    for name, (text, _expected) in BAD_CONFIGS.items():
+        (root / f"{name}.toml").write_text(text)
+        argvs[f"bad-{name}"] = ["check-config", root / f"{name}.toml"]
+    missing = root / "nowhere.toml"
+    argvs["missing-check-config"] = ["check-config", missing]
+    argvs["missing-run"] = ["run", "--config", missing]
+    argvs["missing-models"] = ["models", "--config", missing]
+
+    def config(name: str, data_dir: Path) -> Path:
+        path = root / f"{name}.toml"
+        path.write_text(toml_text({"agent": {"data_dir": str(data_dir)}}))
+        return path
+
+    corrupted = _corrupt_copy(model_packages["digits:1"], root / "corrupted")
+    argvs["install-corrupted"] = ["install", corrupted, "--config", config("corrupted", root / "corrupted-data")]
+    (root / "empty-dir").mkdir()
+    (root / "no-model-file").mkdir()
+    shutil.copy(model_packages["digits:1"] / "manifest.json", root / "no-model-file")
+    for what in NOT_PACKAGES:
+        argvs[f"install-{what}"] = ["install", root / what, "--config", config(what, root / f"{what}-data")]
+    (root / "a-file").write_text("")
+    # As root, permission bits stop nothing: a data dir under a plain file fails for everyone.
+    argvs["install-unwritable"] = [
+        "install",
+        model_packages["digits:1"],
+        "--config",
+        config("unwritable", root / "a-file" / "data"),
+    ]
+    return Runs(root, run_cli_all(argvs))
+
+
+@pytest.mark.parametrize("command", ["", *COMMANDS])
+def test_help_describes_each_command(runs: Runs, command: str) -> None:
+    result = runs[f"help-{command}" if command else "help"]
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: edge-agent")
+    if command:
+        assert result.stdout.startswith(f"usage: edge-agent {command}")
+    else:
+        for name in COMMANDS:
+            assert name in result.stdout
+
+
+def test_version(runs: Runs) -> None:
+    assert runs["version"].returncode == 0
+    assert runs["version"].stdout.strip() == f"edge-agent {__version__}"
+
+
+@pytest.mark.parametrize("name", ["unknown-command", "no-command"])
+def test_bad_command_line_exits_2(runs: Runs, name: str) -> None:
+    result = runs[name]
+    assert result.returncode == 2
+    assert "usage: edge-agent" in result.stderr
+    if name == "unknown-command":
+        assert "invalid choice: 'serve'" in result.stderr
+
+
+def test_check_config_prints_the_effective_values(runs: Runs) -> None:
+    result = runs["check-valid"]
+    assert result.returncode == 0, result.stderr
+    values = json.loads(result.stdout)
+    assert set(values) == set(field_docs())  # every option, set or defaulted
+    assert values["agent.data_dir"] == str(runs.root / "valid-data")
+    assert values["agent.shutdown_grace_s"] == 3.0  # an integer where a float is due is taken as a float
+    assert values["server.tcp_address"] == "127.0.0.1:9001"
+    assert values["inference.max_batch_size"] == 8
+    assert values["inference.max_queue_depth"] == 256  # a default
+    assert values["server.unix_socket"] == "/run/edgefleet/inference.sock"
+
+
+@pytest.mark.parametrize("name", list(BAD_CONFIGS))
+def test_bad_config_exits_2_naming_the_key(runs: Runs, name: str) -> None:
+    result = runs[f"bad-{name}"]
+    assert result.returncode == 2, result.stdout
+    assert result.stdout == ""
+    assert result.stderr.startswith(f"edge-agent: error: {runs.root / name}.toml: ")
+    for fragment in BAD_CONFIGS[name][1]:
+        assert fragment in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command", ["check-config", "run", "models"])
+def test_missing_config_file_exits_2_naming_the_file(runs: Runs, command: str) -> None:
+    result = runs[f"missing-{command}"]
+    assert result.returncode == 2
+    assert f"cannot read config {runs.root / 'nowhere.toml'}: No such file or directory" in result.stderr
+
+
+def _installed(data_dir: Path) -> list[str]:
+    models = data_dir / "models"
+    return sorted(str(p.relative_to(models)) for p in models.rglob("*")) if models.exists() else []
+
+
+def test_install_refuses_a_corrupted_package(runs: Runs) -> None:
+    result = runs["install-corrupted"]
+    assert result.returncode == 2
+    assert "digits:1: model.onnx sha256" in result.stderr
+    assert "does not match the manifest" in result.stderr
+    assert _installed(runs.root / "corrupted-data") == []  # nothing, not even a staging directory
+
+
+@pytest.mark.parametrize("what", NOT_PACKAGES)
+def test_install_refuses_what_is_not_a_package(runs: Runs, what: str) -> None:
+    result = runs[f"install-{what}"]
+    assert result.returncode == 2
+    assert f"edge-agent: error: {runs.root / what} is not a model package" in result.stderr
+    assert _installed(runs.root / f"{what}-data") == []
+
+
+def test_unwritable_data_dir_exits_1_without_a_traceback(runs: Runs) -> None:
+    # Caught a bug: an OSError escaped main() as a traceback instead of a one-line message.
+    result = runs["install-unwritable"]
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("edge-agent: ")
+    assert str(runs.root / "a-file") in result.stderr
+
+
+def _models(config: Path) -> list[list[str]]:
+    result = run_cli("models", "--config", config)
+    assert result.returncode == 0, result.stderr
+    return [line.split("\t") for line in result.stdout.splitlines()]
+
+
+def test_install_activates_and_models_lists_it(
+    write_config: Callable[..., Path], model_packages: dict[str, Path], tmp_path: Path
+) -> None:
+    config = write_config({"agent": {"data_dir": str(tmp_path / "data")}})
+    result = run_cli("install", model_packages["digits:1"], "--config", config)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("digits version 1 active")
+    assert _models(config) == [["digits", "1", "active"]]
+
+    result = run_cli("install", model_packages["digits:2"], "--config", config, "--no-activate")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("digits version 2 installed")
+    assert _models(config) == [["digits", "1", "active"], ["digits", "2", ""]]
+    pointer = ModelStore(tmp_path / "data" / "models").active("digits")
+    assert pointer is not None and pointer.version == 1

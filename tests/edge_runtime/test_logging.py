@@ -1,0 +1,173 @@
+"""Structured logs: JSON lines with event, level and timestamp; secrets redacted; levels filtered."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+from structlog.testing import capture_logs
+
+from edge_runtime.config import AgentConfig
+from edge_runtime.models.repository import ModelRepository
+from edge_runtime.observability.logging import configure_logging, redact_secrets
+
+log = structlog.get_logger("tests.logging")
+
+
+@pytest.fixture
+def stream() -> Iterator[io.StringIO]:
+    """A stream to configure logging onto; structlog and the root logger are restored afterwards."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    out = io.StringIO()
+    yield out
+    structlog.reset_defaults()
+    for handler in root.handlers[:]:
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)
+
+
+def lines(stream: io.StringIO) -> list[dict[str, Any]]:
+    """Each line must be exactly one JSON object."""
+    records = []
+    for line in stream.getvalue().splitlines():
+        record = json.loads(line)
+        assert isinstance(record, dict)
+        records.append(record)
+    return records
+
+
+def test_one_json_object_per_line_with_event_level_and_timestamp(stream: io.StringIO) -> None:
+    configure_logging("info", stream)
+    log.info("model.activated", model="digits", version=2, previous=None)
+    log.warning("outbox.evicted", records=3, reason="buffer full\nsecond line")
+    records = lines(stream)
+    assert len(stream.getvalue().splitlines()) == 2  # a newline inside a value stays escaped
+    first, second = records
+    assert first["event"] == "model.activated"
+    assert (first["model"], first["version"], first["previous"]) == ("digits", 2, None)
+    assert first["level"] == "info" and second["level"] == "warning"
+    assert second["reason"] == "buffer full\nsecond line"
+    stamp = datetime.fromisoformat(first["timestamp"].replace("Z", "+00:00"))
+    assert stamp.utcoffset() == timedelta(0)
+
+
+def test_exceptions_are_structured_not_multiline(stream: io.StringIO) -> None:
+    configure_logging("info", stream)
+    try:
+        raise ValueError("bad tensor")
+    except ValueError:
+        log.exception("kserve.internal_error")
+    (record,) = lines(stream)
+    assert record["level"] == "error"
+    assert record["exception"][0]["exc_type"] == "ValueError"
+    assert record["exception"][0]["exc_value"] == "bad tensor"
+
+
+def test_secret_looking_keys_are_redacted(stream: io.StringIO) -> None:
+    configure_logging("debug", stream)
+    log.info(
+        "device.enrolled",
+        device_id="jetson-7",
+        enrollment_token="tok-123",
+        Password="hunter2",
+        api_key="k-456",
+        credentials={"cert": "PEM-789"},
+    )
+    (record,) = lines(stream)
+    assert record["device_id"] == "jetson-7"
+    for key in ("enrollment_token", "Password", "api_key", "credentials"):
+        assert record[key] == "[redacted]"
+    text = stream.getvalue()
+    for secret in ("tok-123", "hunter2", "k-456", "PEM-789"):
+        assert secret not in text
+
+
+def test_secrets_nested_in_fields_are_redacted(stream: io.StringIO) -> None:
+    # Caught a bug: only top-level keys were checked, so a secret inside a dict or list field was logged.
+    configure_logging("info", stream)
+    log.info(
+        "sync.request",
+        request={"url": "https://cloud/api", "headers": {"Authorization": "Bearer abc.def"}},
+        peers=[{"name": "a", "token": "t-1"}, ("b", {"private_key": "pk-2"})],
+    )
+    (record,) = lines(stream)
+    assert record["request"] == {"url": "https://cloud/api", "headers": {"Authorization": "[redacted]"}}
+    assert record["peers"] == [{"name": "a", "token": "[redacted]"}, ["b", {"private_key": "[redacted]"}]]
+    for secret in ("abc.def", "t-1", "pk-2"):
+        assert secret not in stream.getvalue()
+
+
+def test_redaction_survives_a_self_referencing_value() -> None:
+    loop: dict[str, Any] = {"name": "x"}
+    loop["self"] = loop
+    event = redact_secrets(None, "info", {"event": "e", "value": loop, "secret": "s"})
+    assert event["secret"] == "[redacted]"
+    assert event["value"]["name"] == "x"
+
+
+@pytest.mark.parametrize(
+    ("level", "expected"),
+    [
+        ("debug", ["debug", "info", "warning", "error"]),
+        ("info", ["info", "warning", "error"]),
+        ("warning", ["warning", "error"]),
+        ("error", ["error"]),
+    ],
+)
+def test_records_below_the_level_are_dropped(stream: io.StringIO, level: str, expected: list[str]) -> None:
+    configure_logging(level, stream)
+    log.debug("a.debug")
+    log.info("a.info")
+    log.warning("a.warning")
+    log.error("a.error")
+    assert [r["level"] for r in lines(stream)] == expected
+    assert [r["event"] for r in lines(stream)] == [f"a.{name}" for name in expected]
+
+
+def test_stdlib_records_are_json_lines_too(stream: io.StringIO) -> None:
+    # Caught a bug: asyncio's and grpc's own warnings (stdlib logging) reached stderr as plain text.
+    configure_logging("info", stream)
+    logging.getLogger("asyncio").warning("Executing %s took %.3f seconds", "<Handle>", 0.25)
+    logging.getLogger("grpc._server").info("library chatter")  # libraries' info stays out
+    (record,) = lines(stream)
+    assert record["event"] == "Executing <Handle> took 0.250 seconds"
+    assert record["level"] == "warning"
+    assert record["logger"] == "asyncio"
+    assert "timestamp" in record
+
+
+def test_configuring_again_replaces_the_stdlib_route(stream: io.StringIO) -> None:
+    configure_logging("info", io.StringIO())
+    configure_logging("info", stream)
+    logging.getLogger("asyncio").error("once")
+    assert [r["event"] for r in lines(stream)] == ["once"]
+
+
+def test_loading_a_model_logs_its_lifecycle(
+    make_config: Callable[..., AgentConfig], model_packages: dict[str, Path]
+) -> None:
+    repository = ModelRepository(make_config())
+    try:
+        with capture_logs() as events:
+            repository.install(model_packages["digits:1"])
+    finally:
+        repository.close()
+    names = [e["event"] for e in events]
+    assert names.index("model.installed") < names.index("model.ready") < names.index("model.activated")
+    ready = next(e for e in events if e["event"] == "model.ready")
+    assert (ready["model"], ready["version"]) == ("digits", 1)
+    assert ready["backend"].startswith("onnxruntime/")
+    assert ready["plan"]  # why the batcher chose its batch size, in words
+    assert ready["batch"] >= 1
+    assert ready["log_level"] == "info"
+    installed = next(e for e in events if e["event"] == "model.installed")
+    assert len(installed["sha256"]) == 64
