@@ -44,8 +44,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(config: AgentConfig) -> int:
+    from edge_runtime.agent.heap import limit_heap_retention
     from edge_runtime.agent.process import Agent
 
+    limit_heap_retention()
     asyncio.run(Agent(config).run())
     return 0
 

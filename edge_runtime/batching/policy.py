@@ -79,7 +79,7 @@ def plan_batching(
     Without a profile the configured values are used as they are.
     """
     if cap <= 1:
-        return BatchPlan(1, 0.0, "the model takes one request per run")
+        return BatchPlan(1, 0.0, "batch size 1: the model has no batch axis, or inference.max_batch_size is 1")
     if not points:
         return BatchPlan(cap, configured_delay_s, "configured (no profile)")
     fits = [p for p in points if p.batch_size <= cap and (slo_s <= 0 or p.latency_s <= slo_s)]

@@ -53,7 +53,13 @@ class Signature:
         self.max_batch_size = max_batch_size
         self.max_bytes = max_bytes
         self._by_name = {s.name: s for s in self.inputs}
+        self._names = frozenset(self._by_name)
         self._output_names = frozenset(s.name for s in self.outputs)
+        # Per input, the exact non-batch dimensions when none is variable: the common case is then one
+        # tuple comparison (the full check only runs to explain a mismatch).
+        self._fixed_inner = {
+            s.name: s.shape[1:] if max_batch_size > 0 and -1 not in s.shape[1:] else None for s in self.inputs
+        }
         # Requests may share a batch only if their non-batch dimensions match; with none dynamic they always do.
         self._dynamic_inner = any(-1 in s.shape[1:] for s in self.inputs) or max_batch_size == 0
 
@@ -67,11 +73,11 @@ class Signature:
         """The inputs as C-contiguous arrays, the request's rows, and its batching group."""
         if not isinstance(inputs, Mapping):
             raise InvalidInput("inputs must map input names to arrays")
-        missing = [n for n in self._by_name if n not in inputs]
-        unknown = [n for n in inputs if n not in self._by_name]
-        if unknown:
-            raise InvalidInput(f"unknown input {unknown[0]!r}; the model's inputs are {sorted(self._by_name)}")
-        if missing:
+        if inputs.keys() != self._names:
+            unknown = [n for n in inputs if n not in self._by_name]
+            if unknown:
+                raise InvalidInput(f"unknown input {unknown[0]!r}; the model's inputs are {sorted(self._by_name)}")
+            missing = [n for n in self._by_name if n not in inputs]
             raise InvalidInput(f"missing input {missing[0]!r}; the model's inputs are {sorted(self._by_name)}")
         arrays: dict[str, np.ndarray[Any, Any]] = {}
         total = 0
@@ -90,7 +96,15 @@ class Signature:
                 raise RequestTooLarge(
                     f"request is larger than the limit of {self.max_bytes} bytes (server.max_request_bytes)"
                 )
-            check_shape(spec.name, value.shape, spec, self.batched, self.max_batch_size)
+            shape = value.shape
+            inner = self._fixed_inner[spec.name]
+            if (
+                inner is None
+                or len(shape) != len(spec.shape)
+                or shape[1:] != inner
+                or not 0 < shape[0] <= self.max_batch_size
+            ):
+                check_shape(spec.name, shape, spec, self.batched, self.max_batch_size)
             if self.batched:
                 if rows not in (-1, value.shape[0]):
                     raise InvalidInput(f"input {spec.name!r} has batch size {value.shape[0]}, other inputs have {rows}")

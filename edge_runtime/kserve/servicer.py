@@ -19,6 +19,7 @@ from edge_runtime.errors import EdgeRuntimeError, InvalidInput, ModelNotFound, M
 from edge_runtime.inference.stats import Duration
 from edge_runtime.kserve.codec import check_version, decode_request, encode_response
 from edge_runtime.kserve.status import status_for
+from edge_runtime.loop_bridge import LoopBridge
 from edge_runtime.models.repository import ModelRepository
 from edge_runtime.models.served import ServedModel
 from edge_runtime.proto.inference import grpc_service_pb2 as pb
@@ -122,6 +123,12 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._repo = repository
         self._max_bytes = max_request_bytes
         self._version = version
+        self._loop_bridge: LoopBridge | None = None
+
+    def _bridge(self) -> LoopBridge:
+        if self._loop_bridge is None:  # the servicer is built before the server's loop runs it
+            self._loop_bridge = LoopBridge(asyncio.get_running_loop())
+        return self._loop_bridge
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
@@ -169,7 +176,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 infer.timeout_s = remaining if infer.timeout_s is None else min(infer.timeout_s, remaining)
             _served, future = self._repo.submit(infer)
             # Cancelling this await (client gone, deadline) cancels the queued request too.
-            return encode_response(await asyncio.wrap_future(future))
+            return encode_response(await self._bridge().wrap(future))
 
         return await _guarded(context, call)
 

@@ -171,3 +171,4 @@ def test_loading_a_model_logs_its_lifecycle(
     assert ready["log_level"] == "info"
     installed = next(e for e in events if e["event"] == "model.installed")
     assert len(installed["sha256"]) == 64
+

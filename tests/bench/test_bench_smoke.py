@@ -1,0 +1,38 @@
+"""Each benchmark runs end to end with --quick and writes its JSON; no performance numbers are asserted here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import BENCHMARKS
+from bench.__main__ import main
+
+
+@pytest.fixture(scope="module")
+def models_dir(model_packages: dict[str, Path]) -> Path:
+    return model_packages["digits:2"].parents[1]
+
+
+@pytest.mark.parametrize("name", BENCHMARKS)
+def test_benchmark_runs_and_writes_its_result(name: str, models_dir: Path, tmp_path: Path) -> None:
+    assert main(["--models", str(models_dir), "--only", name, "--quick", "--results", str(tmp_path)]) == 0
+
+    result = json.loads((tmp_path / f"{name}.json").read_text())
+    assert result["benchmark"] == name
+    assert {"date", "seconds", "repetitions", "intra_op_threads", "params", "measurements", "ratios"} <= set(result)
+    assert {"cpu_model", "cores", "python", "platform"} <= set(result["machine"])
+    assert {"onnxruntime", "numpy", "grpcio", "edgefleet"} <= set(result["versions"])
+    assert result["repetitions"] == 1 and result["quick"] is True
+    assert result["measurements"] and result["ratios"]
+    assert len(result["targets"]) == 2
+    for target in result["targets"]:
+        assert {"name", "measured", "limit", "unit", "comparison", "how", "reason"} <= set(target)
+        assert isinstance(target["met"], bool)
+
+
+def test_missing_models_dir_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--models", str(tmp_path / "absent"), "--quick", "--results", str(tmp_path)]) == 2
+    assert "models.build" in capsys.readouterr().err
