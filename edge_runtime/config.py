@@ -20,9 +20,14 @@ from edge_runtime.errors import ConfigError
 __all__ = [
     "AgentConfig",
     "AgentSection",
+    "BufferPolicy",
+    "CloudSection",
     "EngineSection",
     "InferencePolicy",
+    "MqttSection",
     "ServerSection",
+    "TelemetryPolicy",
+    "UploadPolicy",
     "config_from_dict",
     "field_docs",
     "load_config",
@@ -123,11 +128,71 @@ class InferencePolicy:
 
 
 @dataclass(frozen=True)
+class UploadPolicy:
+    sample_rate: float = option(
+        0.0, "Share of requests not marked edgefleet.keep whose input and result are kept anyway (0..1).", min=0, max=1
+    )
+    batch_max_records: int = option(1000, "Records per upload batch.", min=1, max=100_000)
+    interval_s: float = option(
+        1.0, "How often the uploader looks for new records when the outbox was drained.", min=0.01, max=3600
+    )
+    max_bytes_per_s: int = option(0, "Upload bandwidth cap (bytes/s of records); 0: no cap.", min=0, max=2**40)
+
+
+@dataclass(frozen=True)
+class BufferPolicy:
+    max_bytes: int = option(
+        256 * 1024 * 1024,
+        "Outbox bound; past it records are evicted, lowest priority first, then oldest (and counted).",
+        min=64 * 1024,
+        max=2**44,
+    )
+    max_age_s: float = option(
+        7 * 24 * 3600.0,
+        "Records older than this are evicted (and counted); 0: no age limit.",
+        min=0,
+        max=10 * 365 * 86400,
+    )
+
+
+@dataclass(frozen=True)
+class TelemetryPolicy:
+    interval_s: float = option(10.0, "How often the agent publishes telemetry.", min=0.1, max=86_400)
+
+
+@dataclass(frozen=True)
+class CloudSection:
+    grpc_target: str = option(
+        "", "cloud-sync's gRPC address (host:port); empty: no uplink, results stay in the outbox."
+    )
+    device_id: str = option("", "This device's id, given at enrollment.")
+    token_file: str = option("", "File holding the device token (mode 0600), given at enrollment.")
+    ca_file: str = option(
+        "", "PEM CA bundle for TLS to cloud-sync; empty: plaintext, allowed to loopback targets only."
+    )
+
+
+@dataclass(frozen=True)
+class MqttSection:
+    url: str = option("", "MQTT broker, mqtt://host:port; empty: telemetry and presence are not published.")
+    topic_prefix: str = option("edgefleet/v1", "Prefix of every topic this device uses.")
+    keepalive_s: int = option(
+        30, "MQTT keepalive; the broker declares the device offline after 1.5x this.", min=5, max=3600
+    )
+    qos: int = option(1, "QoS of telemetry messages (presence and reported state are always QoS 1).", min=0, max=1)
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     agent: AgentSection = field(default_factory=AgentSection)
     server: ServerSection = field(default_factory=ServerSection)
     engine: EngineSection = field(default_factory=EngineSection)
     inference: InferencePolicy = field(default_factory=InferencePolicy)
+    upload: UploadPolicy = field(default_factory=UploadPolicy)
+    buffer: BufferPolicy = field(default_factory=BufferPolicy)
+    telemetry: TelemetryPolicy = field(default_factory=TelemetryPolicy)
+    cloud: CloudSection = field(default_factory=CloudSection)
+    mqtt: MqttSection = field(default_factory=MqttSection)
 
     @property
     def data_dir(self) -> Path:

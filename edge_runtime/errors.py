@@ -13,6 +13,7 @@ __all__ = [
     "InvalidInput",
     "ModelNotFound",
     "ModelNotReady",
+    "OutboxUnusable",
     "Overloaded",
     "PackageError",
     "RequestTimeout",
@@ -68,3 +69,7 @@ class ShuttingDown(EdgeRuntimeError):
 
 class EngineError(EdgeRuntimeError):
     """An engine failed to load, build or run a model."""
+
+
+class OutboxUnusable(EdgeRuntimeError):
+    """The outbox file cannot be used as it is (in use, newer schema, damaged past salvage); says what to do."""

@@ -304,10 +304,7 @@ def _report(package: ModelPackage, status: str, seconds: float) -> str:
     m = package.manifest
     size = f"{m.size / 2**20:.1f} MiB" if m.size >= 2**20 else f"{m.size / 2**10:.1f} KiB"
     accuracy = m.extra.get("holdout_accuracy")
-    if accuracy is not None:
-        detail = f"holdout accuracy {accuracy:.4f}"
-    else:
-        detail = f"{m.extra['parameters']:,} parameters"
+    detail = f"holdout accuracy {accuracy:.4f}" if accuracy is not None else f"{m.extra['parameters']:,} parameters"
     return f"{m.ref:<18} {size:>9}  {detail:<26} {status} in {seconds:.1f} s"
 
 

@@ -13,7 +13,6 @@ import argparse
 import filecmp
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -26,11 +25,15 @@ TOP_LEVEL = ("edgefleet", "inference")
 
 _IMPORT_RES = [
     # from edgefleet.v1 import state_pb2 as ...
-    (re.compile(rf"^(\s*)from ({'|'.join(TOP_LEVEL)})(\.[\w.]*)? import ", re.M),
-     lambda m: f"{m.group(1)}from {PACKAGE}.{m.group(2)}{m.group(3) or ''} import "),
+    (
+        re.compile(rf"^(\s*)from ({'|'.join(TOP_LEVEL)})(\.[\w.]*)? import ", re.M),
+        lambda m: f"{m.group(1)}from {PACKAGE}.{m.group(2)}{m.group(3) or ''} import ",
+    ),
     # import edgefleet.v1.state_pb2 (as ...)
-    (re.compile(rf"^(\s*)import ({'|'.join(TOP_LEVEL)})\.", re.M),
-     lambda m: f"{m.group(1)}import {PACKAGE}.{m.group(2)}."),
+    (
+        re.compile(rf"^(\s*)import ({'|'.join(TOP_LEVEL)})\.", re.M),
+        lambda m: f"{m.group(1)}import {PACKAGE}.{m.group(2)}.",
+    ),
 ]
 
 
@@ -59,14 +62,22 @@ def generate(out: Path) -> None:
     """Write the generated package tree for every proto into `out`."""
     files = [str(p.relative_to(PROTO_ROOT)) for p in proto_files()]
     with_services = [f for f in files if re.search(r"^service ", (PROTO_ROOT / f).read_text(), re.M)]
-    _protoc([
-        f"--plugin=protoc-gen-mypy={_plugin('protoc-gen-mypy')}",
-        f"--python_out={out}", f"--mypy_out=quiet:{out}", *files,
-    ])
-    _protoc([
-        f"--plugin=protoc-gen-mypy_grpc={_plugin('protoc-gen-mypy_grpc')}",
-        f"--grpc_python_out={out}", f"--mypy_grpc_out=quiet:{out}", *with_services,
-    ])
+    _protoc(
+        [
+            f"--plugin=protoc-gen-mypy={_plugin('protoc-gen-mypy')}",
+            f"--python_out={out}",
+            f"--mypy_out=quiet:{out}",
+            *files,
+        ]
+    )
+    _protoc(
+        [
+            f"--plugin=protoc-gen-mypy_grpc={_plugin('protoc-gen-mypy_grpc')}",
+            f"--grpc_python_out={out}",
+            f"--mypy_grpc_out=quiet:{out}",
+            *with_services,
+        ]
+    )
     for path in sorted(out.rglob("*.py*")):
         text = path.read_text()
         for regex, repl in _IMPORT_RES:
@@ -82,6 +93,7 @@ def generate(out: Path) -> None:
 
 def differences(expected: Path, actual: Path) -> list[str]:
     """Relative paths that differ between two generated trees (missing on either side included)."""
+
     def listing(root: Path) -> set[str]:
         return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
 
@@ -106,8 +118,7 @@ def main() -> int:
         if TARGET.exists():
             shutil.rmtree(TARGET)
         shutil.copytree(fresh, TARGET)
-        print(f"generated {len(proto_files())} protos into {TARGET.relative_to(ROOT)}"
-              f" ({len(drift)} files changed)")
+        print(f"generated {len(proto_files())} protos into {TARGET.relative_to(ROOT)} ({len(drift)} files changed)")
     return 0
 
 

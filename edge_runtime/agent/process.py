@@ -21,12 +21,17 @@ from edge_runtime import __version__
 from edge_runtime.agent.systemd import SystemdNotifier
 from edge_runtime.config import AgentConfig
 from edge_runtime.errors import ConfigError
+from edge_runtime.inference.keeping import Keeper
 from edge_runtime.kserve.server import InferenceServer, parse_tcp_address
 from edge_runtime.models.repository import ModelRepository
 from edge_runtime.models.served import ServedModel
 from edge_runtime.observability.metrics import AgentMetrics
+from edge_runtime.outbox import Outbox
+from edge_runtime.sync.uplink import Uploader, read_token
 
-__all__ = ["Agent", "AgentEndpoints"]
+__all__ = ["OUTBOX_FILE", "Agent", "AgentEndpoints"]
+
+OUTBOX_FILE = "outbox.db"
 
 log = structlog.get_logger(__name__)
 
@@ -46,7 +51,14 @@ class Agent:
         self.config = config
         self.notifier = notifier or SystemdNotifier()
         self.metrics = AgentMetrics()
-        self.repository = ModelRepository(config, self.metrics)
+        token = read_token(config.cloud) if config.cloud.grpc_target else ""
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        self.outbox = Outbox.open(
+            config.data_dir / OUTBOX_FILE, max_bytes=config.buffer.max_bytes, max_age_s=config.buffer.max_age_s
+        )
+        self.keeper = Keeper(self.outbox, config.upload.sample_rate)
+        self.repository = ModelRepository(config, self.metrics, self.keeper)
+        self.uploader = Uploader(self.outbox, config.cloud, config.upload, token) if token else None
         self.endpoints = AgentEndpoints()
         self.started = asyncio.Event()
         self._stop = asyncio.Event()
@@ -68,17 +80,23 @@ class Agent:
         loop = asyncio.get_running_loop()
         self._loop = loop
         began = time.monotonic()
-        server = await InferenceServer.start(self.repository, self.config.server, __version__)
+        try:
+            server = await InferenceServer.start(self.repository, self.config.server, __version__)
+        except BaseException:
+            await loop.run_in_executor(self._loader, self.outbox.close)
+            raise
         try:
             metrics_server = self._start_metrics()
         except BaseException:
             await server.stop(0)
+            await loop.run_in_executor(self._loader, self.outbox.close)
             raise
         self.endpoints.inference = list(server.targets)
         if handle_signals:
             for sig in _SIGNALS:
                 loop.add_signal_handler(sig, self.stop)
         watchdog = asyncio.ensure_future(self._watchdog())
+        uploading = asyncio.ensure_future(self.uploader.run()) if self.uploader else None
         # READY to systemd once apps can connect; model readiness is ServerReady's business (a TensorRT
         # build may take minutes, longer than any sensible TimeoutStartSec).
         self.notifier.notify(READY="1", STATUS="listening; loading models")
@@ -102,6 +120,11 @@ class Agent:
             log.info("agent.stopping", grace_s=grace, pending={_ref(s): s.batcher.pending() for s in served})
             await server.stop(grace)
             await loop.run_in_executor(self._loader, self.repository.close, grace)
+            if uploading is not None:
+                # A stream cut here is safe: its records stay in the outbox, marked in doubt, and go again.
+                uploading.cancel()
+                await asyncio.gather(uploading, return_exceptions=True)
+            await loop.run_in_executor(self._loader, self.outbox.close, grace)
             if metrics_server is not None:
                 # shutdown() waits for serve_forever's next poll (up to 0.5 s): not on the loop.
                 await loop.run_in_executor(self._loader, _stop_http_server, metrics_server)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +39,9 @@ class InferResponse:
     outputs: dict[str, Array]
     id: str = ""
     parameters: dict[str, Any] = field(default_factory=dict)
+    # For a kept result: resolves (with the record's seq) once it is committed to the outbox. The APIs
+    # wait for it before answering unless the request set edgefleet.keep_async.
+    kept: Future[int] | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,3 +55,6 @@ class PreparedRequest:
     group: Hashable
     outputs: tuple[str, ...] | None
     id: str
+    # What to keep of this request in the outbox (keeping.NONE / RESULT / SAMPLE), and its parameters.
+    keep: int = 0
+    parameters: Mapping[str, Any] = field(default_factory=dict)

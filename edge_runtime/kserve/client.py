@@ -6,61 +6,20 @@ Errors are grpc.RpcError with the server's status code and reason.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import grpc
 import numpy as np
 
-from edge_runtime.inference.tensors import datatype_of, dtype_of
 from edge_runtime.inference.types import InferResponse
-from edge_runtime.kserve.codec import KEEP_PARAMETER, parameter_value
+from edge_runtime.kserve.codec import build_request, decode_response
 from edge_runtime.proto.inference import grpc_service_pb2 as pb
 from edge_runtime.proto.inference import grpc_service_pb2_grpc as pb_grpc
 
 __all__ = ["KServeClient", "build_request", "decode_response"]
 
 _UNLIMITED = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
-
-
-def build_request(
-    model: str,
-    inputs: Mapping[str, np.ndarray[Any, Any]],
-    *,
-    version: str = "",
-    outputs: Sequence[str] | None = None,
-    priority: int = 0,
-    timeout_s: float | None = None,
-    keep: bool = False,
-    request_id: str = "",
-) -> pb.ModelInferRequest:
-    """A ModelInferRequest with every input in raw_input_contents."""
-    msg = pb.ModelInferRequest(model_name=model, model_version=version, id=request_id)
-    for name, array in inputs.items():
-        msg.inputs.add(name=name, datatype=datatype_of(array.dtype), shape=array.shape)
-        msg.raw_input_contents.append(np.ascontiguousarray(array).tobytes())
-    for name in outputs or ():
-        msg.outputs.add(name=name)
-    if priority:
-        msg.parameters["priority"].uint64_param = priority
-    if timeout_s is not None:
-        msg.parameters["timeout"].uint64_param = int(timeout_s * 1e6)
-    if keep:
-        msg.parameters[KEEP_PARAMETER].bool_param = True
-    return msg
-
-
-def decode_response(msg: pb.ModelInferResponse) -> InferResponse:
-    outputs = {}
-    for i, t in enumerate(msg.outputs):
-        outputs[t.name] = np.frombuffer(msg.raw_output_contents[i], dtype=dtype_of(t.datatype)).reshape(tuple(t.shape))
-    return InferResponse(
-        msg.model_name,
-        msg.model_version,
-        outputs,
-        id=msg.id,
-        parameters={k: parameter_value(v) for k, v in msg.parameters.items()},
-    )
 
 
 class KServeClient:

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from edge_runtime.errors import InvalidInput, RequestTooLarge
-from edge_runtime.inference.tensors import DATATYPES, datatype_of
+from edge_runtime.inference.tensors import DATATYPES, datatype_of, dtype_of
 from edge_runtime.inference.types import InferRequest, InferResponse
 from edge_runtime.proto.inference import grpc_service_pb2 as pb
 
@@ -171,4 +172,57 @@ def encode_response(response: InferResponse) -> pb.ModelInferResponse:
     for name, array in response.outputs.items():
         msg.outputs.add(name=name, datatype=datatype_of(array.dtype), shape=array.shape)
         msg.raw_output_contents.append(np.ascontiguousarray(array).tobytes())
+    for key, value in response.parameters.items():
+        _set_parameter(msg.parameters[key], value)
     return msg
+
+
+def _set_parameter(target: pb.InferParameter, value: Any) -> None:
+    if isinstance(value, bool):
+        target.bool_param = value
+    elif isinstance(value, int):
+        target.int64_param = value
+    elif isinstance(value, float):
+        target.double_param = value
+    else:
+        target.string_param = str(value)
+
+
+def build_request(
+    model: str,
+    inputs: Mapping[str, np.ndarray[Any, Any]],
+    *,
+    version: str = "",
+    outputs: Sequence[str] | None = None,
+    priority: int = 0,
+    timeout_s: float | None = None,
+    keep: bool = False,
+    request_id: str = "",
+) -> pb.ModelInferRequest:
+    """A ModelInferRequest with every input in raw_input_contents."""
+    msg = pb.ModelInferRequest(model_name=model, model_version=version, id=request_id)
+    for name, array in inputs.items():
+        msg.inputs.add(name=name, datatype=datatype_of(array.dtype), shape=array.shape)
+        msg.raw_input_contents.append(np.ascontiguousarray(array).tobytes())
+    for name in outputs or ():
+        msg.outputs.add(name=name)
+    if priority:
+        msg.parameters["priority"].uint64_param = priority
+    if timeout_s is not None:
+        msg.parameters["timeout"].uint64_param = int(timeout_s * 1e6)
+    if keep:
+        msg.parameters[KEEP_PARAMETER].bool_param = True
+    return msg
+
+
+def decode_response(msg: pb.ModelInferResponse) -> InferResponse:
+    outputs = {}
+    for i, t in enumerate(msg.outputs):
+        outputs[t.name] = np.frombuffer(msg.raw_output_contents[i], dtype=dtype_of(t.datatype)).reshape(tuple(t.shape))
+    return InferResponse(
+        msg.model_name,
+        msg.model_version,
+        outputs,
+        id=msg.id,
+        parameters={k: parameter_value(v) for k, v in msg.parameters.items()},
+    )

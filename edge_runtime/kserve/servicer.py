@@ -8,22 +8,22 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
 import structlog
-from google.protobuf.message import DecodeError, Message
 
 from edge_runtime.errors import EdgeRuntimeError, InvalidInput, ModelNotFound, ModelNotReady
+from edge_runtime.inference import keeping
 from edge_runtime.inference.stats import Duration
 from edge_runtime.kserve.codec import check_version, decode_request, encode_response
 from edge_runtime.kserve.status import status_for
 from edge_runtime.loop_bridge import LoopBridge
-from edge_runtime.models.repository import ModelRepository
+from edge_runtime.models.repository import KEEP_WAIT_S, ModelRepository
 from edge_runtime.models.served import ServedModel
 from edge_runtime.proto.inference import grpc_service_pb2 as pb
 from edge_runtime.proto.inference import grpc_service_pb2_grpc as pb_grpc
+from edge_runtime.rpc_handlers import add_service
 
 __all__ = ["SERVER_NAME", "KServeServicer", "add_to_server", "status_message"]
 
@@ -64,54 +64,10 @@ async def _guarded(context: grpc.aio.ServicerContext, call: Callable[[], Awaitab
     raise AssertionError("unreachable: abort raises")  # pragma: no cover
 
 
-@dataclass(frozen=True)
-class _Malformed:
-    """A request body that did not parse; the handler answers INVALID_ARGUMENT for it."""
-
-    message_type: str
-    error: str
-
-
-def _parser(message_class: type[Message]) -> Callable[[bytes], Message | _Malformed]:
-    # grpc turns an exception raised while deserializing into UNKNOWN "Unexpected <class DecodeError>" and
-    # logs a traceback per request; parsing here instead gives the caller INVALID_ARGUMENT and a reason.
-    def parse(data: bytes) -> Message | _Malformed:
-        try:
-            return message_class.FromString(data)
-        except DecodeError as exc:
-            return _Malformed(message_class.DESCRIPTOR.full_name, str(exc))
-
-    return parse
-
-
-def _rejecting_malformed(method: Callable[[Any, Any], Awaitable[T]]) -> Callable[[Any, Any], Awaitable[T]]:
-    async def handle(request: Any, context: grpc.aio.ServicerContext) -> T:
-        if isinstance(request, _Malformed):
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"the request body is not a valid {request.message_type} ({request.error})",
-            )
-        return await method(request, context)
-
-    return handle
-
-
 def add_to_server(servicer: KServeServicer, server: grpc.aio.Server) -> None:
-    """Register `servicer` for every RPC of inference.GRPCInferenceService (what the generated
-    add_GRPCInferenceServiceServicer_to_server does, except that a body that does not parse gets
-    INVALID_ARGUMENT)."""
-    service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
-    handlers = {}
-    for method in service.methods:
-        assert not method.client_streaming and not method.server_streaming, method.full_name
-        request_class, response_class = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
-        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-            _rejecting_malformed(getattr(servicer, method.name)),
-            request_deserializer=_parser(request_class),
-            response_serializer=response_class.SerializeToString,
-        )
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
-    server.add_registered_method_handlers(service.full_name, handlers)
+    """Register `servicer` for every RPC of inference.GRPCInferenceService; a body that does not parse
+    gets INVALID_ARGUMENT (the generated add_GRPCInferenceServiceServicer_to_server would answer UNKNOWN)."""
+    add_service(server, pb, "GRPCInferenceService", servicer)
 
 
 def _duration(target: pb.StatisticDuration, source: Duration) -> None:
@@ -176,7 +132,15 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 infer.timeout_s = remaining if infer.timeout_s is None else min(infer.timeout_s, remaining)
             _served, future = self._repo.submit(infer)
             # Cancelling this await (client gone, deadline) cancels the queued request too.
-            return encode_response(await self._bridge().wrap(future))
+            response = await self._bridge().wrap(future)
+            if response.kept is not None:  # answer once the kept result is on disk
+                try:
+                    await asyncio.wait_for(self._bridge().wrap(response.kept), KEEP_WAIT_S)
+                except (EdgeRuntimeError, asyncio.TimeoutError) as exc:
+                    keeping.settle_kept(response, exc)
+                else:
+                    keeping.settle_kept(response, None)
+            return encode_response(response)
 
         return await _guarded(context, call)
 

@@ -11,6 +11,7 @@ from edge_runtime.errors import (
     InvalidInput,
     ModelNotFound,
     ModelNotReady,
+    OutboxUnusable,
     Overloaded,
     PackageError,
     RequestTimeout,
@@ -32,6 +33,7 @@ STATUS_CODES: dict[type[EdgeRuntimeError], grpc.StatusCode] = {
     RequestTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,
     PackageError: grpc.StatusCode.FAILED_PRECONDITION,
     VerificationFailed: grpc.StatusCode.FAILED_PRECONDITION,
+    OutboxUnusable: grpc.StatusCode.FAILED_PRECONDITION,
     EngineError: grpc.StatusCode.INTERNAL,
     EdgeRuntimeError: grpc.StatusCode.INTERNAL,
 }

@@ -7,6 +7,7 @@ pointer on disk switches first, and requests already queued on the old version f
 
 from __future__ import annotations
 
+import concurrent.futures
 import threading
 from concurrent.futures import Future
 from pathlib import Path
@@ -15,6 +16,7 @@ import structlog
 
 from edge_runtime.config import AgentConfig, InferencePolicy
 from edge_runtime.errors import EdgeRuntimeError, InvalidInput, ModelNotFound, ModelNotReady, ShuttingDown
+from edge_runtime.inference import keeping
 from edge_runtime.inference.types import InferRequest, InferResponse
 from edge_runtime.models.package import ModelPackage
 from edge_runtime.models.served import LoadContext, ModelState, ServedModel
@@ -24,6 +26,9 @@ from edge_runtime.observability.metrics import AgentMetrics
 __all__ = ["ModelRepository", "ModelStatus"]
 
 log = structlog.get_logger(__name__)
+
+# Longest an answer waits for its kept result to be committed before it goes out marked not kept.
+KEEP_WAIT_S = 30.0
 
 
 class ModelStatus:
@@ -46,8 +51,11 @@ class ModelStatus:
 
 
 class ModelRepository:
-    def __init__(self, config: AgentConfig, metrics: AgentMetrics | None = None) -> None:
+    def __init__(
+        self, config: AgentConfig, metrics: AgentMetrics | None = None, keeper: keeping.Keeper | None = None
+    ) -> None:
         self.config = config
+        self.keeper = keeper
         self.metrics = metrics or AgentMetrics()
         self.store = ModelStore(config.data_dir / "models")
         self._policy = config.inference
@@ -139,10 +147,17 @@ class ModelRepository:
         """Run one request to completion on the caller's thread (or wait for an engine worker)."""
         served = self.model(request.model_name, request.model_version)
         try:
-            return served.batcher.run(served.prepare(request))
+            response = served.batcher.run(served.prepare(request))
         except ShuttingDown:
             served = self._replacement(served, request)
-            return served.batcher.run(served.prepare(request))
+            response = served.batcher.run(served.prepare(request))
+        if response.kept is None:
+            return response
+        try:
+            response.kept.result(timeout=KEEP_WAIT_S)
+        except (EdgeRuntimeError, concurrent.futures.TimeoutError) as exc:
+            return keeping.settle_kept(response, exc)
+        return keeping.settle_kept(response, None)
 
     def submit(self, request: InferRequest) -> tuple[ServedModel, Future[InferResponse]]:
         """Validate and queue; raises at once for a bad or unservable request. Await the future for the result."""
@@ -196,6 +211,7 @@ class ModelRepository:
             max_request_bytes=self.config.server.max_request_bytes,
             cache_dir=self.config.data_dir / "cache",
             metrics=self.metrics,
+            keeper=self.keeper,
         )
         try:
             served = ServedModel.load(self.store.package(name, version, verify=True), ctx)

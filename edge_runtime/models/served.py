@@ -16,7 +16,8 @@ from edge_runtime.batching.policy import BatchPlan, ProfilePoint, plan_batching
 from edge_runtime.batching.profiler import ProfileCache, profile_engine
 from edge_runtime.config import EngineSection, InferencePolicy
 from edge_runtime.engines import Engine, load_engine
-from edge_runtime.errors import EngineError, InvalidInput, PackageError
+from edge_runtime.errors import EngineError, InvalidInput, Overloaded, PackageError
+from edge_runtime.inference import keeping
 from edge_runtime.inference.stats import ModelStats
 from edge_runtime.inference.synthetic import example_inputs
 from edge_runtime.inference.types import InferRequest, InferResponse, PreparedRequest
@@ -44,6 +45,8 @@ class LoadContext:
     max_request_bytes: int
     cache_dir: Path
     metrics: AgentMetrics
+    # Where kept results and samples go; None: nothing is kept (no outbox).
+    keeper: keeping.Keeper | None = None
 
 
 def check_engine_matches(manifest: ModelManifest, engine: Engine) -> None:
@@ -87,6 +90,7 @@ class ServedModel:
         self._input_names = [i.name for i in m.inputs]
         self.stats = ModelStats()
         self._metrics = ctx.metrics
+        self._keeper = ctx.keeper
         self.ready = True
         self.policy = ctx.policy
         self.batcher: DynamicBatcher[PreparedRequest, InferResponse] = DynamicBatcher(
@@ -163,7 +167,10 @@ class ServedModel:
         if timeout is None and self.policy.default_timeout_ms > 0:
             timeout = self.policy.default_timeout_ms / 1e3
         deadline = None if timeout is None else time.monotonic() + timeout
-        return PreparedRequest(arrays, rows, priority, deadline, group, request.outputs, request.id)
+        keep = self._keeper.decide(request.parameters) if self._keeper is not None else keeping.NONE
+        return PreparedRequest(
+            arrays, rows, priority, deadline, group, request.outputs, request.id, keep, request.parameters
+        )
 
     def _run_batch(self, requests: list[PreparedRequest]) -> list[InferResponse]:
         if len(requests) == 1:
@@ -179,9 +186,19 @@ class ServedModel:
         return responses
 
     def _response(self, request: PreparedRequest, outputs: dict[str, Any]) -> InferResponse:
+        response = InferResponse(self.name, self.version_str, outputs, id=request.id)
+        if request.keep and self._keeper is not None:
+            kept = self._keeper.keep(request.keep, response, self.version, request.inputs, request.parameters)
+            if request.keep == keeping.RESULT:  # a sample is the agent's business, not the app's
+                if kept is None:
+                    keeping.settle_kept(response, Overloaded("the outbox refused the record"))
+                elif request.parameters.get(keeping.KEEP_ASYNC_PARAMETER) is True:
+                    response.parameters[keeping.KEPT_PARAMETER] = True
+                else:
+                    response.kept = kept
         if request.outputs is not None:
-            outputs = {n: outputs[n] for n in request.outputs}
-        return InferResponse(self.name, self.version_str, outputs, id=request.id)
+            response.outputs = {n: outputs[n] for n in request.outputs}
+        return response
 
     def sample(self) -> ModelSample:
         """This version's figures for the Prometheus collector."""

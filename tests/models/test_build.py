@@ -91,8 +91,7 @@ def test_mobilenet_has_mobilenet_v2_parameter_count(built: dict[str, ModelPackag
     assert built["mobilenet-bench:1"].manifest.extra["parameters"] == parameters
     assert {n.op_type for n in model.graph.node} >= {"Conv", "Clip", "Add", "GlobalAveragePool", "Gemm"}
     assert any(
-        n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute)
-        for n in model.graph.node
+        n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute) for n in model.graph.node
     )
 
 

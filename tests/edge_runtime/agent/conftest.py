@@ -2,36 +2,19 @@
 
 from __future__ import annotations
 
-import json
-import os
-import signal
 import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from edge_runtime.models.store import ModelStore
-from tests.waiting import wait_for
+from tests.processes import AgentProcess, toml_text
 
 CLI = [sys.executable, "-m", "edge_runtime.agent.cli"]
 REPO_ROOT = Path(__file__).resolve().parents[3]
-
-
-def toml_text(data: Mapping[str, Mapping[str, Any]]) -> str:
-    """The TOML of a {section: {key: scalar}} mapping (all our config needs; tomllib only reads)."""
-    lines = []
-    for section, values in data.items():
-        lines.append(f"[{section}]")
-        for key, value in values.items():
-            # JSON's strings, numbers and booleans are valid TOML scalars.
-            lines.append(f"{key} = {json.dumps(value)}")
-        lines.append("")
-    return "\n".join(lines)
 
 
 def run_cli(*args: str | Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -53,90 +36,6 @@ def run_cli_all(
         out, err = proc.communicate(timeout=timeout)
         results[name] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     return results
-
-
-class AgentProcess:
-    """`edge-agent run` as a real subprocess; its JSON log lines are parsed as they arrive."""
-
-    def __init__(self, config_path: Path, env: Mapping[str, str] | None = None) -> None:
-        environ = {**os.environ, **(env or {})}
-        self.proc = subprocess.Popen(
-            [*CLI, "run", "--config", str(config_path)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=environ,
-            cwd=REPO_ROOT,
-        )
-        self.events: list[dict[str, Any]] = []
-        self.not_json: list[str] = []
-        self.stderr = ""
-        self._lock = threading.Lock()
-        self._readers = [
-            threading.Thread(target=self._read_stdout, daemon=True),
-            threading.Thread(target=self._read_stderr, daemon=True),
-        ]
-        for reader in self._readers:
-            reader.start()
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def _read_stdout(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            try:
-                event = json.loads(line)
-            except ValueError:
-                event = None
-            with self._lock:
-                if isinstance(event, dict):
-                    self.events.append(event)
-                else:
-                    self.not_json.append(line)
-
-    def _read_stderr(self) -> None:
-        assert self.proc.stderr is not None
-        text = self.proc.stderr.read()
-        with self._lock:
-            self.stderr = text
-
-    def find(self, name: str) -> dict[str, Any] | None:
-        with self._lock:
-            return next((e for e in self.events if e.get("event") == name), None)
-
-    def event_names(self) -> list[str]:
-        with self._lock:
-            return [str(e.get("event")) for e in self.events]
-
-    def wait_event(self, name: str, timeout: float = 30.0) -> dict[str, Any]:
-        def seen() -> dict[str, Any] | None:
-            found = self.find(name)
-            if found is None and self.proc.poll() is not None:
-                self.finish(5)
-                raise AssertionError(f"agent exited ({self.proc.returncode}) before logging {name}: {self.stderr}")
-            return found
-
-        return wait_for(seen, timeout, f"log event {name}")
-
-    def wait_ready(self, timeout: float = 30.0) -> dict[str, Any]:
-        return self.wait_event("agent.ready", timeout)
-
-    def signal(self, sig: int = signal.SIGTERM) -> None:
-        self.proc.send_signal(sig)
-
-    def finish(self, timeout: float) -> int:
-        """Wait for the exit and for the log readers to drain the pipes; the exit code."""
-        code = self.proc.wait(timeout)
-        for reader in self._readers:
-            reader.join(timeout)
-        return code
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.finish(10)
 
 
 @pytest.fixture
@@ -173,15 +72,6 @@ def write_config(tmp_path: Path) -> Callable[..., Path]:
         return path
 
     return write
-
-
-def install(data: Mapping[str, Mapping[str, Any]], *packages: Path) -> ModelStore:
-    """Install packages into the config's data dir, each becoming active in turn (as `edge-agent install`)."""
-    store = ModelStore(Path(data["agent"]["data_dir"]) / "models")
-    for package in packages:
-        m = store.install(package).manifest
-        store.set_active(m.name, m.version)
-    return store
 
 
 class NotifyListener:

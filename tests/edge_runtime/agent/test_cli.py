@@ -17,7 +17,8 @@ import pytest
 from edge_runtime import __version__
 from edge_runtime.config import field_docs
 from edge_runtime.models.store import ModelStore
-from tests.edge_runtime.agent.conftest import run_cli, run_cli_all, toml_text
+from tests.edge_runtime.agent.conftest import run_cli, run_cli_all
+from tests.processes import toml_text
 
 COMMANDS = ["run", "install", "models", "check-config"]
 

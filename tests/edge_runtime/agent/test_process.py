@@ -19,7 +19,7 @@ from edge_runtime.inference.types import InferRequest
 from edge_runtime.kserve import KServeClient
 from edge_runtime.models.repository import ModelRepository
 from models.build import digits_holdout
-from tests.edge_runtime.agent.conftest import AgentProcess, install
+from tests.processes import AgentProcess, install
 from tests.waiting import wait_for
 
 StartAgent = Callable[..., AgentProcess]

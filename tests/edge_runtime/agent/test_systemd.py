@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 
 from edge_runtime.agent.systemd import SystemdNotifier
-from tests.edge_runtime.agent.conftest import AgentProcess, NotifyListener, install
+from tests.edge_runtime.agent.conftest import NotifyListener
+from tests.processes import AgentProcess, install
 from tests.waiting import wait_for
 
 WATCHDOG_USEC = 200_000  # systemd's WatchdogSec=0.2: the agent pings every 0.1 s
@@ -74,6 +75,8 @@ def test_watchdog_off_in_config_sends_no_pings(
     pinging, silent = listeners("path"), listeners("path")
     on = {
         **config_data,
+        # One agent per data dir: the outbox is locked by its agent.
+        "agent": {**config_data["agent"], "data_dir": str(Path(config_data["agent"]["data_dir"]) / "on")},
         "server": {
             **config_data["server"],
             "unix_socket": str(Path(config_data["server"]["unix_socket"]).with_name("on.sock")),

@@ -8,6 +8,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from edge_runtime.proto.inference import grpc_service_pb2 as _grpc_service_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -97,23 +98,33 @@ class ResultBatch(_message.Message):
     RECORDS_FIELD_NUMBER: _builtins.int
     PRODUCED_TOTAL_FIELD_NUMBER: _builtins.int
     EVICTED_TOTAL_FIELD_NUMBER: _builtins.int
+    AFTER_SEQ_FIELD_NUMBER: _builtins.int
+    THROUGH_SEQ_FIELD_NUMBER: _builtins.int
     produced_total: _builtins.int
     """The device's own counters when the batch was cut, so the cloud can reconcile
     stored + evicted = produced.
     """
     evicted_total: _builtins.int
+    after_seq: _builtins.int
+    through_seq: _builtins.int
     @_builtins.property
-    def records(self) -> _containers.RepeatedCompositeFieldContainer[Global___ResultRecord]: ...
+    def records(self) -> _containers.RepeatedCompositeFieldContainer[Global___ResultRecord]:
+        """In seq order. Every seq in (after_seq, through_seq] that is not among the records was evicted on the
+        device and will never be sent: the cloud acknowledges past it and counts it as evicted.
+        """
+
     def __init__(
         self,
         *,
         records: _abc.Iterable[Global___ResultRecord] | None = ...,
         produced_total: _builtins.int = ...,
         evicted_total: _builtins.int = ...,
+        after_seq: _builtins.int = ...,
+        through_seq: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["evicted_total", b"evicted_total", "produced_total", b"produced_total", "records", b"records"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_seq", b"after_seq", "evicted_total", b"evicted_total", "produced_total", b"produced_total", "records", b"records", "through_seq", b"through_seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -126,21 +137,84 @@ class UploadAck(_message.Message):
     ACKED_SEQ_FIELD_NUMBER: _builtins.int
     STORED_FIELD_NUMBER: _builtins.int
     DUPLICATES_FIELD_NUMBER: _builtins.int
+    EVICTED_FIELD_NUMBER: _builtins.int
     acked_seq: _builtins.int
-    """The highest seq such that every seq up to it is durably stored (or was evicted and declared so)."""
+    """The highest seq such that every seq up to it is durably stored, or was declared evicted."""
     stored: _builtins.int
+    """Records of this stream newly stored, and those the cloud already had (retries, replays)."""
     duplicates: _builtins.int
+    evicted: _builtins.int
+    """Seqs of this stream newly recorded as evicted on the device."""
     def __init__(
         self,
         *,
         acked_seq: _builtins.int = ...,
         stored: _builtins.int = ...,
         duplicates: _builtins.int = ...,
+        evicted: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked_seq", b"acked_seq", "duplicates", b"duplicates", "stored", b"stored"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked_seq", b"acked_seq", "duplicates", b"duplicates", "evicted", b"evicted", "stored", b"stored"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UploadAck: _TypeAlias = UploadAck  # noqa: Y015
+
+@_typing.final
+class SampledInference(_message.Message):
+    """Payload of a RECORD_KIND_SAMPLED_INPUT record: what the app sent and what the model answered."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_FIELD_NUMBER: _builtins.int
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def request(self) -> _grpc_service_pb2.ModelInferRequest: ...
+    @_builtins.property
+    def response(self) -> _grpc_service_pb2.ModelInferResponse: ...
+    def __init__(
+        self,
+        *,
+        request: _grpc_service_pb2.ModelInferRequest | None = ...,
+        response: _grpc_service_pb2.ModelInferResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request", "response", b"response"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request", b"request", "response", b"response"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SampledInference: _TypeAlias = SampledInference  # noqa: Y015
+
+@_typing.final
+class DeviceEvent(_message.Message):
+    """Payload of a RECORD_KIND_EVENT record."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    DETAIL_JSON_FIELD_NUMBER: _builtins.int
+    event: _builtins.str
+    """e.g. "model.failed", "model.activated", "inference.error" """
+    model: _builtins.str
+    version: _builtins.int
+    detail_json: _builtins.str
+    """Event fields as a JSON object."""
+    def __init__(
+        self,
+        *,
+        event: _builtins.str = ...,
+        model: _builtins.str = ...,
+        version: _builtins.int = ...,
+        detail_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail_json", b"detail_json", "event", b"event", "model", b"model", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeviceEvent: _TypeAlias = DeviceEvent  # noqa: Y015

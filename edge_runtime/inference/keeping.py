@@ -1,0 +1,157 @@
+"""Deciding which results go to the outbox, and building their records (off the caller's thread).
+
+A result is kept when its request asks (`edgefleet.keep`), a share of the others is sampled with their
+inputs (`upload.sample_rate`), and events (model failures, activations) are kept too. Encoding to protobuf
+happens in the outbox's writer thread: the record carries a closure, not bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Mapping
+from concurrent.futures import Future
+from typing import Any, Protocol
+
+import structlog
+
+from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.inference.types import InferResponse
+from edge_runtime.kserve.codec import KEEP_PARAMETER, build_request, encode_response
+from edge_runtime.outbox import OutboxRecord
+from edge_runtime.proto.edgefleet.v1 import results_pb2
+
+__all__ = [
+    "KEEP_ASYNC_PARAMETER",
+    "KEEP_ERROR_PARAMETER",
+    "KEEP_PRIORITY_PARAMETER",
+    "KEPT_PARAMETER",
+    "Keeper",
+    "RecordSink",
+    "keep_decision",
+    "settle_kept",
+]
+
+log = structlog.get_logger(__name__)
+
+KEEP_PRIORITY_PARAMETER = "edgefleet.keep_priority"
+# By default a kept result is answered only once it is committed; this parameter answers at once.
+KEEP_ASYNC_PARAMETER = "edgefleet.keep_async"
+# Response parameters: whether the result was kept, and why not.
+KEPT_PARAMETER = "edgefleet.kept"
+KEEP_ERROR_PARAMETER = "edgefleet.keep_error"
+# Outbox priorities (higher survives eviction longer): what an app asked to keep outlives samples.
+PRIORITY_RESULT = 100
+PRIORITY_EVENT = 50
+PRIORITY_SAMPLE = 10
+MAX_PRIORITY = 1000
+
+NONE, RESULT, SAMPLE = 0, results_pb2.RECORD_KIND_RESULT, results_pb2.RECORD_KIND_SAMPLED_INPUT
+
+
+class RecordSink(Protocol):
+    """Where kept records go: the outbox (`Outbox.append`)."""
+
+    def append(self, record: OutboxRecord) -> Future[int]: ...
+
+
+def keep_decision(parameters: Mapping[str, Any], sample_rate: float, draw: float) -> int:
+    """RESULT when the request asks to keep its result, SAMPLE for a sampled one, else NONE."""
+    if parameters.get(KEEP_PARAMETER) is True:
+        return RESULT
+    return SAMPLE if draw < sample_rate else NONE
+
+
+def keep_priority(parameters: Mapping[str, Any], kind: int) -> int:
+    value = parameters.get(KEEP_PRIORITY_PARAMETER)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_PRIORITY:
+        return value
+    return PRIORITY_RESULT if kind == RESULT else PRIORITY_SAMPLE
+
+
+class Keeper:
+    """Hands kept results and events to the outbox; never fails the inference that produced them."""
+
+    def __init__(self, sink: RecordSink, sample_rate: float = 0.0) -> None:
+        self._sink = sink
+        self.sample_rate = sample_rate
+        self._random = random.Random()
+        self.dropped = 0  # records the outbox refused (full queue, shutting down): counted, logged
+
+    def decide(self, parameters: Mapping[str, Any]) -> int:
+        draw = self._random.random() if self.sample_rate > 0 else 1.0
+        return keep_decision(parameters, self.sample_rate, draw)
+
+    def keep(
+        self,
+        kind: int,
+        response: InferResponse,
+        version: int,
+        inputs: Mapping[str, Any],
+        parameters: Mapping[str, Any],
+    ) -> Future[int] | None:
+        """Append one result (kind RESULT) or sampled input+result (kind SAMPLE); called on an engine thread.
+
+        The future resolves once the record is committed; None when the outbox refused it (counted).
+        """
+        if kind == SAMPLE:
+
+            def payload() -> bytes:
+                request = build_request(
+                    response.model_name, inputs, version=response.model_version, request_id=response.id
+                )
+                message = results_pb2.SampledInference(request=request, response=encode_response(response))
+                return message.SerializeToString()
+
+            payload_type = "edgefleet.v1.SampledInference"
+        else:
+
+            def payload() -> bytes:
+                return encode_response(response).SerializeToString()
+
+            payload_type = "inference.ModelInferResponse"
+        return self._append(
+            OutboxRecord(
+                int(time.time() * 1000),
+                response.model_name,
+                version,
+                keep_priority(parameters, kind),
+                kind,
+                payload_type,
+                payload,
+                response.id,
+            )
+        )
+
+    def event(self, event: str, model: str = "", version: int = 0, **fields: Any) -> None:
+        detail = json.dumps(fields, default=str, sort_keys=True)
+        message = results_pb2.DeviceEvent(event=event, model=model, version=version, detail_json=detail)
+        self._append(
+            OutboxRecord(
+                int(time.time() * 1000),
+                model,
+                version,
+                PRIORITY_EVENT,
+                results_pb2.RECORD_KIND_EVENT,
+                "edgefleet.v1.DeviceEvent",
+                message.SerializeToString(),
+            )
+        )
+
+    def _append(self, record: OutboxRecord) -> Future[int] | None:
+        try:
+            return self._sink.append(record)
+        except EdgeRuntimeError as exc:
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 1000 == 0:
+                log.warning("outbox.append_refused", dropped_total=self.dropped, reason=str(exc))
+            return None
+
+
+def settle_kept(response: InferResponse, error: BaseException | None) -> InferResponse:
+    """Record in the response's parameters whether its kept result reached the outbox."""
+    response.parameters[KEPT_PARAMETER] = error is None
+    if error is not None:
+        response.parameters[KEEP_ERROR_PARAMETER] = str(error) or type(error).__name__
+    return response

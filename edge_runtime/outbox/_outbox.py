@@ -1,0 +1,203 @@
+"""`Outbox`: the device's durable, bounded store of results waiting for upload (DESIGN.md "Data plane")."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from concurrent.futures import Future
+from pathlib import Path
+from types import TracebackType
+
+import structlog
+
+from edge_runtime.errors import ConfigError
+from edge_runtime.outbox._queue import Ack, AppendQueue, Flush, MarkInDoubt, SetLimits
+from edge_runtime.outbox._reader import Reader
+from edge_runtime.outbox._recovery import open_checked
+from edge_runtime.outbox._types import OutboxCounters, OutboxRecord, OutboxUnusable, UploadBatch
+from edge_runtime.outbox._writer import Writer
+
+__all__ = ["Outbox"]
+
+log = structlog.get_logger(__name__)
+
+
+class Outbox:
+    """Appends go to one writer thread that group-commits them; reads run on the caller's thread.
+
+    Open with `Outbox.open`; every method is thread-safe. Methods that change the file (append, ack,
+    mark_in_doubt, set_limits, flush) return a concurrent.futures.Future that resolves once the change
+    is committed (with synchronous=FULL: durable across power loss).
+    """
+
+    def __init__(self, path: Path, lock_fd: int, queue: AppendQueue, writer: Writer, reader: Reader) -> None:
+        self._path = path
+        self._lock_fd: int | None = lock_fd
+        self._queue = queue
+        self._writer = writer
+        self._reader = reader
+
+    @classmethod
+    def open(
+        cls,
+        path: Path,
+        *,
+        max_bytes: int,
+        max_age_s: float,
+        commit_interval_s: float = 0.002,
+        max_group: int = 1000,
+        max_pending: int = 20_000,
+        max_pending_bytes: int = 64 * 1024 * 1024,
+        max_file_bytes: int | None = None,
+    ) -> Outbox:
+        """Open (or create) the outbox at `path` and start its writer thread.
+
+        max_bytes / max_age_s: the eviction bounds (buffer.max_bytes, buffer.max_age_s; 0: no age limit).
+        commit_interval_s / max_group: a group commit gathers appends for up to this long or this many.
+        max_pending / max_pending_bytes: the append queue's bound (payloads given as callables count 0
+        bytes until encoded); past it `append` raises Overloaded instead of growing memory.
+        max_file_bytes: a hard ceiling on the database file (PRAGMA max_page_count); past it commits
+        fail as on a full disk. None: only the disk limits it.
+        Raises OutboxUnusable when the file is in use by another process, newer than this code, or damaged
+        past salvage (a damaged file is otherwise moved aside and salvaged: see _recovery.py).
+        """
+        _check_limits(max_bytes, max_age_s)
+        if commit_interval_s < 0 or max_group < 1 or max_pending < 1 or max_pending_bytes < 1:
+            raise ConfigError("outbox: commit_interval_s must be >= 0, max_group/max_pending(_bytes) >= 1")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock_fd = _lock(path)
+        try:
+            conn = open_checked(path, max_file_bytes=max_file_bytes)
+            queue = AppendQueue(
+                max_pending=max_pending,
+                max_pending_bytes=max_pending_bytes,
+                max_group=max_group,
+                commit_interval_s=commit_interval_s,
+            )
+            try:
+                writer = Writer(conn, str(path), queue, max_bytes=max_bytes, max_age_s=max_age_s)
+            except BaseException:
+                conn.close()
+                raise
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        writer.start()
+        outbox = cls(path, lock_fd, queue, writer, Reader(path))
+        c = writer.snapshot
+        log.info("outbox.opened", path=str(path), depth=c.depth, last_seq=c.last_seq, acked_seq=c.acked_seq)
+        return outbox
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    def append(self, record: OutboxRecord) -> Future[int]:
+        """Queue a record; the future resolves with its seq once committed (wait on it only for durability).
+
+        No SQLite work happens here. Raises Overloaded when the queue is full (the disk is not keeping
+        up), ShuttingDown after close. A record refused by the writer (fields that cannot be uploaded, a
+        payload callable that fails) or a failed commit (disk full: Overloaded) fails its future.
+        """
+        return self._queue.put(record)
+
+    def flush(self) -> Future[None]:
+        """Resolves once every append queued before this call was committed (or failed) and eviction ran."""
+        future: Future[None] = Future()
+        self._queue.put_control(Flush(self._queue.flush_ticket(), future))
+        return future
+
+    def read_batch(self, max_records: int, max_bytes: int, *, after_seq: int | None = None) -> UploadBatch:
+        """The next records to upload after `after_seq` (default: acked_seq), on this thread.
+
+        Before sending, persist the range with mark_in_doubt (or use next_batch, which does both).
+        """
+        return self._reader.read_batch(max_records, max_bytes, after_seq=after_seq)
+
+    def mark_in_doubt(self, through_seq: int, *, after_seq: int | None = None) -> Future[int]:
+        """Persist that records up to through_seq are being sent: eviction spares them until acked.
+
+        Resolves with the number of records now held in (after_seq or acked_seq, through_seq]: fewer
+        than the batch read carries means an eviction ran between the read and the mark (read again).
+        A through_seq past last_seq fails with InvalidInput.
+        """
+        future: Future[int] = Future()
+        self._queue.put_control(MarkInDoubt(through_seq, after_seq, future))
+        return future
+
+    def next_batch(
+        self, max_records: int, max_bytes: int, *, after_seq: int | None = None, timeout: float | None = None
+    ) -> UploadBatch:
+        """read_batch + mark_in_doubt: a batch safe to send, its range persisted as in doubt."""
+        batch = self._reader.read_batch(max_records, max_bytes, after_seq=after_seq)
+        if batch.empty:
+            return batch
+        held = self.mark_in_doubt(batch.through_seq, after_seq=batch.after_seq).result(timeout)
+        if held == len(batch.records):
+            return batch
+        # Eviction took records of this range after the read; the range is protected now, so this read
+        # is final (and declares them evicted).
+        return self._reader.read_batch(
+            max_records, max_bytes, after_seq=batch.after_seq, through_limit=batch.through_seq
+        )
+
+    def ack(self, acked_seq: int) -> Future[int]:
+        """The cloud stored everything up to acked_seq: delete those records. Resolves with acked_seq.
+
+        Acks never move backwards (an older ack resolves with the current one); an ack past last_seq
+        fails with InvalidInput and changes nothing.
+        """
+        future: Future[int] = Future()
+        self._queue.put_control(Ack(acked_seq, future))
+        return future
+
+    def set_limits(self, max_bytes: int, max_age_s: float) -> Future[None]:
+        """Apply new buffer bounds live; resolves after the eviction they call for."""
+        _check_limits(max_bytes, max_age_s)
+        future: Future[None] = Future()
+        self._queue.put_control(SetLimits(max_bytes, max_age_s, future))
+        return future
+
+    def counters(self) -> OutboxCounters:
+        """The counters as of the last commit, plus the queue's; no SQLite work."""
+        return self._writer.counters()
+
+    def close(self, timeout: float | None = 10.0) -> bool:
+        """Commit what is queued, stop the writer, close the file. False if the writer did not stop in time."""
+        self._queue.close()
+        if not self._writer.join(timeout):
+            log.warning("outbox.close_timeout", pending=self._queue.pending, timeout_s=timeout)
+            return False
+        self._reader.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        return True
+
+    def __enter__(self) -> Outbox:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def _check_limits(max_bytes: int, max_age_s: float) -> None:
+    if max_bytes < 1:
+        raise ConfigError(f"buffer.max_bytes must be at least 1, got {max_bytes}")
+    if max_age_s < 0:
+        raise ConfigError(f"buffer.max_age_s must be >= 0 (0: no age limit), got {max_age_s}")
+
+
+def _lock(path: Path) -> int:
+    """An exclusive lock for this process's lifetime: two writers would hand out the same seqs."""
+    lock_path = path.with_name(path.name + ".lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise OutboxUnusable(f"outbox {path} is in use by another process (it holds {lock_path})") from None
+    return fd

@@ -1,0 +1,264 @@
+"""The agent's uploader: streams outbox batches to cloud-sync and deletes what the cloud acknowledged.
+
+Runs on the agent's event loop (grpc.aio); SQLite reads and acks go to one named thread. Nothing is deleted
+before the cloud's ack, and a batch's range is marked in doubt before it is sent (DESIGN.md "Data plane"),
+so a crash, a lost ack or a cloud outage at any point loses nothing and evicts nothing the cloud may hold.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import structlog
+
+from edge_runtime.config import CloudSection, UploadPolicy
+from edge_runtime.errors import ConfigError
+from edge_runtime.kserve.server import check_loopback, parse_tcp_address
+from edge_runtime.outbox import Outbox, UploadBatch
+from edge_runtime.proto.edgefleet.v1 import results_pb2, services_pb2_grpc
+
+__all__ = ["Backoff", "Pacer", "UplinkStatus", "Uploader", "read_token"]
+
+log = structlog.get_logger(__name__)
+
+# Bytes of records per batch; with batch_max_records it bounds a message well under cloud-sync's limit.
+MAX_BATCH_BYTES = 4 * 1024 * 1024
+# Batches sent in one stream before asking for the ack (each ack deletes, so this bounds re-sends).
+BATCHES_PER_STREAM = 16
+CALL_TIMEOUT_S = 120.0
+# gzip only pays when the sample shrinks below this share of its size (float tensors barely compress).
+COMPRESS_BELOW = 0.8
+SAMPLE_BYTES = 64 * 1024
+# These codes mean the cloud will refuse again until a person acts: retry slowly.
+_PERMANENT = {
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.UNIMPLEMENTED,
+}
+
+
+class _CloudBehind(Exception):
+    """The cloud's ack went backwards; retrying slowly is all the device can do."""
+
+
+@dataclass
+class Backoff:
+    """Exponential backoff with full jitter (each delay uniform in [0, min(cap, base * 2**n)])."""
+
+    base_s: float = 0.2
+    cap_s: float = 30.0
+    failures: int = 0
+    rng: random.Random = field(default_factory=random.Random)
+
+    def next_delay(self) -> float:
+        ceiling = min(self.cap_s, self.base_s * 2 ** min(self.failures, 30))
+        self.failures += 1
+        return self.rng.uniform(0, ceiling)
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+@dataclass
+class Pacer:
+    """Holds upload.max_bytes_per_s: a token bucket one second deep; 0 = no cap."""
+
+    rate: int
+    _tokens: float = 0.0
+    _at: float = field(default_factory=time.monotonic)
+
+    def delay_for(self, nbytes: int, now: float) -> float:
+        """Seconds to wait before sending `nbytes`; the bytes are taken from the bucket."""
+        if self.rate <= 0:
+            return 0.0
+        self._tokens = min(float(self.rate), self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        self._tokens -= nbytes
+        return 0.0 if self._tokens >= 0 else -self._tokens / self.rate
+
+
+@dataclass
+class UplinkStatus:
+    """What telemetry and logs say about the uplink."""
+
+    connected: bool = False
+    uploaded_total: int = 0
+    acked_seq: int = 0
+    last_success_ms: int = 0
+    consecutive_failures: int = 0
+    last_error: str = ""
+
+
+def read_token(config: CloudSection) -> str:
+    if not config.token_file:
+        raise ConfigError("cloud.token_file is not set: the uplink needs the device token given at enrollment")
+    try:
+        token = Path(config.token_file).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read cloud.token_file {config.token_file}: {exc.strerror}") from exc
+    if not token:
+        raise ConfigError(f"cloud.token_file {config.token_file} is empty")
+    return token
+
+
+def open_channel(config: CloudSection) -> grpc.aio.Channel:
+    """TLS when cloud.ca_file is set; plaintext only to a loopback cloud-sync (development)."""
+    options = [("grpc.max_send_message_length", -1), ("grpc.keepalive_time_ms", 30_000)]
+    if config.ca_file:
+        try:
+            ca = Path(config.ca_file).read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read cloud.ca_file {config.ca_file}: {exc.strerror}") from exc
+        return grpc.aio.secure_channel(config.grpc_target, grpc.ssl_channel_credentials(ca), options=options)
+    host, _port = parse_tcp_address(config.grpc_target)
+    try:
+        check_loopback(host)
+    except ConfigError:
+        raise ConfigError(
+            f"cloud.grpc_target {config.grpc_target} is not loopback: set cloud.ca_file to upload over TLS"
+        ) from None
+    return grpc.aio.insecure_channel(config.grpc_target, options=options)
+
+
+def compressible(batch: UploadBatch) -> bool:
+    """Whether gzip pays for this batch, judged on a fast compression of its first bytes."""
+    sample = batch.message.SerializeToString()[:SAMPLE_BYTES]
+    return len(sample) > 4096 and len(zlib.compress(sample, 1)) < COMPRESS_BELOW * len(sample)
+
+
+class Uploader:
+    def __init__(self, outbox: Outbox, config: CloudSection, policy: UploadPolicy, token: str) -> None:
+        self._outbox = outbox
+        self._config = config
+        self.policy = policy
+        self._metadata = (("authorization", f"Bearer {token}"),)
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="uplink-io")
+        self._pacer = Pacer(policy.max_bytes_per_s)
+        self._backoff = Backoff()
+        self.status = UplinkStatus()
+        self._wake = asyncio.Event()
+
+    def apply_policy(self, policy: UploadPolicy) -> None:
+        self.policy = policy
+        self._pacer.rate = policy.max_bytes_per_s
+
+    def kick(self) -> None:
+        """Look for records now rather than at the next interval (call on the loop)."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Upload until cancelled; errors are logged and retried, never raised."""
+        channel = open_channel(self._config)
+        stub = services_pb2_grpc.UplinkStub(channel)
+        log.info("uplink.started", target=self._config.grpc_target)
+        try:
+            while True:
+                delay = await self._cycle(stub)
+                if delay > 0:
+                    self._wake.clear()
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), delay)
+        finally:
+            await channel.close()
+            self._io.shutdown(wait=False)
+
+    async def _cycle(self, stub: services_pb2_grpc.UplinkStub) -> float:
+        """One upload stream; returns how long to wait before the next (0: go on at once)."""
+        try:
+            sent = await self._stream(stub)
+        except grpc.aio.AioRpcError as exc:
+            return self._failed(exc.code(), exc.details() or "")
+        except _CloudBehind as exc:
+            return self._failed(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug or a local I/O failure: keep the uploader alive, say why
+            log.exception("uplink.error", error=repr(exc))
+            return self._failed(grpc.StatusCode.UNKNOWN, repr(exc))
+        self._backoff.reset()
+        self.status.connected = True
+        self.status.consecutive_failures = 0
+        return 0.0 if sent else self.policy.interval_s
+
+    def _failed(self, code: grpc.StatusCode, details: str) -> float:
+        self.status.connected = False
+        self.status.consecutive_failures += 1
+        self.status.last_error = f"{code.name}: {details}"
+        if code in _PERMANENT:
+            delay = self._backoff.cap_s
+            log.error("uplink.refused", code=code.name, details=details, retry_in_s=delay)
+        else:
+            delay = self._backoff.next_delay()
+            if self.status.consecutive_failures in (1, 10) or self.status.consecutive_failures % 100 == 0:
+                log.warning(
+                    "uplink.unavailable",
+                    code=code.name,
+                    details=details,
+                    failures=self.status.consecutive_failures,
+                    retry_in_s=round(delay, 3),
+                )
+        return delay
+
+    async def _stream(self, stub: services_pb2_grpc.UplinkStub) -> bool:
+        loop = asyncio.get_running_loop()
+        batch = await loop.run_in_executor(self._io, self._next, None)
+        if batch is None:
+            return False
+        gzip = await loop.run_in_executor(self._io, compressible, batch)
+        call = stub.Upload(
+            metadata=self._metadata,
+            timeout=CALL_TIMEOUT_S,
+            compression=grpc.Compression.Gzip if gzip else grpc.Compression.NoCompression,
+        )
+        first_after, through = batch.after_seq, batch.through_seq
+        for _ in range(BATCHES_PER_STREAM):
+            await self._pace(batch)
+            await call.write(batch.message)
+            through = batch.through_seq
+            batch = await loop.run_in_executor(self._io, self._next, through)
+            if batch is None:
+                break
+        await call.done_writing()
+        ack: results_pb2.UploadAck = await call
+        if ack.acked_seq < first_after:
+            # The cloud acknowledges less than it did before: it lost records (a restored database).
+            log.error(
+                "uplink.cloud_behind",
+                cloud_acked_seq=ack.acked_seq,
+                device_acked_seq=first_after,
+                hint="cloud-sync's store lost data the device already deleted; check its backups",
+            )
+            raise grpc.aio.AioRpcError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                grpc.aio.Metadata(),
+                grpc.aio.Metadata(),
+                details="cloud acknowledged less than before",
+            )
+        acked = await loop.run_in_executor(self._io, self._ack, min(ack.acked_seq, through))
+        self.status.uploaded_total += ack.stored
+        self.status.acked_seq = acked
+        self.status.last_success_ms = int(time.time() * 1000)
+        return True
+
+    def _next(self, after_seq: int | None) -> UploadBatch | None:
+        batch = self._outbox.next_batch(self.policy.batch_max_records, MAX_BATCH_BYTES, after_seq=after_seq, timeout=30)
+        return None if batch.empty else batch
+
+    def _ack(self, seq: int) -> int:
+        return self._outbox.ack(seq).result(timeout=30)
+
+    async def _pace(self, batch: UploadBatch) -> None:
+        delay = self._pacer.delay_for(batch.message.ByteSize(), time.monotonic())
+        if delay > 0:
+            await asyncio.sleep(delay)
