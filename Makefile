@@ -1,0 +1,70 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test` (see README.md).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+MODELS := build/models
+CODE := edge_runtime cloud_sync tests bench models protos examples
+
+# The device side must run on JetPack 6's Python 3.10: `make test` also runs its tests there when a
+# Python 3.10 is installed (pyenv's or the system's).
+PY310 ?= $(shell for p in python3.10 /usr/bin/python3.10 $$(ls -d $$HOME/.pyenv/versions/3.10*/bin/python3.10 2>/dev/null); do \
+	$$p -c 'import sys; assert sys.version_info[:2] == (3, 10)' >/dev/null 2>&1 && echo $$p && break; done)
+VENV310 := .venv310
+STAMP310 := $(VENV310)/.installed-stamp
+
+.PHONY: all install models demo test pytest pytest-py310 lint format bench protos clean
+
+all: test
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+models: $(STAMP)
+	$(BIN)/python -m models.build --out $(MODELS)
+
+demo: models
+	$(BIN)/python examples/demo.py --models $(MODELS)
+
+test: lint pytest pytest-py310
+
+pytest: $(STAMP)
+	$(BIN)/python -m pytest
+
+$(STAMP310): pyproject.toml
+	test -x $(VENV310)/bin/python || $(PY310) -m venv $(VENV310)
+	$(VENV310)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV310)/bin/python -m pip install --quiet -e ".[test]"
+	touch $(STAMP310)
+
+pytest-py310:
+ifeq ($(PY310),)
+	@echo "pytest-py310: no Python 3.10 found; the device-side tests ran on $$($(BIN)/python --version) only"
+else
+	$(MAKE) $(STAMP310)
+	$(VENV310)/bin/python -m pytest tests/edge_runtime tests/models -q -p no:cacheprovider
+endif
+
+lint: $(STAMP)
+	$(BIN)/ruff check $(CODE)
+	$(BIN)/ruff format --check $(CODE)
+	$(BIN)/mypy
+	$(BIN)/python protos/generate.py --check
+
+format: $(STAMP)
+	$(BIN)/ruff format $(CODE)
+	$(BIN)/ruff check --fix $(CODE)
+
+bench: models
+	$(BIN)/python -m bench --models $(MODELS)
+
+protos: $(STAMP)
+	$(BIN)/python protos/generate.py
+
+clean:
+	rm -rf $(VENV) $(VENV310) build bench/results .pytest_cache .mypy_cache .ruff_cache
