@@ -1,0 +1,66 @@
+"""The exceptions cloud_sync raises on purpose; each protocol edge maps every one to its own status.
+
+Core modules raise these and import neither grpc nor an HTTP framework. Driver errors are wrapped where they
+happen (`raise StoreUnavailable(...) from exc`), so callers never see a SQLAlchemy or psycopg type.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AlreadyExists",
+    "CloudSyncError",
+    "DeviceRevoked",
+    "InvalidArgument",
+    "InvalidBatch",
+    "NotFound",
+    "SchemaMismatch",
+    "StoreUnavailable",
+    "Unauthenticated",
+]
+
+
+class CloudSyncError(Exception):
+    """Root of every error cloud_sync raises on purpose; the message is safe to show to the caller."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(CloudSyncError):
+    """An input from outside (an id, labels, a query parameter) is malformed; nothing was changed."""
+
+
+class InvalidBatch(InvalidArgument):
+    """An uploaded ResultBatch breaks the upload protocol or a limit; the message names the problem.
+
+    Nothing of the batch was stored and the device's watermark did not move.
+    """
+
+
+class Unauthenticated(CloudSyncError):
+    """The caller presented no credential, or one that matches no device."""
+
+
+class DeviceRevoked(CloudSyncError):
+    """The device's credential is valid but the device was revoked; it must enrol again."""
+
+
+class NotFound(CloudSyncError):
+    """No such device (or other named object)."""
+
+
+class AlreadyExists(CloudSyncError):
+    """An object with that id exists already (a device id is registered once)."""
+
+
+class StoreUnavailable(CloudSyncError):
+    """The database cannot be reached or is busy; the message says what to check.
+
+    The call may be retried: ingest is idempotent on (device_id, seq), so a retry after a commit whose
+    answer was lost stores nothing twice.
+    """
+
+
+class SchemaMismatch(CloudSyncError):
+    """The database holds a schema version this cloud-sync does not know; upgrade (or migrate) first."""

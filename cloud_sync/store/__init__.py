@@ -1,0 +1,27 @@
+"""The cloud store: device registry and result ingest over SQLAlchemy Core, on SQLite or PostgreSQL.
+
+    db = open_database("sqlite:////var/lib/cloud-sync/cloud.db")   # or postgresql+psycopg://...
+    token = DeviceRegistry(db).add_device("cam-17", {"site": "lyon"})
+    ack = ResultStore(db).ingest("cam-17", batch)                   # commits before it returns
+
+Everything here is synchronous and thread-safe; async callers run it in a thread pool.
+"""
+
+from __future__ import annotations
+
+from cloud_sync.store.batches import IngestLimits
+from cloud_sync.store.database import Database, open_database
+from cloud_sync.store.devices import Device, DeviceRegistry
+from cloud_sync.store.results import IngestOutcome, Reconciliation, ResultStore, StoredResult
+
+__all__ = [
+    "Database",
+    "Device",
+    "DeviceRegistry",
+    "IngestLimits",
+    "IngestOutcome",
+    "Reconciliation",
+    "ResultStore",
+    "StoredResult",
+    "open_database",
+]

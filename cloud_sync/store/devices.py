@@ -1,0 +1,180 @@
+"""The device registry: register a device and mint its token, authenticate a token, revoke, list.
+
+A token is shown once, by `add_device`; the store keeps only its sha256. Enrollment (one-time enrollment
+tokens, certificates) builds on this and lives elsewhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+
+from cloud_sync.errors import AlreadyExists, DeviceRevoked, InvalidArgument, NotFound
+from cloud_sync.store.database import Database, now_ms
+from cloud_sync.store.schema import device_uplink, devices
+
+__all__ = ["TOKEN_PREFIX", "Device", "DeviceRegistry", "check_device_id"]
+
+# Marks a string as an Edgefleet device token (secret scanners and people recognise it).
+TOKEN_PREFIX = "efd_"
+_TOKEN_BYTES = 32
+# Device ids appear in MQTT topics and file names: no "/", "+", "#", spaces or control characters.
+_DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_LABEL_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,62}")
+_MAX_LABELS = 64
+_MAX_LABEL_VALUE_CHARS = 256
+# Longer than any token add_device mints; a longer string is refused before it is hashed.
+_MAX_TOKEN_CHARS = 128
+
+
+@dataclass(frozen=True)
+class Device:
+    """A registered device, as operators see it (never its token)."""
+
+    device_id: str
+    labels: dict[str, str]
+    created_at_ms: int
+    revoked_at_ms: int | None
+
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_at_ms is not None
+
+
+def check_device_id(device_id: str) -> str:
+    """Return `device_id` if it is a valid device id, else raise InvalidArgument saying what is allowed."""
+    if not isinstance(device_id, str) or not _DEVICE_ID.fullmatch(device_id):
+        raise InvalidArgument(
+            f"invalid device id {device_id!r}: 1-128 characters of A-Z a-z 0-9 . _ -, starting with a letter or digit"
+        )
+    return device_id
+
+
+def _check_labels(labels: Mapping[str, str]) -> dict[str, str]:
+    if len(labels) > _MAX_LABELS:
+        raise InvalidArgument(f"{len(labels)} labels: at most {_MAX_LABELS}")
+    for key, value in labels.items():
+        if not isinstance(key, str) or not _LABEL_KEY.fullmatch(key):
+            raise InvalidArgument(
+                f"invalid label key {key!r}: 1-63 characters of A-Z a-z 0-9 . _ / -, starting with a letter or digit"
+            )
+        if not isinstance(value, str) or len(value) > _MAX_LABEL_VALUE_CHARS or "\0" in value:
+            raise InvalidArgument(
+                f"label {key!r}: the value must be a string of at most {_MAX_LABEL_VALUE_CHARS} characters"
+            )
+    return dict(labels)
+
+
+def _token_hash(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+class DeviceRegistry:
+    """The registered devices and their token hashes. Thread-safe."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def add_device(self, device_id: str, labels: Mapping[str, str] | None = None) -> str:
+        """Register a device and return its new token: shown only now, only its sha256 is stored.
+
+        Raises InvalidArgument for a malformed id or labels, AlreadyExists if the id is taken (revoked ids too).
+        """
+        check_device_id(device_id)
+        checked = _check_labels(labels or {})
+        token = TOKEN_PREFIX + secrets.token_urlsafe(_TOKEN_BYTES)
+        created = now_ms()
+
+        def add(conn: sa.Connection) -> None:
+            try:
+                conn.execute(
+                    devices.insert().values(
+                        device_id=device_id, token_sha256=_token_hash(token), labels=checked, created_at_ms=created
+                    )
+                )
+            except sa_exc.IntegrityError as exc:
+                # The primary key (a 256-bit random token's hash does not collide).
+                raise AlreadyExists(f"device {device_id!r} is registered already") from exc
+            conn.execute(
+                device_uplink.insert().values(
+                    device_id=device_id,
+                    acked_seq=0,
+                    max_stored_seq=0,
+                    stored_total=0,
+                    duplicates_total=0,
+                    evicted_total=0,
+                    device_produced_total=0,
+                    device_evicted_total=0,
+                )
+            )
+
+        self._db.write(add)
+        return token
+
+    def authenticate(self, token: str) -> str | None:
+        """The device id `token` belongs to, or None for an unknown token.
+
+        Raises DeviceRevoked for the token of a revoked device. The lookup is by the token's sha256 (an index
+        search over hashes of random tokens reveals nothing useful by its timing), then the hashes are compared
+        in constant time.
+        """
+        if not token or len(token) > _MAX_TOKEN_CHARS:
+            return None
+        digest = _token_hash(token)
+        query = sa.select(devices.c.device_id, devices.c.token_sha256, devices.c.revoked_at_ms).where(
+            devices.c.token_sha256 == digest
+        )
+        row = self._db.read(lambda conn: conn.execute(query).one_or_none())
+        if row is None or not hmac.compare_digest(bytes(row.token_sha256), digest):
+            return None
+        if row.revoked_at_ms is not None:
+            raise DeviceRevoked(f"device {row.device_id!r} was revoked")
+        device_id: str = row.device_id
+        return device_id
+
+    def revoke(self, device_id: str) -> None:
+        """Revoke a device: its token stops authenticating and its uploads are refused. Idempotent.
+
+        Its stored results and counters stay. Raises NotFound for an unknown device.
+        """
+
+        def revoke(conn: sa.Connection) -> None:
+            found = conn.execute(
+                devices.update()
+                .where(devices.c.device_id == device_id, devices.c.revoked_at_ms.is_(None))
+                .values(revoked_at_ms=now_ms())
+            ).rowcount
+            exists = sa.select(devices.c.device_id).where(devices.c.device_id == device_id)
+            if not found and conn.execute(exists).first() is None:
+                raise NotFound(f"no device {device_id!r} is registered")
+
+        self._db.write(revoke)
+
+    def get_device(self, device_id: str) -> Device:
+        """One device; raises NotFound."""
+        query = sa.select(devices).where(devices.c.device_id == device_id)
+        row = self._db.read(lambda conn: conn.execute(query).one_or_none())
+        if row is None:
+            raise NotFound(f"no device {device_id!r} is registered")
+        return _device(row)
+
+    def list_devices(self) -> list[Device]:
+        """Every registered device (revoked ones included), ordered by id."""
+        query = sa.select(devices).order_by(devices.c.device_id)
+        return [_device(row) for row in self._db.read(lambda conn: conn.execute(query).all())]
+
+
+def _device(row: sa.Row[tuple[object, ...]]) -> Device:
+    return Device(
+        device_id=row.device_id,
+        labels=dict(row.labels),
+        created_at_ms=row.created_at_ms,
+        revoked_at_ms=row.revoked_at_ms,
+    )
