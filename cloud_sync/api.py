@@ -1,0 +1,133 @@
+"""The admin HTTP API (FastAPI, OpenAPI at /openapi.json) that fleetctl and the dashboard use.
+
+Bearer-token auth on everything under /v1; /healthz and /metrics are open (no fleet data in them beyond
+counts). Store calls are synchronous SQLAlchemy: FastAPI runs these plain `def` endpoints in its threadpool,
+off the event loop.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from pydantic import BaseModel, ConfigDict, Field
+
+from cloud_sync.errors import CloudSyncError, Unauthenticated
+from cloud_sync.status import http_code
+from cloud_sync.store import DeviceRegistry, ResultStore
+from cloud_sync.store.results import MAX_PAGE
+
+__all__ = ["ApiContext", "create_app"]
+
+
+class ApiContext:
+    """What the endpoints need; built by the cloud-sync process (or a test)."""
+
+    def __init__(
+        self,
+        devices: DeviceRegistry,
+        results: ResultStore,
+        admin_token: str,
+        registry: CollectorRegistry,
+        extra_routes: list[Callable[[FastAPI], None]] | None = None,
+    ) -> None:
+        self.devices = devices
+        self.results = results
+        self.admin_token = admin_token
+        self.registry = registry
+        self.extra_routes = extra_routes or []
+
+
+class NewDevice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    device_id: str = Field(min_length=1, max_length=128, description="Unique id, e.g. cam-17.")
+    labels: dict[str, str] = Field(default_factory=dict, description="Labels rollouts and policies select on.")
+
+
+def _device_json(device: Any) -> dict[str, Any]:
+    return {
+        "device_id": device.device_id,
+        "labels": dict(device.labels),
+        "created_at_ms": device.created_at_ms,
+        "revoked": device.revoked,
+    }
+
+
+def _result_json(result: Any) -> dict[str, Any]:
+    data = asdict(result)
+    data["payload"] = base64.b64encode(result.payload).decode()
+    data["payload_bytes"] = len(result.payload)
+    return data
+
+
+def create_app(ctx: ApiContext) -> FastAPI:
+    app = FastAPI(title="cloud-sync admin API", version="1", description=__doc__)
+
+    @app.exception_handler(CloudSyncError)
+    async def _cloud_sync_error(request: Request, exc: CloudSyncError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthenticated) else None
+        return JSONResponse({"detail": exc.message}, status_code=http_code(exc), headers=headers)
+
+    def admin(authorization: Annotated[str, Header()] = "") -> None:
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), ctx.admin_token.encode()):
+            raise Unauthenticated("send 'Authorization: Bearer <admin token>' (cloud-sync admin-token prints it)")
+
+    auth = [Depends(admin)]
+
+    @app.get("/healthz", tags=["health"])
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/metrics", tags=["health"], response_class=PlainTextResponse)
+    def metrics() -> PlainTextResponse:
+        return PlainTextResponse(generate_latest(ctx.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/devices", tags=["devices"], dependencies=auth)
+    def list_devices() -> dict[str, Any]:
+        return {"devices": [_device_json(d) for d in ctx.devices.list_devices()]}
+
+    @app.post("/v1/devices", tags=["devices"], dependencies=auth, status_code=201)
+    def add_device(body: NewDevice) -> dict[str, Any]:
+        token = ctx.devices.add_device(body.device_id, body.labels)
+        return {"device_id": body.device_id, "labels": body.labels, "token": token}
+
+    @app.get("/v1/devices/{device_id}", tags=["devices"], dependencies=auth)
+    def show_device(device_id: str) -> dict[str, Any]:
+        device = ctx.devices.get_device(device_id)
+        return {**_device_json(device), "uplink": asdict(ctx.results.reconcile(device_id))}
+
+    @app.post("/v1/devices/{device_id}/revoke", tags=["devices"], dependencies=auth)
+    def revoke_device(device_id: str) -> dict[str, Any]:
+        ctx.devices.revoke(device_id)
+        return _device_json(ctx.devices.get_device(device_id))
+
+    @app.get("/v1/results", tags=["results"], dependencies=auth)
+    def list_results(
+        device_id: Annotated[str | None, Query(max_length=128)] = None,
+        after_id: Annotated[int, Query(ge=0)] = 0,
+        limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
+        settle_ms: Annotated[int, Query(ge=0, le=60_000, description="stay this far behind the newest")] = 0,
+    ) -> dict[str, Any]:
+        before = int(time.time() * 1000) - settle_ms if settle_ms else 0
+        rows = ctx.results.results(device_id, after_id, limit, received_before_ms=before)
+        return {"results": [_result_json(r) for r in rows], "next_after_id": rows[-1].id if rows else after_id}
+
+    @app.get("/v1/results/cursor", tags=["results"], dependencies=auth)
+    def results_cursor(
+        device_id: Annotated[str | None, Query(max_length=128)] = None,
+        last: Annotated[int, Query(ge=0, le=MAX_PAGE)] = 20,
+    ) -> dict[str, int]:
+        """The after_id from which /v1/results returns the newest `last` results."""
+        return {"after_id": ctx.results.cursor_before_last(device_id, last)}
+
+    for add_routes in ctx.extra_routes:
+        add_routes(app)
+    return app

@@ -1,0 +1,100 @@
+"""The cloud-sync command line: run the aggregator, and the few things done on its host directly.
+
+Exit codes: 0 success, 1 a runtime failure (database unreachable...), 2 bad input (arguments, config).
+Everything an operator does day to day goes through the admin API with fleetctl instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+
+from cloud_sync.config import CloudSyncConfig, load_config
+from cloud_sync.errors import AlreadyExists, CloudSyncError, InvalidArgument
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cloud-sync", description="Edgefleet's cloud aggregator.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = commands.add_parser("run", help="serve devices (gRPC) and operators (admin API)")
+    run.add_argument("--config", help="TOML config file (default: built-in defaults)")
+    token = commands.add_parser("admin-token", help="print the admin API token (made on first use)")
+    token.add_argument("--config", help="TOML config file (for the data dir)")
+    add = commands.add_parser("add-device", help="register a device and print its token (shown once)")
+    add.add_argument("device_id")
+    add.add_argument("--labels", default="", help="comma-separated key=value pairs, e.g. site=lab,cam=front")
+    add.add_argument("--config", help="TOML config file (for the database)")
+    check = commands.add_parser("check-config", help="validate a config file and print the effective values")
+    check.add_argument("config")
+    return parser
+
+
+def parse_labels(text: str) -> dict[str, str]:
+    """'site=lab,cam=front' -> {'site': 'lab', 'cam': 'front'}; InvalidArgument names a bad pair."""
+    labels: dict[str, str] = {}
+    for pair in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise InvalidArgument(f"label {pair!r} is not key=value")
+        labels[key.strip()] = value.strip()
+    return labels
+
+
+def _run(config: CloudSyncConfig) -> int:
+    from cloud_sync.process import CloudSync
+    from edge_runtime.observability.logging import configure_logging
+
+    configure_logging(config.server.log_level)
+    asyncio.run(CloudSync(config).run())
+    return 0
+
+
+def _add_device(config: CloudSyncConfig, device_id: str, labels: str) -> int:
+    from cloud_sync.store import DeviceRegistry, open_database
+
+    parsed = parse_labels(labels)
+    db = open_database(config.database_url)
+    try:
+        token = DeviceRegistry(db).add_device(device_id, parsed)
+    finally:
+        db.close()
+    print(token)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = load_config(args.config)
+        if args.command == "run":
+            return _run(config)
+        if args.command == "admin-token":
+            from cloud_sync.process import admin_token
+
+            config.data_dir.mkdir(parents=True, exist_ok=True)
+            print(admin_token(config.data_dir))
+            return 0
+        if args.command == "add-device":
+            return _add_device(config, args.device_id, args.labels)
+        print(json.dumps(config.model_dump(), indent=2))
+        return 0
+    except (InvalidArgument, AlreadyExists) as exc:
+        print(f"cloud-sync: error: {exc.message}", file=sys.stderr)
+        return 2
+    except CloudSyncError as exc:
+        print(f"cloud-sync: {exc.message}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"cloud-sync: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""cloud-sync's configuration: pydantic models loaded from TOML, validated once at start.
+
+Unknown keys are errors that name the key (`grpc.listn`), like the agent's config. Not for runtime state.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from cloud_sync.errors import InvalidArgument
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - cloud-sync runs on 3.11+, mypy checks at 3.10
+    import tomli as tomllib
+
+__all__ = ["CloudSyncConfig", "ConfigProblem", "load_config"]
+
+
+class ConfigProblem(InvalidArgument):
+    """A config file is unreadable or invalid; the message names the file and the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerSection(_Section):
+    data_dir: str = Field("./cloud-sync-data", description="Where the signing key, admin token and SQLite file live.")
+    log_level: str = Field("info", pattern="^(debug|info|warning|error)$", description="Lowest level logged.")
+    shutdown_grace_s: float = Field(10.0, ge=0, le=600, description="How long calls in flight may finish on SIGTERM.")
+
+
+class GrpcSection(_Section):
+    listen: str = Field("127.0.0.1:7000", description="host:port of the device-facing gRPC services (uplink).")
+    max_message_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, le=2**31 - 1, description="Largest message a device may send (a ResultBatch)."
+    )
+    ingest_threads: int = Field(4, ge=1, le=64, description="Threads that write uploaded batches to the database.")
+
+
+class HttpSection(_Section):
+    listen: str = Field("127.0.0.1:8080", description="host:port of the admin API (fleetctl) and /metrics.")
+
+
+class DatabaseSection(_Section):
+    url: str = Field(
+        "", description="SQLAlchemy URL: empty = SQLite in data_dir; postgresql+psycopg://... for several replicas."
+    )
+
+
+class MqttSection(_Section):
+    url: str = Field("", description="MQTT broker (mqtt://host:port); empty: no telemetry or presence ingest.")
+    topic_prefix: str = Field("edgefleet/v1", description="Prefix of every device topic.")
+    share_group: str = Field("cloud-sync", description="Shared-subscription group: replicas split the messages.")
+    username: str = Field("", description="Broker user of cloud-sync (see docs/mqtt.md for the ACL).")
+    password_file: str = Field("", description="File holding that user's password.")
+
+
+class CloudSyncConfig(_Section):
+    server: ServerSection = ServerSection()
+    grpc: GrpcSection = GrpcSection()
+    http: HttpSection = HttpSection()
+    database: DatabaseSection = DatabaseSection()
+    mqtt: MqttSection = MqttSection()
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.server.data_dir)
+
+    @property
+    def database_url(self) -> str:
+        return self.database.url or f"sqlite:///{(self.data_dir / 'cloud-sync.db').resolve()}"
+
+
+def config_from_dict(data: dict[str, Any], source: str = "config") -> CloudSyncConfig:
+    try:
+        return CloudSyncConfig.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = ".".join(str(part) for part in first["loc"])
+        message = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
+        raise ConfigProblem(f"{source}: {key}: {message}") from None
+
+
+def load_config(path: str | Path | None) -> CloudSyncConfig:
+    """The config in `path`, or the defaults when `path` is None."""
+    if path is None:
+        return CloudSyncConfig()
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigProblem(f"cannot read config {path}: {exc.strerror}") from exc
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigProblem(f"{path}: not valid TOML: {exc}") from exc
+    return config_from_dict(data, str(path))

@@ -1,0 +1,243 @@
+"""fleetctl: the operator's command line, over cloud-sync's admin HTTP API.
+
+Exit codes: 0 success; 1 cloud-sync unreachable or failing; 2 bad input (arguments, or a request the API
+refused as invalid: 4xx with its reason); 3 not authorised (missing or wrong admin token); 4 not found.
+`--json` prints machine-readable output for scripts.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import httpx
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cloud_sync.cli import parse_labels
+from cloud_sync.errors import InvalidArgument
+from edge_runtime.proto.edgefleet.v1 import results_pb2
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    help="Operate an Edgefleet fleet through cloud-sync's admin API.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+devices_app = typer.Typer(help="Devices: register, list, inspect, revoke.", no_args_is_help=True)
+results_app = typer.Typer(help="Results devices uploaded.", no_args_is_help=True)
+app.add_typer(devices_app, name="devices")
+app.add_typer(results_app, name="results")
+
+out = Console()
+err = Console(stderr=True)
+
+
+@dataclass
+class Session:
+    url: str
+    token: str
+    as_json: bool
+
+    def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            response = httpx.request(
+                method,
+                f"{self.url.rstrip('/')}{path}",
+                timeout=30,
+                headers={"Authorization": f"Bearer {self.token}"},
+                **kwargs,
+            )
+        except httpx.HTTPError as exc:
+            fail(1, f"cannot reach cloud-sync at {self.url} ({exc}); is it running? (--url / FLEETCTL_URL)")
+        if response.status_code >= 400:
+            try:
+                detail = response.json().get("detail", response.text)
+            except ValueError:
+                detail = response.text
+            if not isinstance(detail, str):
+                detail = json.dumps(detail)
+            code = {401: 3, 403: 3, 404: 4}.get(response.status_code, 2 if response.status_code < 500 else 1)
+            fail(code, f"cloud-sync refused ({response.status_code}): {detail}")
+        return response.json()
+
+
+def fail(code: int, message: str) -> NoReturn:
+    err.print(f"fleetctl: {message}", markup=False, highlight=False)
+    raise typer.Exit(code)
+
+
+def _token(token: str | None, token_file: Path | None) -> str:
+    if token:
+        return token
+    if token_file is not None:
+        try:
+            return token_file.read_text().strip()
+        except OSError as exc:
+            fail(2, f"cannot read --token-file {token_file}: {exc.strerror}")
+    fail(3, "no admin token: pass --token or --token-file, or set FLEETCTL_TOKEN (cloud-sync admin-token prints it)")
+
+
+@app.callback()
+def _session(
+    ctx: typer.Context,
+    url: Annotated[str, typer.Option(envvar="FLEETCTL_URL", help="cloud-sync admin API")] = "http://127.0.0.1:8080",
+    token: Annotated[str | None, typer.Option(envvar="FLEETCTL_TOKEN", help="admin token", show_default=False)] = None,
+    token_file: Annotated[Path | None, typer.Option(envvar="FLEETCTL_TOKEN_FILE", help="file holding it")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    ctx.obj = (url, token, token_file, as_json)
+
+
+def session(ctx: typer.Context) -> Session:
+    url, token, token_file, as_json = ctx.find_root().obj
+    return Session(url, _token(token, token_file), as_json)
+
+
+def _when(ms: int | None) -> str:
+    if not ms:
+        return "-"
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+@devices_app.command("list")
+def devices_list(ctx: typer.Context) -> None:
+    """List registered devices."""
+    s = session(ctx)
+    devices = s.call("GET", "/v1/devices")["devices"]
+    if s.as_json:
+        out.print_json(data=devices)
+        return
+    table = Table("device", "labels", "created", "revoked")
+    for d in devices:
+        labels = ",".join(f"{k}={v}" for k, v in sorted(d["labels"].items()))
+        table.add_row(d["device_id"], labels, _when(d["created_at_ms"]), "yes" if d["revoked"] else "")
+    out.print(table)
+
+
+@devices_app.command("add")
+def devices_add(
+    ctx: typer.Context,
+    device_id: Annotated[str, typer.Argument(help="unique device id, e.g. cam-17")],
+    labels: Annotated[str, typer.Option(help="comma-separated key=value pairs")] = "",
+) -> None:
+    """Register a device and print its token (shown once: put it in the device's token_file)."""
+    s = session(ctx)
+    try:
+        parsed = parse_labels(labels)
+    except InvalidArgument as exc:
+        fail(2, exc.message)
+    created = s.call("POST", "/v1/devices", json={"device_id": device_id, "labels": parsed})
+    if s.as_json:
+        out.print_json(data=created)
+    else:
+        print(created["token"])
+
+
+@devices_app.command("show")
+def devices_show(ctx: typer.Context, device_id: str) -> None:
+    """A device, its labels and its upload counters (stored + evicted = produced)."""
+    s = session(ctx)
+    device = s.call("GET", f"/v1/devices/{device_id}")
+    if s.as_json:
+        out.print_json(data=device)
+        return
+    up = device["uplink"]
+    out.print(f"[bold]{device['device_id']}[/bold] {device['labels']} {'REVOKED' if device['revoked'] else ''}")
+    out.print(
+        f"acked seq {up['acked_seq']}: stored {up['stored']}, evicted {up['evicted']} "
+        f"(device reports produced {up['device_produced']}, evicted {up['device_evicted']}); "
+        f"duplicates ignored {up['duplicates_total']}; last upload {_when(up['last_upload_at_ms'])}"
+    )
+
+
+@devices_app.command("revoke")
+def devices_revoke(ctx: typer.Context, device_id: str) -> None:
+    """Cut a device off: its token stops working."""
+    s = session(ctx)
+    device = s.call("POST", f"/v1/devices/{device_id}/revoke")
+    out.print_json(data=device) if s.as_json else out.print(f"{device_id} revoked")
+
+
+def _summary(result: dict[str, Any]) -> str:
+    """What a record says, for a human: the top class of a kept inference result."""
+    if result["payload_type"] != "inference.ModelInferResponse":
+        return f"{result['payload_bytes']} bytes of {result['payload_type']}"
+    from edge_runtime.kserve.codec import decode_response
+    from edge_runtime.proto.inference import grpc_service_pb2
+
+    try:
+        response = decode_response(grpc_service_pb2.ModelInferResponse.FromString(base64.b64decode(result["payload"])))
+    except Exception:
+        return f"{result['payload_bytes']} bytes (not a readable ModelInferResponse)"
+    parts = []
+    for name, array in response.outputs.items():
+        if array.ndim == 2 and array.shape[0] == 1 and array.shape[1] <= 1000:
+            parts.append(f"{name}: argmax {int(array.argmax())} ({float(array.max()):.3f})")
+        else:
+            parts.append(f"{name}: {array.dtype}{list(array.shape)}")
+    return "; ".join(parts)
+
+
+def _pages(s: Session, device: str | None, after: int, follow: bool, interval: float) -> Iterator[Any]:
+    while True:
+        # Following, stay 2 s behind the newest: on PostgreSQL a lower id can still be committing.
+        params: dict[str, Any] = {"after_id": after, "limit": 1000, "settle_ms": 2000 if follow else 0}
+        if device:
+            params["device_id"] = device
+        page = s.call("GET", "/v1/results", params=params)
+        yield from page["results"]
+        after = page["next_after_id"]
+        if not page["results"]:
+            if not follow:
+                return
+            time.sleep(interval)  # polling the API: there is nothing local to wait on
+
+
+@results_app.command("tail")
+def results_tail(
+    ctx: typer.Context,
+    device: Annotated[str | None, typer.Option(help="only this device")] = None,
+    last: Annotated[int, typer.Option(min=0, max=10_000, help="start with the newest N; 0: from the first")] = 20,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="keep printing new results")] = False,
+    interval: Annotated[float, typer.Option(min=0.05, max=60, help="poll interval with --follow (s)")] = 1.0,
+) -> None:
+    """Print stored results, oldest first; with --follow, keep printing as devices upload."""
+    s = session(ctx)
+    after = 0
+    if last:
+        params: dict[str, Any] = {"last": last, **({"device_id": device} if device else {})}
+        after = s.call("GET", "/v1/results/cursor", params=params)["after_id"]
+    for result in _pages(s, device, after, follow, interval):
+        _print_result(s, result)
+
+
+def _print_result(s: Session, result: dict[str, Any]) -> None:
+    if s.as_json:
+        print(json.dumps(result), flush=True)
+        return
+    kind = results_pb2.RecordKind.Name(result["kind"]).removeprefix("RECORD_KIND_").lower()
+    out.print(
+        f"{_when(result['created_at_ms'])} {result['device_id']} #{result['seq']} {result['model']}:"
+        f"{result['version']} {kind} {_summary(result)}",
+        markup=False,
+        highlight=False,
+    )
+
+
+def main() -> None:
+    sys.exit(app(standalone_mode=True))
+
+
+if __name__ == "__main__":
+    main()

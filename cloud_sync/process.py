@@ -1,0 +1,155 @@
+"""The cloud-sync process: device-facing gRPC, the admin HTTP API, and (with a broker) telemetry ingest.
+
+One asyncio loop serves gRPC (grpc.aio) and HTTP (uvicorn); the database is synchronous SQLAlchemy on
+named threads. State lives in the database, so replicas are interchangeable (DESIGN.md "Beyond one machine").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import structlog
+import uvicorn
+from prometheus_client import CollectorRegistry
+
+from cloud_sync.api import ApiContext, create_app
+from cloud_sync.config import CloudSyncConfig, ConfigProblem
+from cloud_sync.store import Database, DeviceRegistry, ResultStore, open_database
+from cloud_sync.uplink import DeviceAuthenticator, UplinkServicer
+from edge_runtime.durable import write_atomic
+from edge_runtime.proto.edgefleet.v1 import services_pb2
+from edge_runtime.rpc_handlers import add_service
+
+__all__ = ["CloudSync", "Endpoints", "admin_token"]
+
+log = structlog.get_logger(__name__)
+
+ADMIN_TOKEN_FILE = "admin-token"
+
+
+def admin_token(data_dir: Path) -> str:
+    """The admin API token in data_dir (made on first start, mode 0600)."""
+    path = data_dir / ADMIN_TOKEN_FILE
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        token = f"efa_{secrets.token_urlsafe(32)}"
+        write_atomic(path, token.encode() + b"\n", mode=0o600)
+        return token
+
+
+def _host_port(address: str, key: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigProblem(f"{key} {address!r} must be host:port")
+    return host.strip("[]"), int(port)
+
+
+@dataclass
+class Endpoints:
+    grpc_port: int = 0
+    http_port: int = 0
+    grpc_target: str = ""
+    http_url: str = ""
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+class CloudSync:
+    def __init__(self, config: CloudSyncConfig) -> None:
+        self.config = config
+        self.registry = CollectorRegistry()
+        self.endpoints = Endpoints()
+        self._stop = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._io = ThreadPoolExecutor(config.grpc.ingest_threads, thread_name_prefix="ingest")
+
+    def stop(self) -> None:
+        """Drain and exit (what SIGTERM does); safe from any thread."""
+        if self._loop is None:
+            self._stop.set()
+        else:
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._stop.set)
+
+    async def run(self, *, handle_signals: bool = True) -> None:
+        loop = self._loop = asyncio.get_running_loop()
+        began = time.monotonic()
+        self.config.data_dir.mkdir(parents=True, exist_ok=True)
+        db: Database = await loop.run_in_executor(self._io, open_database, self.config.database_url)
+        devices, results = DeviceRegistry(db), ResultStore(db)
+        server = await self._start_grpc(devices, results)
+        http = await self._start_http(devices, results)
+        if handle_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.stop)
+        log.info(
+            "cloud_sync.ready",
+            seconds=round(time.monotonic() - began, 3),
+            grpc=self.endpoints.grpc_target,
+            http=self.endpoints.http_url,
+            database=db.url,
+            pid=os.getpid(),
+        )
+        try:
+            await self._stop.wait()
+        finally:
+            grace = self.config.server.shutdown_grace_s
+            log.info("cloud_sync.stopping", grace_s=grace)
+            await server.stop(grace)
+            http.should_exit = True
+            await self._http_task
+            self._io.shutdown(wait=True)
+            db.close()
+            if handle_signals:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(sig)
+            log.info("cloud_sync.stopped")
+
+    async def _start_grpc(self, devices: DeviceRegistry, results: ResultStore) -> grpc.aio.Server:
+        limit = self.config.grpc.max_message_bytes
+        server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit), ("grpc.so_reuseport", 0)])
+        add_service(server, services_pb2, "Uplink", UplinkServicer(DeviceAuthenticator(devices), results, self._io))
+        host, port = _host_port(self.config.grpc.listen, "grpc.listen")
+        try:
+            self.endpoints.grpc_port = server.add_insecure_port(f"{host}:{port}")
+        except RuntimeError as exc:
+            raise ConfigProblem(f"cannot listen on grpc.listen {self.config.grpc.listen}: {exc}") from exc
+        await server.start()
+        self.endpoints.grpc_target = f"{host}:{self.endpoints.grpc_port}"
+        return server
+
+    async def _start_http(self, devices: DeviceRegistry, results: ResultStore) -> uvicorn.Server:
+        token = admin_token(self.config.data_dir)
+        app = create_app(ApiContext(devices, results, token, self.registry))
+        host, port = _host_port(self.config.http.listen, "http.listen")
+        # Bound here, not by uvicorn: a taken port is then our config error, not uvicorn's sys.exit(1).
+        try:
+            sock = socket.create_server((host, port), reuse_port=False)
+        except OSError as exc:
+            raise ConfigProblem(
+                f"cannot serve the admin API on http.listen {self.config.http.listen}: {exc.strerror}"
+            ) from exc
+        server = _EmbeddedServer(uvicorn.Config(app, log_config=None, access_log=False, lifespan="off"))
+        self._http_task = asyncio.ensure_future(server.serve(sockets=[sock]))
+        self.endpoints.http_port = int(sock.getsockname()[1])
+        self.endpoints.http_url = f"http://{host}:{self.endpoints.http_port}"
+        return server
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """uvicorn inside cloud-sync's loop: cloud-sync owns SIGTERM and SIGINT, uvicorn must not take them."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield

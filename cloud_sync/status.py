@@ -1,0 +1,52 @@
+"""The one mapping from cloud_sync errors to gRPC status codes and HTTP status codes."""
+
+from __future__ import annotations
+
+import grpc
+
+from cloud_sync.errors import (
+    AlreadyExists,
+    CloudSyncError,
+    DeviceRevoked,
+    InvalidArgument,
+    InvalidBatch,
+    NotFound,
+    SchemaMismatch,
+    StoreUnavailable,
+    Unauthenticated,
+)
+
+__all__ = ["GRPC_CODES", "HTTP_CODES", "grpc_code", "http_code"]
+
+GRPC_CODES: dict[type[CloudSyncError], grpc.StatusCode] = {
+    CloudSyncError: grpc.StatusCode.INTERNAL,
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    InvalidBatch: grpc.StatusCode.INVALID_ARGUMENT,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    DeviceRevoked: grpc.StatusCode.PERMISSION_DENIED,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
+    SchemaMismatch: grpc.StatusCode.FAILED_PRECONDITION,
+}
+
+HTTP_CODES: dict[type[CloudSyncError], int] = {
+    CloudSyncError: 500,
+    InvalidArgument: 422,
+    InvalidBatch: 422,
+    Unauthenticated: 401,
+    DeviceRevoked: 403,
+    NotFound: 404,
+    AlreadyExists: 409,
+    StoreUnavailable: 503,
+    SchemaMismatch: 500,
+}
+
+
+def grpc_code(exc: CloudSyncError) -> grpc.StatusCode:
+    """The status of the most specific mapped class of `exc`."""
+    return next(GRPC_CODES[cls] for cls in type(exc).__mro__ if cls in GRPC_CODES)
+
+
+def http_code(exc: CloudSyncError) -> int:
+    return next(HTTP_CODES[cls] for cls in type(exc).__mro__ if cls in HTTP_CODES)

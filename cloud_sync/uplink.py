@@ -1,0 +1,112 @@
+"""The device-facing Uplink service: authenticated client-streaming upload of result batches.
+
+The device's identity comes from its token in the call's metadata, never from the message. Each batch is
+stored (idempotently, committed) on an ingest thread before the next is read; the final ack names the
+highest seq up to which everything is stored or was declared evicted, and the device deletes up to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import threading
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+import structlog
+
+from cloud_sync.errors import CloudSyncError, Unauthenticated
+from cloud_sync.status import grpc_code
+from cloud_sync.store import DeviceRegistry, ResultStore
+from edge_runtime.proto.edgefleet.v1 import results_pb2, services_pb2
+
+__all__ = ["DeviceAuthenticator", "UplinkServicer", "bearer_token"]
+
+log = structlog.get_logger(__name__)
+
+# A token -> device lookup is a database read; cache it briefly (revocation takes effect within this).
+AUTH_CACHE_S = 10.0
+
+
+def bearer_token(metadata: Any) -> str:
+    """The token of an `authorization: Bearer <token>` metadata entry; Unauthenticated without one."""
+    for key, value in metadata or ():
+        if key == "authorization":
+            scheme, _, token = str(value).partition(" ")
+            if scheme.lower() == "bearer" and token:
+                return token.strip()
+    raise Unauthenticated("no device credential: send metadata 'authorization: Bearer <device token>'")
+
+
+class DeviceAuthenticator:
+    """Token -> device id, with a short cache so each upload does not cost a database read."""
+
+    def __init__(self, devices: DeviceRegistry) -> None:
+        self._devices = devices
+        self._cache: dict[bytes, tuple[str, float]] = {}
+        self._lock = threading.Lock()
+
+    def device_for(self, token: str) -> str:
+        key = hashlib.sha256(token.encode()).digest()
+        now = time.monotonic()
+        with self._lock:
+            hit = self._cache.get(key)
+        if hit is not None and now - hit[1] < AUTH_CACHE_S:
+            return hit[0]
+        device_id = self._devices.authenticate(token)
+        if device_id is None:
+            raise Unauthenticated("the device credential matches no enrolled device (revoked or unknown)")
+        with self._lock:
+            if len(self._cache) > 100_000:
+                self._cache.clear()
+            self._cache[key] = (device_id, now)
+        return device_id
+
+
+class UplinkServicer:
+    def __init__(self, auth: DeviceAuthenticator, results: ResultStore, executor: ThreadPoolExecutor) -> None:
+        self._auth = auth
+        self._results = results
+        self._executor = executor
+
+    async def Upload(
+        self, batches: AsyncIterator[results_pb2.ResultBatch], context: grpc.aio.ServicerContext
+    ) -> results_pb2.UploadAck:
+        loop = asyncio.get_running_loop()
+        ack = results_pb2.UploadAck()
+        device_id = "?"
+        try:
+            token = bearer_token(context.invocation_metadata())
+            device_id = await loop.run_in_executor(self._executor, self._auth.device_for, token)
+            async for batch in batches:
+                outcome = await loop.run_in_executor(self._executor, self._results.ingest, device_id, batch)
+                ack.acked_seq = outcome.acked_seq
+                ack.stored += outcome.stored
+                ack.duplicates += outcome.duplicates
+                ack.evicted += outcome.evicted
+        except CloudSyncError as exc:
+            log.warning(
+                "uplink.refused",
+                device=device_id,
+                error=type(exc).__name__,
+                reason=exc.message,
+                acked_seq=ack.acked_seq,
+            )
+            await context.abort(grpc_code(exc), exc.message)
+        if ack.stored or ack.duplicates or ack.evicted:
+            log.debug(
+                "uplink.stored",
+                device=device_id,
+                acked_seq=ack.acked_seq,
+                stored=ack.stored,
+                duplicates=ack.duplicates,
+                evicted=ack.evicted,
+            )
+        return ack
+
+
+def service_module() -> Any:
+    return services_pb2

@@ -1,0 +1,94 @@
+"""Nothing kept is lost, whatever fails: the data plane's fault tests, with real processes.
+
+Each test drives load through a real edge-agent into a real cloud-sync, breaks something for real, then
+checks with `reckon`: every record the agent committed is in the cloud store exactly once, in seq order,
+and stored + evicted = produced by both the cloud's and the agent's own counters.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+import pytest
+
+from tests.faults.fleet import Cloud, Device, Load, reckon
+from tests.waiting import wait_for
+
+pytestmark = pytest.mark.slow
+
+
+def test_results_flow_to_the_cloud_exactly_once(cloud: Cloud, make_device: Callable[..., Device]) -> None:
+    device = make_device()
+    device.start()
+    load = Load(device.socket)
+    load.wait_answers(200)
+    load.stop()
+    counts = reckon(cloud, device)
+    assert counts["stored"] >= 200 and counts["evicted"] == 0
+
+
+def test_kill_9_the_agent_twenty_times_while_it_infers_and_uploads(
+    cloud: Cloud, make_device: Callable[..., Device]
+) -> None:
+    device = make_device()
+    rng = random.Random(20)
+    load = Load(device.socket, keep=True)
+    for _ in range(20):
+        device.start()
+        load.wait_answers(rng.randint(5, 60))  # a random moment: mid-append, mid-commit, mid-upload
+        device.kill()
+    device.start()
+    load.wait_answers(20)
+    load.stop()
+    counts = reckon(cloud, device)
+    assert counts["evicted"] == 0 and counts["stored"] == counts["produced"] >= 20 * 5
+    # What an app was told was kept survived every kill and reached the cloud.
+    assert len(load.kept_ids) >= 20 * 5
+    assert not set(load.kept_ids) - cloud.request_ids(device.device_id)
+
+
+def test_cloud_sync_down_under_load_then_back(cloud: Cloud, make_device: Callable[..., Device]) -> None:
+    device = make_device()
+    device.start()
+    load = Load(device.socket)
+    load.wait_answers(50)
+    cloud.stop()
+    load.wait_answers(300)  # the agent keeps answering and buffering while the cloud is away
+    buffered = device.counters()
+    assert buffered["last_seq"] > buffered["acked_seq"]
+    cloud.start()
+    load.wait_answers(50)
+    load.stop()
+    counts = reckon(cloud, device)
+    assert counts["evicted"] == 0
+
+
+def test_cloud_sync_killed_mid_upload(cloud: Cloud, make_device: Callable[..., Device]) -> None:
+    device = make_device()
+    device.start()
+    load = Load(device.socket)
+    for _ in range(3):
+        load.wait_answers(100)
+        cloud.kill()  # acks in flight are lost: the agent must re-send, the cloud must not duplicate
+        cloud.start()
+    load.stop()
+    reckon(cloud, device)
+
+
+def test_a_full_outbox_evicts_and_every_eviction_is_accounted_for(
+    cloud: Cloud, make_device: Callable[..., Device]
+) -> None:
+    # 64 KiB holds a few hundred records: with the cloud away, eviction must start.
+    device = make_device(buffer={"max_bytes": 64 * 1024})
+    device.start()
+    load = Load(device.socket)
+    load.wait_answers(20)
+    cloud.stop()
+    wait_for(lambda: device.counters()["evicted_total"] > 0, 60, "the outbox to evict past its bound")
+    load.wait_answers(100)
+    cloud.start()
+    load.wait_answers(20)
+    load.stop()
+    counts = reckon(cloud, device)
+    assert counts["evicted"] > 0 and counts["stored"] > 0
