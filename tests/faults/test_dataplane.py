@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from tests.faults.fleet import Cloud, Device, Load, reckon
+from tests.postgres import local_cluster, postgres_schema_url, restart_postgres
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slow
@@ -92,3 +94,31 @@ def test_a_full_outbox_evicts_and_every_eviction_is_accounted_for(
     load.stop()
     counts = reckon(cloud, device)
     assert counts["evicted"] > 0 and counts["stored"] > 0
+
+
+def test_postgresql_restarted_under_cloud_sync(
+    tmp_path: Path, short_dir: Path, model_packages: dict[str, Path]
+) -> None:
+    cluster = local_cluster()
+    if cluster is None:
+        pytest.skip("needs root and a local PostgreSQL cluster that pg_ctlcluster can restart")
+    with postgres_schema_url() as url:
+        cloud = Cloud(tmp_path / "cloud-pg", database_url=url)
+        cloud.start()
+        try:
+            token = cloud.add_device("cam-pg")
+            device = Device(tmp_path / "cam-pg", short_dir, "cam-pg", cloud, token, model_packages["digits:1"])
+            device.start()
+            load = Load(device.socket, keep=True)
+            for _ in range(2):
+                load.wait_answers(150)
+                restart_postgres(*cluster)  # every pooled connection of cloud-sync dies under it
+            load.wait_answers(150)
+            load.stop()
+            counts = reckon(cloud, device)
+            assert counts["evicted"] == 0 and counts["stored"] >= 450
+            assert not set(load.kept_ids) - cloud.request_ids(device.device_id)
+            assert cloud.proc is not None and cloud.proc.proc.poll() is None  # it rode it out, no restart
+            device.kill()
+        finally:
+            cloud.kill()

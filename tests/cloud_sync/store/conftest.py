@@ -6,69 +6,16 @@ PostgreSQL comes from $EDGEFLEET_TEST_POSTGRES (a SQLAlchemy URL), by default th
 
 from __future__ import annotations
 
-import functools
-import os
-import uuid
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-import psycopg
 import pytest
-import sqlalchemy as sa
 
 from cloud_sync.store import Database, DeviceRegistry, ResultStore, open_database
 from edge_runtime.proto.edgefleet.v1 import results_pb2
+from tests.postgres import postgres_schema_url
 
-POSTGRES_URL = os.environ.get("EDGEFLEET_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 ENGINES = ["sqlite", "postgresql"]
-
-
-def _libpq_conninfo(url: sa.URL) -> str:
-    """The URL's server as a libpq conninfo string (for psycopg, without SQLAlchemy)."""
-    parts = {
-        "host": url.host or "127.0.0.1",
-        "port": str(url.port or 5432),
-        "dbname": url.database or "postgres",
-        "user": url.username or "postgres",
-    }
-    if url.password:
-        parts["password"] = str(url.password)
-    return " ".join(f"{key}={value}" for key, value in parts.items())
-
-
-POSTGRES_CONNINFO = _libpq_conninfo(sa.make_url(POSTGRES_URL))
-
-
-@functools.cache
-def postgres_unreachable() -> str | None:
-    """Why the test PostgreSQL server cannot be used, or None when it can (asked once per session)."""
-    try:
-        with psycopg.connect(POSTGRES_CONNINFO, connect_timeout=3) as conn:
-            conn.execute("SELECT 1")
-    except psycopg.Error as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return f"PostgreSQL at {sa.make_url(POSTGRES_URL).render_as_string()} is not reachable ({first})"
-    return None
-
-
-@contextmanager
-def postgres_schema_url() -> Iterator[str]:
-    """A URL whose connections see only a fresh schema of their own; the schema is dropped afterwards."""
-    reason = postgres_unreachable()
-    if reason:
-        pytest.skip(reason)
-    schema = f"test_store_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(POSTGRES_CONNINFO, autocommit=True) as conn:
-        conn.execute(f'CREATE SCHEMA "{schema}"')
-    try:
-        url = sa.make_url(POSTGRES_URL).update_query_dict({"options": f"-csearch_path={schema}"})
-        yield url.render_as_string(hide_password=False)
-    finally:
-        with psycopg.connect(POSTGRES_CONNINFO, autocommit=True) as conn:
-            # Fail, rather than hang the session, if a test left a transaction open in the schema.
-            conn.execute("SET lock_timeout = '10s'")
-            conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
 
 
 @pytest.fixture(params=ENGINES)
