@@ -142,6 +142,44 @@ class Outbox:
             max_records, max_bytes, after_seq=batch.after_seq, through_limit=batch.through_seq
         )
 
+    def next_batches(
+        self,
+        count: int,
+        max_records: int,
+        max_bytes: int,
+        *,
+        after_seq: int | None = None,
+        timeout: float | None = None,
+    ) -> list[UploadBatch]:
+        """Up to `count` consecutive batches after `after_seq` (default acked_seq), marked in doubt at once.
+
+        One in-doubt commit (one fsync) per upload stream instead of one per batch: measured, the per-batch
+        marks bounded the uplink at ~30k records/s here.
+        """
+        batches = self._read_run(count, max_records, max_bytes, after_seq, None)
+        if not batches:
+            return batches
+        first, through = batches[0].after_seq, batches[-1].through_seq
+        held = self.mark_in_doubt(through, after_seq=first).result(timeout)
+        if held == sum(len(b.records) for b in batches):
+            return batches
+        # Eviction took records of this range after the read; it is protected now, so read it again, final.
+        return self._read_run(count, max_records, max_bytes, first, through)
+
+    def _read_run(
+        self, count: int, max_records: int, max_bytes: int, after_seq: int | None, through_limit: int | None
+    ) -> list[UploadBatch]:
+        batches: list[UploadBatch] = []
+        while len(batches) < count:
+            batch = self._reader.read_batch(max_records, max_bytes, after_seq=after_seq, through_limit=through_limit)
+            if batch.empty:
+                break
+            batches.append(batch)
+            after_seq = batch.through_seq
+            if through_limit is not None and after_seq >= through_limit:
+                break
+        return batches
+
     def ack(self, acked_seq: int) -> Future[int]:
         """The cloud stored everything up to acked_seq: delete those records. Resolves with acked_seq.
 

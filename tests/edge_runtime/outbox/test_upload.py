@@ -194,3 +194,18 @@ def test_reads_run_beside_appends_on_other_threads(open_outbox: OpenOutbox, make
     assert batches > 0
     c = outbox.counters()
     assert c.produced_total == c.depth + c.delivered_total + c.evicted_total == 2000
+
+
+def test_next_batches_marks_a_whole_run_in_doubt_with_one_mark(
+    open_outbox: OpenOutbox, make_record: MakeRecord
+) -> None:
+    outbox = open_outbox()
+    fill(outbox, make_record, 10, size=1000, priority=0)
+    batches = outbox.next_batches(3, 3, BIG)
+    assert [(b.after_seq, b.through_seq) for b in batches] == [(0, 3), (3, 6), (6, 9)]
+    assert outbox.counters().in_doubt_seq == 9
+    outbox.set_limits(max_bytes=10, max_age_s=0).result(timeout=10)
+    assert [seq for seq, _, _ in rows(outbox.path)] == list(range(1, 10))  # the whole run is spared
+    follow_on = outbox.next_batches(3, 3, BIG, after_seq=9)  # what the uploader reads while 1-9 await their ack
+    assert [(b.after_seq, b.through_seq, len(b.records)) for b in follow_on] == [(9, 10, 0)]  # 10 was evicted
+    assert outbox.next_batches(3, 3, BIG, after_seq=10) == []
