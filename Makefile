@@ -29,7 +29,7 @@ models: $(STAMP)
 	$(BIN)/python -m models.build --out $(MODELS)
 
 demo: models
-	$(BIN)/python examples/demo.py --models $(MODELS)
+	$(BIN)/python -m examples.demo --models $(MODELS)
 
 test: lint pytest pytest-py310
 

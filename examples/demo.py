@@ -1,9 +1,9 @@
-"""The end-to-end demo behind `make demo`: an edge-agent serving real models to local apps.
+"""The end-to-end demo behind `make demo`: a cloud-sync and three edge-agents doing real inference.
 
-Starts `edge-agent run` as a real process with its own data dir under build/demo, installs the digits and
-mobilenet-bench packages, and drives it over the Unix socket the way an app on the device would: classify
-the held-out digits from several threads, show a bad request's error, read the statistics and metrics,
-and stop the agent with SIGTERM (it drains and exits).
+Everything runs as real processes under build/demo: cloud-sync (SQLite store), a Mosquitto broker for
+telemetry and presence when one is installed, and three agents serving digits and mobilenet-bench to
+"apps" over their Unix sockets. The apps classify held-out digits and ask to keep the results; the agents
+upload them; fleetctl shows them arriving in the cloud store, exactly once, with the counts reconciled.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -28,62 +28,86 @@ from edge_runtime.kserve import KServeClient
 from models.build import digits_holdout
 
 ROOT = Path(__file__).resolve().parent.parent
+DEVICES = ("cam-1", "cam-2", "cam-3")
 
 
 def say(text: str) -> None:
     print(f"\n== {text}", flush=True)
 
 
-def write_config(workdir: Path) -> Path:
-    config = workdir / "edge-agent.toml"
-    config.write_text(
-        f'[agent]\ndata_dir = "{workdir / "data"}"\nshutdown_grace_s = 5.0\n'
-        f'[server]\nunix_socket = "{workdir / "inference.sock"}"\ntcp_address = "127.0.0.1:0"\n'
-        'metrics_address = "127.0.0.1:0"\n'
-        '[engine]\nbackend = "auto"\n'
-    )
-    return config
+def toml(data: dict[str, dict[str, Any]]) -> str:
+    return "\n".join(f"[{s}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in kv.items()) for s, kv in data.items())
 
 
-def start_agent(config: Path, log_path: Path) -> tuple[subprocess.Popen[bytes], dict[str, object]]:
-    log = log_path.open("wb")
-    agent = subprocess.Popen(
-        [sys.executable, "-m", "edge_runtime.agent.cli", "run", "--config", str(config)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    deadline = time.monotonic() + 60
+class Proc:
+    """A program of ours in the background, its JSON log in a file; waits for a named log event."""
+
+    def __init__(self, argv: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+        self.log = log
+        self.proc = subprocess.Popen(
+            argv, stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **(env or {})}
+        )
+
+    def wait_event(self, name: str, timeout: float = 60) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.log.read_text(errors="replace").splitlines():
+                if f'"{name}"' in line:
+                    event: dict[str, Any] = json.loads(line)
+                    return event
+            if self.proc.poll() is not None:
+                raise SystemExit(f"{self.log.name}: exited before {name}; see {self.log}")
+            time.sleep(0.05)
+        raise SystemExit(f"{self.log.name}: no {name} within {timeout} s; see {self.log}")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=30)
+
+
+def run(argv: list[str], **kwargs: Any) -> str:
+    return subprocess.run(argv, check=True, capture_output=True, text=True, cwd=ROOT, **kwargs).stdout
+
+
+def start_broker(workdir: Path) -> tuple[Proc | None, str]:
+    mosquitto = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else "")
+    if not mosquitto:
+        print("no mosquitto installed: telemetry and presence are skipped (results still flow over gRPC)")
+        return None, ""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    conf = workdir / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 0\n")
+    broker = Proc([mosquitto, "-c", str(conf)], workdir / "mosquitto.log")
+    deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        for line in log_path.read_text().splitlines():
-            if '"agent.ready"' in line:
-                return agent, json.loads(line)
-        if agent.poll() is not None:
-            raise SystemExit(f"edge-agent exited early; see {log_path}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return broker, f"mqtt://127.0.0.1:{port}"
         time.sleep(0.05)
-    agent.kill()
-    raise SystemExit(f"edge-agent did not become ready in 60 s; see {log_path}")
+    raise SystemExit("mosquitto did not start")
 
 
-def classify(client: KServeClient) -> None:
-    pixels, labels = digits_holdout()
+def app(socket_path: Path, pixels: np.ndarray[Any, Any]) -> tuple[int, float, int]:
+    """One app on a device: classify every held-out digit, asking to keep each result."""
     latencies: list[float] = []
-
-    def one(i: int) -> int:
-        started = time.perf_counter()
-        probabilities = client.infer("digits", {"pixels": pixels[i : i + 1]}).outputs["probabilities"]
-        latencies.append(time.perf_counter() - started)
-        return int(probabilities.argmax())
-
-    started = time.perf_counter()
-    with ThreadPoolExecutor(8) as pool:
-        predictions = list(pool.map(one, range(len(pixels))))
-    elapsed = time.perf_counter() - started
-    accuracy = float(np.mean(np.array(predictions) == labels))
-    cuts = statistics.quantiles(latencies, n=100)
-    print(
-        f"classified {len(pixels)} held-out digits from 8 threads: accuracy {accuracy:.3f}, "
-        f"{len(pixels) / elapsed:.0f} requests/s, latency p50 {cuts[49] * 1e3:.2f} ms p99 {cuts[98] * 1e3:.2f} ms"
-    )
+    kept = 0
+    predictions = []
+    with KServeClient(f"unix:{socket_path}") as client:
+        for i in range(len(pixels)):
+            started = time.perf_counter()
+            reply = client.infer(
+                "digits", {"pixels": pixels[i : i + 1]}, keep=True, request_id=f"{socket_path.stem}-{i}"
+            )
+            latencies.append(time.perf_counter() - started)
+            kept += reply.parameters.get("edgefleet.kept") is True
+            predictions.append(int(reply.outputs["probabilities"].argmax()))
+    correct = int(np.sum(np.array(predictions) == digits_holdout()[1]))
+    return correct, statistics.median(latencies), kept
 
 
 def main() -> int:
@@ -93,55 +117,101 @@ def main() -> int:
     args = parser.parse_args()
     shutil.rmtree(args.workdir, ignore_errors=True)
     args.workdir.mkdir(parents=True)
-    config = write_config(args.workdir)
-    edge_agent = [sys.executable, "-m", "edge_runtime.agent.cli"]
-
-    say("install model packages on the device (verified against their manifests)")
-    for package in ("digits/1", "mobilenet-bench/1"):
-        subprocess.run([*edge_agent, "install", str(args.models / package), "--config", str(config)], check=True)
-
-    say("start edge-agent")
-    agent, ready = start_agent(config, args.workdir / "agent.log")
-    print(f"ready in {ready['seconds']} s, listening on {ready['listen']}")
+    py = sys.executable
+    procs: list[Proc] = []
     try:
-        with KServeClient(f"unix:{args.workdir / 'inference.sock'}") as client:
-            meta = client.model_metadata("digits")
-            print(
-                f"serving {meta.name} versions {list(meta.versions)} on {meta.platform}; server ready: {client.ready()}"
+        say("cloud-sync (SQLite store) and a broker")
+        broker, mqtt_url = start_broker(args.workdir)
+        procs += [broker] if broker else []
+        cs_conf = args.workdir / "cloud-sync.toml"
+        cs_conf.write_text(
+            toml(
+                {
+                    "server": {"data_dir": str(args.workdir / "cloud")},
+                    "grpc": {"listen": "127.0.0.1:0"},
+                    "http": {"listen": "127.0.0.1:0"},
+                    "mqtt": {"url": mqtt_url},
+                }
             )
+        )
+        cloud = Proc([py, "-m", "cloud_sync.cli", "run", "--config", str(cs_conf)], args.workdir / "cloud-sync.log")
+        procs.append(cloud)
+        ready = cloud.wait_event("cloud_sync.ready")
+        admin = run([py, "-m", "cloud_sync.cli", "admin-token", "--config", str(cs_conf)]).strip()
+        fleet_env = {**os.environ, "FLEETCTL_URL": str(ready["http"]), "FLEETCTL_TOKEN": admin}
+        fleetctl = [py, "-m", "cloud_sync.fleetctl"]
+        print(f"cloud-sync: devices on {ready['grpc']}, admin API on {ready['http']}")
 
-            say("an app classifies digits over the local KServe v2 API")
-            classify(client)
-            image = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
-            started = time.perf_counter()
-            logits = client.infer("mobilenet-bench", {"input": image}).outputs["logits"]
-            print(f"mobilenet-bench: logits {logits.shape} in {(time.perf_counter() - started) * 1e3:.1f} ms")
+        say(f"{len(DEVICES)} devices: register, install models, start edge-agent")
+        sockets = []
+        for device in DEVICES:
+            home = args.workdir / device
+            home.mkdir()
+            token = run([*fleetctl, "devices", "add", device, "--labels", "site=demo"], env=fleet_env).strip()
+            (home / "device-token").write_text(token + "\n")
+            sockets.append(home / f"{device}.sock")
+            conf = home / "edge-agent.toml"
+            conf.write_text(
+                toml(
+                    {
+                        "agent": {"data_dir": str(home / "data")},
+                        "server": {"unix_socket": str(sockets[-1]), "tcp_address": "", "metrics_address": ""},
+                        "engine": {"backend": "auto", "intra_op_threads": 1},
+                        "upload": {"interval_s": 0.2},
+                        "telemetry": {"interval_s": 1.0},
+                        "cloud": {
+                            "grpc_target": str(ready["grpc"]),
+                            "device_id": device,
+                            "token_file": str(home / "device-token"),
+                        },
+                        "mqtt": {"url": mqtt_url},
+                    }
+                )
+            )
+            for package in ("digits/1", "mobilenet-bench/1"):
+                run([py, "-m", "edge_runtime.agent.cli", "install", str(args.models / package), "--config", str(conf)])
+            procs.append(Proc([py, "-m", "edge_runtime.agent.cli", "run", "--config", str(conf)], home / "agent.log"))
+        for proc, device in zip(procs[-len(DEVICES) :], DEVICES, strict=True):
+            event = proc.wait_event("agent.ready")
+            print(f"{device}: ready in {event['seconds']} s serving {event['models']}")
 
-            say("a bad request gets its own error and changes nothing")
+        say("apps classify the held-out digits on every device, keeping each result")
+        pixels = digits_holdout()[0]
+        started = time.perf_counter()
+        with ThreadPoolExecutor(len(sockets)) as pool:
+            outcomes = list(pool.map(lambda s: app(s, pixels), sockets))
+        for device, (correct, p50, kept) in zip(DEVICES, outcomes, strict=True):
+            print(f"{device}: accuracy {correct / len(pixels):.3f}, p50 {p50 * 1e3:.2f} ms, {kept} results kept")
+        print(f"{len(pixels) * len(sockets)} requests in {time.perf_counter() - started:.1f} s")
+        with KServeClient(f"unix:{sockets[0]}") as client:
             try:
                 client.infer("digits", {"pixels": np.zeros((1, 64), np.float64)})
             except grpc.RpcError as exc:
-                print(f"{exc.code().name}: {exc.details()}")
+                print(f"a bad request gets its own error: {exc.code().name}: {exc.details()}")
 
-            say("what the batcher did (ModelStatistics)")
-            for stats in client.statistics().model_stats:
-                sizes = {b.batch_size: b.compute_infer.count for b in stats.batch_stats}
-                print(
-                    f"{stats.name}:{stats.version} inferences {stats.inference_count} in "
-                    f"{stats.execution_count} batches; batch sizes {sizes}"
-                )
-
-        say("Prometheus metrics")
-        url = f"http://127.0.0.1:{ready['metrics_port']}/metrics"
-        for line in urllib.request.urlopen(url, timeout=5).read().decode().splitlines():
-            if line.startswith(("edgefleet_inference_request_success_total", "edgefleet_batcher_max_batch_size")):
-                print(line)
+        say("the results arrive in the cloud store (fleetctl results tail)")
+        want = len(pixels)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            shown = [json.loads(run([*fleetctl, "--json", "devices", "show", d], env=fleet_env)) for d in DEVICES]
+            if all(s["uplink"]["stored"] >= want for s in shown):
+                break
+            time.sleep(0.2)
+        print(run([*fleetctl, "results", "tail", "--last", "5"], env=fleet_env), end="")
+        for s in shown:
+            up = s["uplink"]
+            print(
+                f"{s['device_id']}: stored {up['stored']} + evicted {up['evicted']} = produced "
+                f"{up['device_produced']} (duplicates ignored: {up['duplicates_total']})"
+            )
+        if mqtt_url:
+            say("telemetry and presence (MQTT)")
+            print(run([*fleetctl, "devices", "list"], env=fleet_env), end="")
     finally:
-        say("SIGTERM: the agent drains and exits")
-        agent.send_signal(signal.SIGTERM)
-        code = agent.wait(timeout=30)
-        print(f"edge-agent exited with {code}; log in {os.path.relpath(args.workdir / 'agent.log')}")
-    return 0 if code == 0 else 1
+        say("stopping (SIGTERM: each program drains and exits)")
+        codes = [p.stop() for p in reversed(procs)]
+        print(f"exit codes {codes}; logs in {os.path.relpath(args.workdir)}")
+    return 0 if all(c == 0 for c in codes) else 1
 
 
 if __name__ == "__main__":
