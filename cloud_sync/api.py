@@ -9,22 +9,33 @@ from __future__ import annotations
 
 import base64
 import hmac
+import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict
 from typing import Annotated, Any
 
+import structlog
 from fastapi import Depends, FastAPI, Header, Query, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cloud_sync.errors import CloudSyncError, Unauthenticated
-from cloud_sync.status import http_code
+from cloud_sync.status import INTERNAL_MESSAGE, http_code, unexpected_error_fields
 from cloud_sync.store import DeviceRegistry, ResultStore
+from cloud_sync.store.batches import MAX_SEQ
 from cloud_sync.store.results import MAX_PAGE
 
 __all__ = ["ApiContext", "create_app"]
+
+log = structlog.get_logger(__name__)
+
+# Result ids are BIGINT: a larger after_id is not an id (SQLite once raised OverflowError on it: a 500).
+MAX_ID = MAX_SEQ
 
 
 class ApiContext:
@@ -50,6 +61,45 @@ class NewDevice(BaseModel):
     device_id: str = Field(min_length=1, max_length=128, description="Unique id, e.g. cam-17.")
     labels: dict[str, str] = Field(default_factory=dict, description="Labels rollouts and policies select on.")
 
+    @field_validator("labels")
+    @classmethod
+    def _encodable(cls, labels: dict[str, str]) -> dict[str, str]:
+        # JSON may carry a lone surrogate (\ud800); stored, it made every later listing of devices fail.
+        for text in (*labels, *labels.values()):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"{text!r} is not valid Unicode (a lone surrogate)") from None
+        return labels
+
+
+class _InternalErrors:
+    """ASGI middleware: an exception no CloudSyncError describes becomes a 500 with a generic message and one
+    log line. Left to Starlette and uvicorn, the traceback is logged with its locals: the request's headers,
+    admin token included."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as exc:
+            log.error("api.internal_error", method=scope["method"], path=scope["path"], **unexpected_error_fields(exc))
+            if started:
+                return  # the status line is out: all that is left is to end the connection
+            await JSONResponse({"detail": INTERNAL_MESSAGE}, status_code=500)(scope, receive, send)
+
 
 def _device_json(device: Any) -> dict[str, Any]:
     return {
@@ -69,15 +119,25 @@ def _result_json(result: Any) -> dict[str, Any]:
 
 def create_app(ctx: ApiContext) -> FastAPI:
     app = FastAPI(title="cloud-sync admin API", version="1", description=__doc__)
+    app.add_middleware(_InternalErrors)
 
     @app.exception_handler(CloudSyncError)
     async def _cloud_sync_error(request: Request, exc: CloudSyncError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthenticated) else None
         return JSONResponse({"detail": exc.message}, status_code=http_code(exc), headers=headers)
 
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_request(request: Request, exc: RequestValidationError) -> Response:
+        # FastAPI's own answer, rendered as ASCII JSON: its errors echo the input, and an input holding a lone
+        # surrogate (valid JSON, not valid UTF-8) made rendering the 422 fail with a 500.
+        body = json.dumps({"detail": jsonable_encoder(exc.errors())})
+        return Response(body, status_code=422, media_type="application/json")
+
     def admin(authorization: Annotated[str, Header()] = "") -> None:
         scheme, _, token = authorization.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), ctx.admin_token.encode()):
+        token = token.strip()
+        # An empty token never matches, whatever the context holds.
+        if scheme.lower() != "bearer" or not token or not hmac.compare_digest(token.encode(), ctx.admin_token.encode()):
             raise Unauthenticated("send 'Authorization: Bearer <admin token>' (cloud-sync admin-token prints it)")
 
     auth = [Depends(admin)]
@@ -112,7 +172,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
     @app.get("/v1/results", tags=["results"], dependencies=auth)
     def list_results(
         device_id: Annotated[str | None, Query(max_length=128)] = None,
-        after_id: Annotated[int, Query(ge=0)] = 0,
+        after_id: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
         limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
         settle_ms: Annotated[int, Query(ge=0, le=60_000, description="stay this far behind the newest")] = 0,
     ) -> dict[str, Any]:

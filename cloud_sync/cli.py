@@ -11,9 +11,12 @@ import asyncio
 import json
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from cloud_sync.config import CloudSyncConfig, load_config
 from cloud_sync.errors import AlreadyExists, CloudSyncError, InvalidArgument
+
+if TYPE_CHECKING:
+    from cloud_sync.config import CloudSyncConfig
 
 __all__ = ["main"]
 
@@ -26,11 +29,11 @@ def _parser() -> argparse.ArgumentParser:
     token = commands.add_parser("admin-token", help="print the admin API token (made on first use)")
     token.add_argument("--config", help="TOML config file (for the data dir)")
     add = commands.add_parser("add-device", help="register a device and print its token (shown once)")
-    add.add_argument("device_id")
+    add.add_argument("device_id", help="unique device id, e.g. cam-17")
     add.add_argument("--labels", default="", help="comma-separated key=value pairs, e.g. site=lab,cam=front")
     add.add_argument("--config", help="TOML config file (for the database)")
     check = commands.add_parser("check-config", help="validate a config file and print the effective values")
-    check.add_argument("config")
+    check.add_argument("config", help="the TOML file to check")
     return parser
 
 
@@ -41,6 +44,11 @@ def parse_labels(text: str) -> dict[str, str]:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise InvalidArgument(f"label {pair!r} is not key=value")
+        try:
+            pair.encode("utf-8")
+        except UnicodeEncodeError:
+            # A command-line argument that was not UTF-8 arrives with surrogate escapes.
+            raise InvalidArgument(f"label {pair!r} is not valid UTF-8") from None
         labels[key.strip()] = value.strip()
     return labels
 
@@ -55,9 +63,10 @@ def _run(config: CloudSyncConfig) -> int:
 
 
 def _add_device(config: CloudSyncConfig, device_id: str, labels: str) -> int:
+    parsed = parse_labels(labels)
     from cloud_sync.store import DeviceRegistry, open_database
 
-    parsed = parse_labels(labels)
+    config.data_dir.mkdir(parents=True, exist_ok=True)  # the SQLite file's home, as `run` makes it
     db = open_database(config.database_url)
     try:
         token = DeviceRegistry(db).add_device(device_id, parsed)
@@ -69,6 +78,9 @@ def _add_device(config: CloudSyncConfig, device_id: str, labels: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # Imported here: fleetctl imports this module for parse_labels and need not pay for pydantic at start-up.
+    from cloud_sync.config import load_config
+
     try:
         config = load_config(args.config)
         if args.command == "run":

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from cloud_sync.errors import InvalidArgument
 
@@ -25,6 +25,18 @@ class ConfigProblem(InvalidArgument):
     """A config file is unreadable or invalid; the message names the file and the key."""
 
 
+def _listen_address(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host.strip("[]") or not (port.isascii() and port.isdigit()) or int(port) > 65535:
+        raise ValueError(f"{value!r} must be host:port with a port of 0-65535 (0: any free port)")
+    return value
+
+
+# Checked here, so that check-config refuses what `run` could not listen on (a port past 65535 once bound
+# gRPC to that port modulo 65536, and made the admin API fail with an OverflowError).
+ListenAddress = Annotated[str, AfterValidator(_listen_address)]
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -36,7 +48,9 @@ class ServerSection(_Section):
 
 
 class GrpcSection(_Section):
-    listen: str = Field("127.0.0.1:7000", description="host:port of the device-facing gRPC services (uplink).")
+    listen: ListenAddress = Field(
+        "127.0.0.1:7000", description="host:port of the device-facing gRPC services (uplink)."
+    )
     max_message_bytes: int = Field(
         64 * 1024 * 1024, ge=1024, le=2**31 - 1, description="Largest message a device may send (a ResultBatch)."
     )
@@ -44,7 +58,7 @@ class GrpcSection(_Section):
 
 
 class HttpSection(_Section):
-    listen: str = Field("127.0.0.1:8080", description="host:port of the admin API (fleetctl) and /metrics.")
+    listen: ListenAddress = Field("127.0.0.1:8080", description="host:port of the admin API (fleetctl) and /metrics.")
 
 
 class DatabaseSection(_Section):
@@ -83,7 +97,7 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> CloudSyncC
     except ValidationError as exc:
         first = exc.errors()[0]
         key = ".".join(str(part) for part in first["loc"])
-        message = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
+        message = "unknown key" if first["type"] == "extra_forbidden" else first["msg"].removeprefix("Value error, ")
         raise ConfigProblem(f"{source}: {key}: {message}") from None
 
 

@@ -16,11 +16,13 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
+from urllib.parse import quote
 
 import httpx
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from cloud_sync.cli import parse_labels
 from cloud_sync.errors import InvalidArgument
@@ -39,8 +41,9 @@ results_app = typer.Typer(help="Results devices uploaded.", no_args_is_help=True
 app.add_typer(devices_app, name="devices")
 app.add_typer(results_app, name="results")
 
-out = Console()
-err = Console(stderr=True)
+# soft_wrap: a line is never folded at the terminal's width (scripts grep fleetctl's output and messages).
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 
 @dataclass
@@ -53,7 +56,7 @@ class Session:
         try:
             response = httpx.request(
                 method,
-                f"{self.url.rstrip('/')}{path}",
+                f"{self.url}{path}",
                 timeout=30,
                 headers={"Authorization": f"Bearer {self.token}"},
                 **kwargs,
@@ -61,15 +64,25 @@ class Session:
         except httpx.HTTPError as exc:
             fail(1, f"cannot reach cloud-sync at {self.url} ({exc}); is it running? (--url / FLEETCTL_URL)")
         if response.status_code >= 400:
-            try:
-                detail = response.json().get("detail", response.text)
-            except ValueError:
-                detail = response.text
-            if not isinstance(detail, str):
-                detail = json.dumps(detail)
             code = {401: 3, 403: 3, 404: 4}.get(response.status_code, 2 if response.status_code < 500 else 1)
-            fail(code, f"cloud-sync refused ({response.status_code}): {detail}")
+            fail(code, f"cloud-sync refused ({response.status_code}): {_detail(response)}")
         return response.json()
+
+
+def _detail(response: httpx.Response) -> str:
+    """The reason an API error gives: its `detail` string, or FastAPI's validation errors as `field: problem`."""
+    try:
+        detail = response.json().get("detail", response.text)
+    except (ValueError, AttributeError):
+        return response.text
+    if isinstance(detail, list) and all(isinstance(e, dict) and "loc" in e for e in detail):
+        return "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e.get('msg', '')}" for e in detail)
+    return detail if isinstance(detail, str) else json.dumps(detail)
+
+
+def segment(value: str) -> str:
+    """`value` as one URL path segment: a device id typed as "cam-1/revoke#" must not address cam-1."""
+    return quote(value, safe="")
 
 
 def fail(code: int, message: str) -> NoReturn:
@@ -78,14 +91,29 @@ def fail(code: int, message: str) -> NoReturn:
 
 
 def _token(token: str | None, token_file: Path | None) -> str:
-    if token:
-        return token
-    if token_file is not None:
+    if not token and token_file is not None:
         try:
-            return token_file.read_text().strip()
-        except OSError as exc:
-            fail(2, f"cannot read --token-file {token_file}: {exc.strerror}")
-    fail(3, "no admin token: pass --token or --token-file, or set FLEETCTL_TOKEN (cloud-sync admin-token prints it)")
+            token = token_file.read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            fail(2, f"cannot read --token-file {token_file}: {getattr(exc, 'strerror', None) or exc}")
+    if not token:
+        fail(
+            3, "no admin token: pass --token or --token-file, or set FLEETCTL_TOKEN (cloud-sync admin-token prints it)"
+        )
+    # An HTTP header holds printable ASCII only; any other token cannot be the admin token.
+    if not (token.isascii() and token.isprintable()):
+        fail(3, "the admin token is not valid (a token is printable ASCII; cloud-sync admin-token prints it)")
+    return token
+
+
+def _base_url(url: str) -> str:
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        fail(2, f"--url {url!r} is not a URL ({exc}): give http://host:port of cloud-sync's admin API")
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        fail(2, f"--url {url!r} is not an http:// or https:// URL with a host, e.g. http://127.0.0.1:8080")
+    return url.rstrip("/")
 
 
 @app.callback()
@@ -101,13 +129,16 @@ def _session(
 
 def session(ctx: typer.Context) -> Session:
     url, token, token_file, as_json = ctx.find_root().obj
-    return Session(url, _token(token, token_file), as_json)
+    return Session(_base_url(url), _token(token, token_file), as_json)
 
 
 def _when(ms: int | None) -> str:
     if not ms:
         return "-"
     return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+DeviceIdArgument = Annotated[str, typer.Argument(help="the device's id, e.g. cam-17")]
 
 
 @devices_app.command("list")
@@ -121,7 +152,8 @@ def devices_list(ctx: typer.Context) -> None:
     table = Table("device", "labels", "created", "revoked")
     for d in devices:
         labels = ",".join(f"{k}={v}" for k, v in sorted(d["labels"].items()))
-        table.add_row(d["device_id"], labels, _when(d["created_at_ms"]), "yes" if d["revoked"] else "")
+        # Text, not str: rich would read a label value such as "[/]" as markup (and fail on it).
+        table.add_row(Text(d["device_id"]), Text(labels), _when(d["created_at_ms"]), "yes" if d["revoked"] else "")
     out.print(table)
 
 
@@ -145,15 +177,18 @@ def devices_add(
 
 
 @devices_app.command("show")
-def devices_show(ctx: typer.Context, device_id: str) -> None:
+def devices_show(ctx: typer.Context, device_id: DeviceIdArgument) -> None:
     """A device, its labels and its upload counters (stored + evicted = produced)."""
     s = session(ctx)
-    device = s.call("GET", f"/v1/devices/{device_id}")
+    device = s.call("GET", f"/v1/devices/{segment(device_id)}")
     if s.as_json:
         out.print_json(data=device)
         return
     up = device["uplink"]
-    out.print(f"[bold]{device['device_id']}[/bold] {device['labels']} {'REVOKED' if device['revoked'] else ''}")
+    labels = ",".join(f"{k}={v}" for k, v in sorted(device["labels"].items()))
+    heading = Text(device["device_id"], style="bold")
+    heading.append(f" {labels}" + (" REVOKED" if device["revoked"] else ""))
+    out.print(heading)
     out.print(
         f"acked seq {up['acked_seq']}: stored {up['stored']}, evicted {up['evicted']} "
         f"(device reports produced {up['device_produced']}, evicted {up['device_evicted']}); "
@@ -162,10 +197,10 @@ def devices_show(ctx: typer.Context, device_id: str) -> None:
 
 
 @devices_app.command("revoke")
-def devices_revoke(ctx: typer.Context, device_id: str) -> None:
+def devices_revoke(ctx: typer.Context, device_id: DeviceIdArgument) -> None:
     """Cut a device off: its token stops working."""
     s = session(ctx)
-    device = s.call("POST", f"/v1/devices/{device_id}/revoke")
+    device = s.call("POST", f"/v1/devices/{segment(device_id)}/revoke")
     out.print_json(data=device) if s.as_json else out.print(f"{device_id} revoked")
 
 
@@ -214,6 +249,9 @@ def results_tail(
 ) -> None:
     """Print stored results, oldest first; with --follow, keep printing as devices upload."""
     s = session(ctx)
+    if device is not None:
+        # A mistyped id would otherwise print nothing (and, following, wait forever): say it is unknown (exit 4).
+        s.call("GET", f"/v1/devices/{segment(device)}")
     after = 0
     if last:
         params: dict[str, Any] = {"last": last, **({"device_id": device} if device else {})}

@@ -12,6 +12,7 @@ import os
 import secrets
 import signal
 import socket
+import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +28,7 @@ from cloud_sync.api import ApiContext, create_app
 from cloud_sync.config import CloudSyncConfig, ConfigProblem
 from cloud_sync.store import Database, DeviceRegistry, ResultStore, open_database
 from cloud_sync.uplink import DeviceAuthenticator, UplinkServicer
-from edge_runtime.durable import write_atomic
+from edge_runtime.durable import fsync_dir
 from edge_runtime.proto.edgefleet.v1 import services_pb2
 from edge_runtime.rpc_handlers import add_service
 
@@ -36,17 +37,44 @@ __all__ = ["CloudSync", "Endpoints", "admin_token"]
 log = structlog.get_logger(__name__)
 
 ADMIN_TOKEN_FILE = "admin-token"
+# Shorter than any token admin_token makes (47 characters); a person may put their own, but not a guessable one.
+MIN_ADMIN_TOKEN_CHARS = 32
 
 
 def admin_token(data_dir: Path) -> str:
-    """The admin API token in data_dir (made on first start, mode 0600)."""
+    """The admin API token in data_dir (made on first use, mode 0600).
+
+    Raises ConfigProblem for a token file that holds no token: the API would take an empty bearer token.
+    """
     path = data_dir / ADMIN_TOKEN_FILE
     try:
-        return path.read_text().strip()
+        return _checked_token(path, path.read_text().strip())
     except FileNotFoundError:
-        token = f"efa_{secrets.token_urlsafe(32)}"
-        write_atomic(path, token.encode() + b"\n", mode=0o600)
-        return token
+        pass
+    data_dir.mkdir(parents=True, exist_ok=True)
+    # Linked into place, never renamed over it: of several processes making it at once (`cloud-sync
+    # admin-token` beside a first `cloud-sync run`), the first one's token stands and every one returns it.
+    fd, tmp = tempfile.mkstemp(prefix=f".{ADMIN_TOKEN_FILE}.", suffix=".tmp", dir=data_dir)  # mode 0600
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(f"efa_{secrets.token_urlsafe(32)}\n".encode())
+            f.flush()
+            os.fsync(f.fileno())
+        with contextlib.suppress(FileExistsError):
+            os.link(tmp, path)
+    finally:
+        os.unlink(tmp)
+    fsync_dir(data_dir)
+    return _checked_token(path, path.read_text().strip())
+
+
+def _checked_token(path: Path, token: str) -> str:
+    if len(token) < MIN_ADMIN_TOKEN_CHARS or not (token.isascii() and token.isprintable()):
+        raise ConfigProblem(
+            f"the admin token file {path} holds no valid token (at least {MIN_ADMIN_TOKEN_CHARS} printable ASCII "
+            "characters): delete it and cloud-sync makes a new one"
+        )
+    return token
 
 
 def _host_port(address: str, key: str) -> tuple[str, int]:
@@ -86,44 +114,52 @@ class CloudSync:
         loop = self._loop = asyncio.get_running_loop()
         began = time.monotonic()
         self.config.data_dir.mkdir(parents=True, exist_ok=True)
-        db: Database = await loop.run_in_executor(self._io, open_database, self.config.database_url)
-        devices, results = DeviceRegistry(db), ResultStore(db)
-        server = await self._start_grpc(devices, results)
-        http = await self._start_http(devices, results)
-        if handle_signals:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, self.stop)
-        log.info(
-            "cloud_sync.ready",
-            seconds=round(time.monotonic() - began, 3),
-            grpc=self.endpoints.grpc_target,
-            http=self.endpoints.http_url,
-            database=db.url,
-            pid=os.getpid(),
-        )
-        try:
-            await self._stop.wait()
-        finally:
-            grace = self.config.server.shutdown_grace_s
-            log.info("cloud_sync.stopping", grace_s=grace)
-            await server.stop(grace)
-            http.should_exit = True
-            await self._http_task
-            self._io.shutdown(wait=True)
-            db.close()
+        # Whatever started is stopped again in reverse order on the way out, also when a later part fails to
+        # start (a taken port): a grpc.aio server left running complains from its finalizer on a closed loop.
+        async with contextlib.AsyncExitStack() as started:
+            started.callback(self._io.shutdown, wait=True)
+            db: Database = await loop.run_in_executor(self._io, open_database, self.config.database_url)
+            started.callback(db.close)
+            devices, results = DeviceRegistry(db), ResultStore(db)
+            http = await self._start_http(devices, results)
+            started.push_async_callback(self._stop_http, http)
+            server = await self._start_grpc(devices, results)
+            # Stopped first: devices' calls in flight get the grace period while the admin API still answers.
+            started.push_async_callback(server.stop, self.config.server.shutdown_grace_s)
             if handle_signals:
                 for sig in (signal.SIGTERM, signal.SIGINT):
-                    loop.remove_signal_handler(sig)
-            log.info("cloud_sync.stopped")
+                    loop.add_signal_handler(sig, self.stop)
+                    started.callback(loop.remove_signal_handler, sig)
+            log.info(
+                "cloud_sync.ready",
+                seconds=round(time.monotonic() - began, 3),
+                grpc=self.endpoints.grpc_target,
+                http=self.endpoints.http_url,
+                database=db.url,
+                pid=os.getpid(),
+            )
+            await self._stop.wait()
+            log.info("cloud_sync.stopping", grace_s=self.config.server.shutdown_grace_s)
+        log.info("cloud_sync.stopped")
+
+    async def _stop_http(self, server: uvicorn.Server) -> None:
+        server.should_exit = True
+        await self._http_task
 
     async def _start_grpc(self, devices: DeviceRegistry, results: ResultStore) -> grpc.aio.Server:
         limit = self.config.grpc.max_message_bytes
         server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit), ("grpc.so_reuseport", 0)])
-        add_service(server, services_pb2, "Uplink", UplinkServicer(DeviceAuthenticator(devices), results, self._io))
+        add_service(
+            server,
+            services_pb2,
+            "Uplink",
+            UplinkServicer(DeviceAuthenticator(devices), results, self._io, self.registry),
+        )
         host, port = _host_port(self.config.grpc.listen, "grpc.listen")
         try:
             self.endpoints.grpc_port = server.add_insecure_port(f"{host}:{port}")
         except RuntimeError as exc:
+            await server.stop(None)
             raise ConfigProblem(f"cannot listen on grpc.listen {self.config.grpc.listen}: {exc}") from exc
         await server.start()
         self.endpoints.grpc_target = f"{host}:{self.endpoints.grpc_port}"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import traceback
+from typing import Any
+
 import grpc
 
 from cloud_sync.errors import (
@@ -16,7 +19,10 @@ from cloud_sync.errors import (
     Unauthenticated,
 )
 
-__all__ = ["GRPC_CODES", "HTTP_CODES", "grpc_code", "http_code"]
+__all__ = ["GRPC_CODES", "HTTP_CODES", "INTERNAL_MESSAGE", "grpc_code", "http_code", "unexpected_error_fields"]
+
+# What a caller hears about an error no CloudSyncError describes (a bug); the log line has the rest.
+INTERNAL_MESSAGE = "internal error in cloud-sync; its log has the details"
 
 GRPC_CODES: dict[type[CloudSyncError], grpc.StatusCode] = {
     CloudSyncError: grpc.StatusCode.INTERNAL,
@@ -50,3 +56,14 @@ def grpc_code(exc: CloudSyncError) -> grpc.StatusCode:
 
 def http_code(exc: CloudSyncError) -> int:
     return next(HTTP_CODES[cls] for cls in type(exc).__mro__ if cls in HTTP_CODES)
+
+
+def unexpected_error_fields(exc: BaseException) -> dict[str, Any]:
+    """The log fields of an unexpected error: its type, message and where it was raised.
+
+    Not its traceback's local variables, which structlog's dict tracebacks would log: they hold the caller's
+    token (a request's headers, the servicer's `token`).
+    """
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f"{frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name}" if frames else "?"
+    return {"error": type(exc).__name__, "detail": str(exc)[:500], "where": where}

@@ -17,11 +17,12 @@ from typing import Any
 
 import grpc
 import structlog
+from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from cloud_sync.errors import CloudSyncError, Unauthenticated
-from cloud_sync.status import grpc_code
-from cloud_sync.store import DeviceRegistry, ResultStore
-from edge_runtime.proto.edgefleet.v1 import results_pb2, services_pb2
+from cloud_sync.status import INTERNAL_MESSAGE, grpc_code, unexpected_error_fields
+from cloud_sync.store import DeviceRegistry, IngestOutcome, ResultStore
+from edge_runtime.proto.edgefleet.v1 import results_pb2
 
 __all__ = ["DeviceAuthenticator", "UplinkServicer", "bearer_token"]
 
@@ -66,11 +67,42 @@ class DeviceAuthenticator:
         return device_id
 
 
+class UplinkMetrics:
+    """Fleet-wide uplink counters (no per-device labels: a fleet has too many devices for that)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.streams = Counter("cloud_sync_uplink_streams", "Upload streams accepted", registry=registry)
+        self.batches = Counter("cloud_sync_uplink_batches", "Result batches stored", registry=registry)
+        self.records = Counter("cloud_sync_uplink_records", "Records by outcome", ["outcome"], registry=registry)
+        self.refused = Counter("cloud_sync_uplink_refused", "Upload streams refused", ["code"], registry=registry)
+        self.ingest_seconds = Histogram(
+            "cloud_sync_uplink_ingest_seconds", "Time to store one batch (validate, insert, commit)", registry=registry
+        )
+
+
 class UplinkServicer:
-    def __init__(self, auth: DeviceAuthenticator, results: ResultStore, executor: ThreadPoolExecutor) -> None:
+    def __init__(
+        self,
+        auth: DeviceAuthenticator,
+        results: ResultStore,
+        executor: ThreadPoolExecutor,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
         self._auth = auth
         self._results = results
         self._executor = executor
+        self._metrics = UplinkMetrics(registry or CollectorRegistry())
+
+    def _ingest(self, device_id: str, batch: results_pb2.ResultBatch) -> IngestOutcome:
+        started = time.monotonic()
+        outcome = self._results.ingest(device_id, batch)
+        m = self._metrics
+        m.ingest_seconds.observe(time.monotonic() - started)
+        m.batches.inc()
+        m.records.labels("stored").inc(outcome.stored)
+        m.records.labels("duplicate").inc(outcome.duplicates)
+        m.records.labels("evicted").inc(outcome.evicted)
+        return outcome
 
     async def Upload(
         self, batches: AsyncIterator[results_pb2.ResultBatch], context: grpc.aio.ServicerContext
@@ -81,8 +113,9 @@ class UplinkServicer:
         try:
             token = bearer_token(context.invocation_metadata())
             device_id = await loop.run_in_executor(self._executor, self._auth.device_for, token)
+            self._metrics.streams.inc()
             async for batch in batches:
-                outcome = await loop.run_in_executor(self._executor, self._results.ingest, device_id, batch)
+                outcome = await loop.run_in_executor(self._executor, self._ingest, device_id, batch)
                 ack.acked_seq = outcome.acked_seq
                 ack.stored += outcome.stored
                 ack.duplicates += outcome.duplicates
@@ -95,7 +128,14 @@ class UplinkServicer:
                 reason=exc.message,
                 acked_seq=ack.acked_seq,
             )
+            self._metrics.refused.labels(grpc_code(exc).name).inc()
             await context.abort(grpc_code(exc), exc.message)
+        except grpc.aio.AbortError:
+            raise  # a malformed message, aborted with its reason by the parsing wrapper
+        except Exception as exc:
+            # Else grpc answers UNKNOWN with the exception's text and logs the traceback with its locals.
+            log.error("uplink.internal_error", device=device_id, **unexpected_error_fields(exc))
+            await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
         if ack.stored or ack.duplicates or ack.evicted:
             log.debug(
                 "uplink.stored",
@@ -106,7 +146,3 @@ class UplinkServicer:
                 evicted=ack.evicted,
             )
         return ack
-
-
-def service_module() -> Any:
-    return services_pb2

@@ -65,11 +65,20 @@ def _check_labels(labels: Mapping[str, str]) -> dict[str, str]:
             raise InvalidArgument(
                 f"invalid label key {key!r}: 1-63 characters of A-Z a-z 0-9 . _ / -, starting with a letter or digit"
             )
-        if not isinstance(value, str) or len(value) > _MAX_LABEL_VALUE_CHARS or "\0" in value:
+        if not isinstance(value, str) or len(value) > _MAX_LABEL_VALUE_CHARS or "\0" in value or not _utf8(value):
             raise InvalidArgument(
-                f"label {key!r}: the value must be a string of at most {_MAX_LABEL_VALUE_CHARS} characters"
+                f"label {key!r}: the value must be a UTF-8 string of at most {_MAX_LABEL_VALUE_CHARS} characters"
             )
     return dict(labels)
+
+
+def _utf8(text: str) -> bool:
+    """False for strings JSON can hold but UTF-8 cannot (lone surrogates): stored, they broke every listing."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _token_hash(token: str) -> bytes:

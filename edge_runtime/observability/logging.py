@@ -33,6 +33,11 @@ REDACTED = "[redacted]"
 _MAX_DEPTH = 8  # deeper than any field we log; bounds the walk over a self-referencing value
 
 
+# Tracebacks as data, without each frame's local variables: locals hold tokens and request headers, and the
+# redaction above only sees the event's own keys (a 500 once logged the admin token this way).
+_TRACEBACKS = structlog.processors.ExceptionRenderer(structlog.tracebacks.ExceptionDictTransformer(show_locals=False))
+
+
 def _is_secret(key: object) -> bool:
     name = str(key).lower()
     return any(marker in name for marker in _SECRET_MARKERS)
@@ -74,7 +79,7 @@ def configure_logging(level: str = "info", stream: TextIO | None = None) -> None
         processors=[
             structlog.contextvars.merge_contextvars,
             *stamp,
-            structlog.processors.dict_tracebacks,
+            _TRACEBACKS,
             structlog.processors.JSONRenderer(),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(threshold),
@@ -88,7 +93,7 @@ def configure_logging(level: str = "info", stream: TextIO | None = None) -> None
             foreign_pre_chain=[structlog.stdlib.add_logger_name, *stamp],
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                structlog.processors.dict_tracebacks,
+                _TRACEBACKS,
                 structlog.processors.JSONRenderer(),
             ],
         )

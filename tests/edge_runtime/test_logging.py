@@ -172,3 +172,19 @@ def test_loading_a_model_logs_its_lifecycle(
     installed = next(e for e in events if e["event"] == "model.installed")
     assert len(installed["sha256"]) == 64
 
+
+def test_tracebacks_never_carry_local_variables() -> None:
+    stream = io.StringIO()
+    configure_logging("info", stream)
+    log = structlog.get_logger("test")
+
+    def fails(token: str) -> None:
+        raise RuntimeError("boom")
+
+    try:
+        fails("efd_SECRET_VALUE")
+    except RuntimeError:
+        log.exception("something.failed")
+    text = stream.getvalue()
+    assert "something.failed" in text and "boom" in text
+    assert "efd_SECRET_VALUE" not in text

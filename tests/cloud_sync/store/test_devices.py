@@ -100,7 +100,8 @@ def test_malformed_device_ids_are_refused(registry: DeviceRegistry, device_id: s
         ({"": "x"}, "invalid label key"),
         ({"a b": "x"}, "invalid label key"),
         ({"site": "x" * 257}, "at most 256"),
-        ({"site": 3}, "must be a string"),
+        ({"site": 3}, "must be a UTF-8 string"),
+        ({"site": "\ud800"}, "must be a UTF-8 string"),
         ({f"k{i}": "v" for i in range(65)}, "65 labels: at most 64"),
     ],
 )

@@ -1,0 +1,279 @@
+"""The admin HTTP API of a real cloud-sync, through httpx: auth, devices, results paging, input validation.
+
+Every refusal is a 4xx with a reason that names what was wrong; the OpenAPI schema lists every route.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
+from starlette.routing import Route
+from structlog.testing import capture_logs
+
+from cloud_sync.api import ApiContext, create_app
+from cloud_sync.store import DeviceRegistry, ResultStore, open_database
+from tests.cloud_sync.conftest import RunningCloudSync, batch, record
+
+ADMIN_ROUTES = [
+    ("GET", "/v1/devices"),
+    ("POST", "/v1/devices"),
+    ("GET", "/v1/devices/{device_id}"),
+    ("POST", "/v1/devices/{device_id}/revoke"),
+    ("GET", "/v1/results"),
+    ("GET", "/v1/results/cursor"),
+]
+
+
+def detail_locations(response: httpx.Response) -> list[str]:
+    """The dotted locations FastAPI's validation errors name (body.device_id, query.limit...)."""
+    detail = response.json()["detail"]
+    assert isinstance(detail, list), detail
+    return [".".join(str(part) for part in error["loc"]) for error in detail]
+
+
+@pytest.mark.parametrize("method, path", ADMIN_ROUTES)
+@pytest.mark.parametrize(
+    "authorization",
+    [None, "Bearer efa_wrong", "Basic YWRtaW46YWRtaW4=", "Bearer"],
+    ids=["missing", "wrong-token", "not-bearer", "empty-bearer"],
+)
+def test_every_admin_route_needs_the_admin_token(
+    cloud_sync: RunningCloudSync, method: str, path: str, authorization: str | None
+) -> None:
+    headers = {"Authorization": authorization} if authorization else {}
+    url = cloud_sync.http_url + path.replace("{device_id}", "nobody")
+    response = httpx.request(method, url, headers=headers, json={"device_id": "x"}, trust_env=False)
+    assert response.status_code == 401, response.text
+    assert response.headers["WWW-Authenticate"] == "Bearer"
+    assert "admin-token" in response.json()["detail"]
+
+
+def test_health_and_metrics_are_open(cloud_sync: RunningCloudSync) -> None:
+    health = httpx.get(cloud_sync.http_url + "/healthz", trust_env=False)
+    assert (health.status_code, health.json()) == (200, {"status": "ok"})
+    metrics = httpx.get(cloud_sync.http_url + "/metrics", trust_env=False)
+    assert metrics.status_code == 200
+    assert metrics.headers["content-type"].startswith("text/plain")
+
+
+def test_a_device_is_created_once_and_its_token_shown_only_then(cloud_sync: RunningCloudSync) -> None:
+    created = cloud_sync.api.post("/v1/devices", json={"device_id": "api-cam-1", "labels": {"site": "lab"}})
+    assert created.status_code == 201, created.text
+    body = created.json()
+    assert body["device_id"] == "api-cam-1" and body["labels"] == {"site": "lab"}
+    assert body["token"].startswith("efd_")
+
+    again = cloud_sync.api.post("/v1/devices", json={"device_id": "api-cam-1"})
+    assert again.status_code == 409
+    assert "api-cam-1" in again.json()["detail"]
+
+    shown = cloud_sync.device("api-cam-1")
+    listed = cloud_sync.api.get("/v1/devices").json()["devices"]
+    assert shown["labels"] == {"site": "lab"} and shown["revoked"] is False
+    assert any(d["device_id"] == "api-cam-1" for d in listed)
+    assert body["token"] not in repr(shown) + repr(listed)
+
+
+INVALID_DEVICES: dict[str, tuple[dict[str, Any], str]] = {
+    "id-with-space": ({"device_id": "cam 1"}, "device id"),
+    "id-with-slash": ({"device_id": "site/cam"}, "device id"),
+    "id-empty": ({"device_id": ""}, "body.device_id"),
+    "id-too-long": ({"device_id": "c" * 129}, "body.device_id"),
+    "id-missing": ({"labels": {}}, "body.device_id"),
+    "id-not-a-string": ({"device_id": 17}, "body.device_id"),
+    "label-key": ({"device_id": "ok-1", "labels": {"bad key": "v"}}, "label key"),
+    "label-value-type": ({"device_id": "ok-2", "labels": {"site": 3}}, "body.labels.site"),
+    "labels-not-a-map": ({"device_id": "ok-3", "labels": ["site=lab"]}, "body.labels"),
+    "unknown-field": ({"device_id": "ok-4", "lables": {"site": "lab"}}, "body.lables"),
+    # Once stored, and from then on every GET /v1/devices failed with a 500 (the JSON encoder refused it).
+    "label-value-lone-surrogate": ({"device_id": "ok-5", "labels": {"site": "\ud800"}}, "body.labels"),
+}
+
+
+@pytest.mark.parametrize("body, named", INVALID_DEVICES.values(), ids=INVALID_DEVICES.keys())
+def test_an_invalid_device_is_refused_naming_the_field(
+    cloud_sync: RunningCloudSync, body: dict[str, Any], named: str
+) -> None:
+    # json.dumps escapes a lone surrogate as JSON allows (httpx's json= would fail to encode it).
+    sent = json.dumps(body).encode()
+    response = cloud_sync.api.post("/v1/devices", content=sent, headers={"Content-Type": "application/json"})
+    assert response.status_code == 422, response.text
+    detail = response.json()["detail"]
+    where = detail if isinstance(detail, str) else " ".join(detail_locations(response))
+    assert named in where
+    listed = cloud_sync.api.get("/v1/devices")
+    assert listed.status_code == 200, listed.text
+    assert body.get("device_id") not in [d["device_id"] for d in listed.json()["devices"]]
+
+
+def test_a_body_that_is_not_json_is_refused(cloud_sync: RunningCloudSync) -> None:
+    response = cloud_sync.api.post("/v1/devices", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert response.status_code == 422
+
+
+def test_revoke_marks_the_device_and_is_idempotent(cloud_sync: RunningCloudSync) -> None:
+    device_id, _ = cloud_sync.new_device("api")
+    first = cloud_sync.api.post(f"/v1/devices/{device_id}/revoke")
+    assert first.status_code == 200 and first.json()["revoked"] is True
+    second = cloud_sync.api.post(f"/v1/devices/{device_id}/revoke")
+    assert second.status_code == 200 and second.json()["revoked"] is True
+    assert cloud_sync.device(device_id)["revoked"] is True
+
+
+@pytest.mark.parametrize("method, suffix", [("GET", ""), ("POST", "/revoke")])
+def test_an_unknown_device_is_404(cloud_sync: RunningCloudSync, method: str, suffix: str) -> None:
+    response = cloud_sync.api.request(method, f"/v1/devices/nobody-here{suffix}")
+    assert response.status_code == 404
+    assert "nobody-here" in response.json()["detail"]
+
+
+def test_results_page_through_a_cursor_and_carry_their_payloads(cloud_sync: RunningCloudSync) -> None:
+    device_id, token = cloud_sync.new_device("api")
+    other_id, other_token = cloud_sync.new_device("api")
+    payloads = {seq: f"result {seq}".encode() for seq in range(1, 6)}
+    cloud_sync.upload(token, [batch(0, 5, records=[record(s, payload=p) for s, p in payloads.items()])])
+    cloud_sync.upload(other_token, [batch(0, 2)])
+
+    seen: list[int] = []
+    after, pages = 0, 0
+    while True:
+        page = cloud_sync.api.get("/v1/results", params={"device_id": device_id, "after_id": after, "limit": 2})
+        assert page.status_code == 200
+        body = page.json()
+        if not body["results"]:
+            assert body["next_after_id"] == after
+            break
+        pages += 1
+        assert len(body["results"]) <= 2
+        for row in body["results"]:
+            assert row["device_id"] == device_id
+            assert base64.b64decode(row["payload"]) == payloads[row["seq"]]
+            assert row["payload_bytes"] == len(payloads[row["seq"]])
+            seen.append(row["seq"])
+        assert body["next_after_id"] == body["results"][-1]["id"]
+        after = body["next_after_id"]
+    assert (seen, pages) == ([1, 2, 3, 4, 5], 3)
+
+    everyone = cloud_sync.api.get("/v1/results", params={"limit": 10_000}).json()["results"]
+    assert {device_id, other_id} <= {r["device_id"] for r in everyone}
+
+
+@pytest.mark.parametrize("last, seqs", [(2, [4, 5]), (0, []), (5, [1, 2, 3, 4, 5]), (50, [1, 2, 3, 4, 5])])
+def test_the_cursor_starts_a_page_at_the_newest_last_results(
+    cloud_sync: RunningCloudSync, last: int, seqs: list[int]
+) -> None:
+    device_id, token = cloud_sync.new_device("cursor")
+    cloud_sync.upload(token, [batch(0, 5)])
+    _other_id, other_token = cloud_sync.new_device("cursor")
+    cloud_sync.upload(other_token, [batch(0, 3)])  # newer rows of another device do not count
+
+    cursor = cloud_sync.api.get("/v1/results/cursor", params={"device_id": device_id, "last": last})
+    assert cursor.status_code == 200
+    after = cursor.json()["after_id"]
+    page = cloud_sync.api.get("/v1/results", params={"device_id": device_id, "after_id": after}).json()
+    assert [r["seq"] for r in page["results"]] == seqs
+
+
+BAD_QUERIES = [
+    ("/v1/results", {"limit": 0}, "query.limit"),
+    ("/v1/results", {"limit": 10_001}, "query.limit"),
+    ("/v1/results", {"limit": "many"}, "query.limit"),
+    ("/v1/results", {"after_id": -1}, "query.after_id"),
+    ("/v1/results", {"after_id": 2**63}, "query.after_id"),  # once a 500: SQLite's OverflowError
+    ("/v1/results", {"settle_ms": -1}, "query.settle_ms"),
+    ("/v1/results", {"settle_ms": 60_001}, "query.settle_ms"),
+    ("/v1/results", {"device_id": "d" * 129}, "query.device_id"),
+    ("/v1/results/cursor", {"last": -1}, "query.last"),
+    ("/v1/results/cursor", {"last": 10_001}, "query.last"),
+]
+
+
+@pytest.mark.parametrize("path, params, named", BAD_QUERIES)
+def test_a_bad_query_is_422_naming_the_parameter(
+    cloud_sync: RunningCloudSync, path: str, params: dict[str, Any], named: str
+) -> None:
+    response = cloud_sync.api.get(path, params=params)
+    assert response.status_code == 422, response.text
+    assert named in detail_locations(response)
+
+
+def test_openapi_lists_every_route(cloud_sync: RunningCloudSync, tmp_path: Path) -> None:
+    # The routes the app defines, read from an app built in this process over a store of its own.
+    db = open_database(f"sqlite:///{tmp_path / 'api.db'}")
+    try:
+        app = create_app(ApiContext(DeviceRegistry(db), ResultStore(db), "t", CollectorRegistry()))
+        defined = {
+            (method, route.path)
+            for route in app.routes
+            if isinstance(route, Route) and not route.path.startswith(("/openapi", "/docs", "/redoc"))
+            for method in (route.methods or set()) - {"HEAD"}
+        }
+    finally:
+        db.close()
+
+    schema = httpx.get(cloud_sync.http_url + "/openapi.json", trust_env=False).json()
+    listed = {(method.upper(), path) for path, ops in schema["paths"].items() for method in ops}
+    assert defined <= listed
+    assert {*ADMIN_ROUTES, ("GET", "/healthz"), ("GET", "/metrics")} <= listed
+    for method, path in ADMIN_ROUTES:
+        assert schema["paths"][path][method.lower()].get("summary"), (method, path)
+
+
+def test_an_unexpected_error_is_500_with_a_generic_message_and_no_secret_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # No request makes the real process fail on cue, so the app runs in-process with a route (through the
+    # extra_routes extension point) that fails as a bug would.
+    def add_failing_route(app: FastAPI) -> None:
+        @app.get("/v1/fails")
+        def fails() -> None:
+            raise RuntimeError("a bug")
+
+    db = open_database(f"sqlite:///{tmp_path / 'api.db'}")
+    secret = "efa_the-admin-token"
+    ctx = ApiContext(DeviceRegistry(db), ResultStore(db), secret, CollectorRegistry(), [add_failing_route])
+    transport = httpx.ASGITransport(app=create_app(ctx), raise_app_exceptions=False)
+
+    async def call() -> httpx.Response:
+        async with httpx.AsyncClient(transport=transport, base_url="http://cloud-sync") as client:
+            response = await client.get("/v1/fails", headers={"Authorization": f"Bearer {secret}"})
+            assert (await client.get("/healthz")).status_code == 200  # and it goes on serving
+            return response
+
+    try:
+        with capture_logs() as logs:
+            response = asyncio.run(call())
+    finally:
+        db.close()
+    assert response.status_code == 500
+    assert response.json() == {"detail": "internal error in cloud-sync; its log has the details"}
+    [logged] = [e for e in logs if e["event"] == "api.internal_error"]
+    assert (logged["error"], logged["detail"], logged["path"]) == ("RuntimeError", "a bug", "/v1/fails")
+    assert "test_api.py" in logged["where"]
+    assert secret not in repr(logs) + caplog.text
+
+
+def test_an_empty_bearer_token_is_refused_even_against_an_empty_admin_token(tmp_path: Path) -> None:
+    db = open_database(f"sqlite:///{tmp_path / 'api.db'}")
+    app = create_app(ApiContext(DeviceRegistry(db), ResultStore(db), "", CollectorRegistry()))
+
+    async def call() -> list[int]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://cloud-sync") as client:
+            return [
+                (await client.get("/v1/devices", headers=headers)).status_code
+                for headers in ({"Authorization": "Bearer "}, {"Authorization": "Bearer"}, {})
+            ]
+
+    try:
+        assert asyncio.run(call()) == [401, 401, 401]
+    finally:
+        db.close()

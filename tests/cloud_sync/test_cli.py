@@ -1,0 +1,163 @@
+"""`cloud-sync` as its operator runs it on the host: config checking, add-device, and `run`'s start and stop.
+
+Exit codes: 0 success, 2 bad input (a config error names its key), 1 a runtime failure. Every invocation is a
+real `python -m cloud_sync.cli` process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from cloud_sync.config import CloudSyncConfig
+from tests.cloud_sync.conftest import (
+    RunningCloudSync,
+    cloud_sync_config,
+    run_cloud_sync_cli,
+    run_cloud_sync_cli_all,
+)
+from tests.processes import CloudSyncProcess
+
+
+def test_check_config_prints_the_effective_values(tmp_path: Path) -> None:
+    path = cloud_sync_config(tmp_path, grpc={"ingest_threads": 2})
+    done = run_cloud_sync_cli("check-config", path)
+    assert done.returncode == 0, done.stderr
+    effective = json.loads(done.stdout)
+    assert effective["grpc"]["ingest_threads"] == 2
+    assert effective["grpc"]["listen"] == "127.0.0.1:0"
+    assert effective["mqtt"] == CloudSyncConfig().mqtt.model_dump()  # defaults filled in
+
+
+BAD_CONFIGS = {
+    "unknown-key": ('[grpc]\nlistn = "127.0.0.1:7000"\n', "grpc.listn: unknown key"),
+    "unknown-section": ('[grpcc]\nlisten = "127.0.0.1:7000"\n', "grpcc: unknown key"),
+    "wrong-type": ('[grpc]\ningest_threads = "four"\n', "grpc.ingest_threads"),
+    "out-of-range": ("[grpc]\ningest_threads = 0\n", "grpc.ingest_threads"),
+    "not-a-choice": ('[server]\nlog_level = "loud"\n', "server.log_level"),
+    "not-a-table": ('server = "fast"\n', "server"),
+    "not-toml": ("[grpc\nlisten = 1\n", "not valid TOML"),
+    "listen-without-port": ('[http]\nlisten = "localhost"\n', "http.listen"),
+    "listen-port-too-big": ('[grpc]\nlisten = "127.0.0.1:99999"\n', "grpc.listen"),
+    "listen-port-not-a-number": ('[http]\nlisten = "127.0.0.1:http"\n', "http.listen"),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_config_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, subprocess.CompletedProcess[str]]:
+    """check-config on each bad file, side by side."""
+    root = tmp_path_factory.mktemp("bad-configs")
+    for name, (text, _) in BAD_CONFIGS.items():
+        (root / f"{name}.toml").write_text(text)
+    argvs: dict[str, list[str | Path]] = {name: ["check-config", root / f"{name}.toml"] for name in BAD_CONFIGS}
+    argvs["missing-file"] = ["check-config", root / "missing.toml"]
+    argvs["run-missing-file"] = ["run", "--config", root / "missing.toml"]
+    return run_cloud_sync_cli_all(argvs)
+
+
+@pytest.mark.parametrize("name", [*BAD_CONFIGS, "missing-file", "run-missing-file"])
+def test_a_bad_config_exits_2_naming_the_key(
+    bad_config_runs: dict[str, subprocess.CompletedProcess[str]], name: str
+) -> None:
+    done = bad_config_runs[name]
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    says = BAD_CONFIGS[name][1] if name in BAD_CONFIGS else "cannot read config"
+    assert says in done.stderr
+    assert "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_add_device_prints_a_token_once_and_refuses_bad_input(tmp_path: Path) -> None:
+    path = cloud_sync_config(tmp_path)
+    first = run_cloud_sync_cli("add-device", "cam-1", "--labels", "site=lab", "--config", path)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.strip().startswith("efd_")
+
+    refusals = {
+        "registered already": ["cam-1"],
+        "invalid device id": ["cam 2"],
+        "not key=value": ["cam-3", "--labels", "site"],
+        "invalid label key": ["cam-4", "--labels", "bad key=x"],
+        "not valid UTF-8": ["cam-5", "--labels", os.fsdecode(b"site=\xff")],
+    }
+    runs = run_cloud_sync_cli_all({says: ["add-device", *argv, "--config", path] for says, argv in refusals.items()})
+    for says, done in runs.items():
+        assert done.returncode == 2, (says, done.stderr)
+        assert says in done.stderr and "Traceback" not in done.stderr
+
+
+def _run_exits(config_path: Path) -> subprocess.CompletedProcess[str]:
+    return run_cloud_sync_cli("run", "--config", config_path, timeout=30)
+
+
+@pytest.mark.parametrize("section", ["grpc", "http"])
+def test_run_on_a_taken_port_exits_2_naming_the_key(cloud_sync: RunningCloudSync, tmp_path: Path, section: str) -> None:
+    taken = cloud_sync.grpc_target if section == "grpc" else cloud_sync.http_url.removeprefix("http://")
+    done = _run_exits(cloud_sync_config(tmp_path, **{section: {"listen": taken}}))
+    assert done.returncode == 2, done.stderr
+    assert f"{section}.listen {taken}" in done.stderr
+    # Whatever had started is stopped cleanly: no traceback, no warning about a server left running.
+    assert "Traceback" not in done.stderr and "Warning" not in done.stderr, done.stderr
+
+
+def test_sigterm_stops_cloud_sync_with_exit_0(tmp_path: Path) -> None:
+    proc = CloudSyncProcess(cloud_sync_config(tmp_path))
+    try:
+        proc.wait_ready(60)
+        proc.signal(signal.SIGTERM)
+        assert proc.finish(30) == 0, proc.stderr
+    finally:
+        proc.kill()
+    names = proc.event_names()
+    assert names.index("cloud_sync.ready") < names.index("cloud_sync.stopping") < names.index("cloud_sync.stopped")
+    assert "Traceback" not in proc.stderr
+
+
+def test_admin_token_is_made_once(tmp_path: Path) -> None:
+    path = cloud_sync_config(tmp_path)
+    # Two at once on a fresh data dir: both print the one token the file keeps.
+    runs = run_cloud_sync_cli_all(
+        {"first": ["admin-token", "--config", path], "second": ["admin-token", "--config", path]}
+    )
+    assert [done.returncode for done in runs.values()] == [0, 0], [done.stderr for done in runs.values()]
+    token_file = tmp_path / "data" / "admin-token"
+    assert runs["first"].stdout == runs["second"].stdout == token_file.read_text()
+    assert token_file.read_text().startswith("efa_")
+    assert token_file.stat().st_mode & 0o777 == 0o600
+
+
+def test_admin_token_made_by_several_at_once_is_one_token(tmp_path: Path) -> None:
+    # `cloud-sync admin-token` beside a first `cloud-sync run`: each once wrote a token of its own, and one of
+    # them then served (or printed) a token that the file no longer held.
+    from cloud_sync.process import admin_token
+
+    callers = 8
+    start = threading.Barrier(callers)
+
+    def make() -> str:
+        start.wait(10)
+        return admin_token(tmp_path)
+
+    with ThreadPoolExecutor(callers) as pool:
+        tokens = set(pool.map(lambda _: make(), range(callers)))
+    assert tokens == {(tmp_path / "admin-token").read_text().strip()}
+    assert [p.name for p in tmp_path.iterdir()] == ["admin-token"]  # no temporary file left behind
+
+
+def test_an_admin_token_file_without_a_token_is_refused(tmp_path: Path) -> None:
+    # Served as it was, an empty file let "Authorization: Bearer " (an empty token) through.
+    path = cloud_sync_config(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "admin-token").write_text("\n")
+    runs = run_cloud_sync_cli_all({"run": ["run", "--config", path], "admin-token": ["admin-token", "--config", path]})
+    for done in runs.values():
+        assert done.returncode == 2, done.stderr
+        assert "holds no valid token" in done.stderr and "Traceback" not in done.stderr
+        assert done.stdout == ""
