@@ -6,4 +6,4 @@ Run them all with `python -m bench --models build/models` (`make bench`); result
 __all__ = ["BENCHMARKS"]
 
 # name -> module under bench/ with run(options) -> Report
-BENCHMARKS = ("inproc", "kserve_grpc", "agent_footprint", "outbox_append", "uplink_e2e")
+BENCHMARKS = ("inproc", "kserve_grpc", "agent_footprint", "outbox_append", "uplink_e2e", "telemetry_ingest")

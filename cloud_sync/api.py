@@ -20,13 +20,14 @@ from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from google.protobuf.json_format import MessageToDict
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cloud_sync.errors import CloudSyncError, Unauthenticated
 from cloud_sync.status import INTERNAL_MESSAGE, http_code, unexpected_error_fields
-from cloud_sync.store import DeviceRegistry, ResultStore
+from cloud_sync.store import DeviceRegistry, ResultStore, TelemetryStore
 from cloud_sync.store.batches import MAX_SEQ
 from cloud_sync.store.results import MAX_PAGE
 
@@ -48,12 +49,14 @@ class ApiContext:
         admin_token: str,
         registry: CollectorRegistry,
         extra_routes: list[Callable[[FastAPI], None]] | None = None,
+        telemetry: TelemetryStore | None = None,
     ) -> None:
         self.devices = devices
         self.results = results
         self.admin_token = admin_token
         self.registry = registry
         self.extra_routes = extra_routes or []
+        self.telemetry = telemetry
 
 
 class NewDevice(BaseModel):
@@ -99,6 +102,23 @@ class _InternalErrors:
             if started:
                 return  # the status line is out: all that is left is to end the connection
             await JSONResponse({"detail": INTERNAL_MESSAGE}, status_code=500)(scope, receive, send)
+
+
+# How far back a device's per-model figures reach in GET /v1/devices/{id}.
+RECENT_S = 300
+
+
+def _presence_json(presence: Any) -> dict[str, Any]:
+    """Presence as the broker last told it (status retained + last will); unknown before any message."""
+    if presence is None:
+        return {"online": None, "last_seen_ms": None}
+    return {"online": presence.online, "last_seen_ms": presence.last_seen_ms}
+
+
+def _telemetry_json(latest: Any) -> dict[str, Any]:
+    data = MessageToDict(latest.message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    data["received_at_ms"] = latest.received_at_ms
+    return data
 
 
 def _device_json(device: Any) -> dict[str, Any]:
@@ -152,7 +172,12 @@ def create_app(ctx: ApiContext) -> FastAPI:
 
     @app.get("/v1/devices", tags=["devices"], dependencies=auth)
     def list_devices() -> dict[str, Any]:
-        return {"devices": [_device_json(d) for d in ctx.devices.list_devices()]}
+        presence = {p.device_id: p for p in ctx.telemetry.fleet_presence()} if ctx.telemetry else {}
+        return {
+            "devices": [
+                {**_device_json(d), **_presence_json(presence.get(d.device_id))} for d in ctx.devices.list_devices()
+            ]
+        }
 
     @app.post("/v1/devices", tags=["devices"], dependencies=auth, status_code=201)
     def add_device(body: NewDevice) -> dict[str, Any]:
@@ -162,7 +187,19 @@ def create_app(ctx: ApiContext) -> FastAPI:
     @app.get("/v1/devices/{device_id}", tags=["devices"], dependencies=auth)
     def show_device(device_id: str) -> dict[str, Any]:
         device = ctx.devices.get_device(device_id)
-        return {**_device_json(device), "uplink": asdict(ctx.results.reconcile(device_id))}
+        shown = {**_device_json(device), "uplink": asdict(ctx.results.reconcile(device_id))}
+        if ctx.telemetry is not None:
+            presence = {p.device_id: p for p in ctx.telemetry.fleet_presence()}.get(device_id)
+            latest = ctx.telemetry.latest(device_id)
+            shown.update(_presence_json(presence))
+            shown["telemetry"] = _telemetry_json(latest) if latest is not None else None
+            since = int(time.time() * 1000) - RECENT_S * 1000
+            models = [(m.name, m.version) for m in latest.message.models] if latest is not None else []
+            shown["recent_models"] = [
+                {**asdict(w), "error_rate": w.error_rate, "window_s": RECENT_S}
+                for w in (ctx.telemetry.model_window(name, version, [device_id], since) for name, version in models)
+            ]
+        return shown
 
     @app.post("/v1/devices/{device_id}/revoke", tags=["devices"], dependencies=auth)
     def revoke_device(device_id: str) -> dict[str, Any]:

@@ -73,6 +73,12 @@ class MqttSection(_Section):
     share_group: str = Field("cloud-sync", description="Shared-subscription group: replicas split the messages.")
     username: str = Field("", description="Broker user of cloud-sync (see docs/mqtt.md for the ACL).")
     password_file: str = Field("", description="File holding that user's password.")
+    client_id: str = Field(
+        "",
+        max_length=128,
+        description="This replica's MQTT client id, stable across its restarts (the broker keeps its session); "
+        "empty: cloud-sync-<hostname>.",
+    )
 
 
 class CloudSyncConfig(_Section):

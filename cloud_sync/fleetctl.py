@@ -149,11 +149,19 @@ def devices_list(ctx: typer.Context) -> None:
     if s.as_json:
         out.print_json(data=devices)
         return
-    table = Table("device", "labels", "created", "revoked")
+    table = Table("device", "labels", "presence", "last seen", "created", "revoked")
     for d in devices:
         labels = ",".join(f"{k}={v}" for k, v in sorted(d["labels"].items()))
+        presence = {True: "online", False: "offline"}.get(d.get("online"), "-")
         # Text, not str: rich would read a label value such as "[/]" as markup (and fail on it).
-        table.add_row(Text(d["device_id"]), Text(labels), _when(d["created_at_ms"]), "yes" if d["revoked"] else "")
+        table.add_row(
+            Text(d["device_id"]),
+            Text(labels),
+            presence,
+            _when(d.get("last_seen_ms")),
+            _when(d["created_at_ms"]),
+            "yes" if d["revoked"] else "",
+        )
     out.print(table)
 
 
@@ -194,6 +202,23 @@ def devices_show(ctx: typer.Context, device_id: DeviceIdArgument) -> None:
         f"(device reports produced {up['device_produced']}, evicted {up['device_evicted']}); "
         f"duplicates ignored {up['duplicates_total']}; last upload {_when(up['last_upload_at_ms'])}"
     )
+    if device.get("online") is not None:
+        out.print(f"{'online' if device['online'] else 'offline'}, last seen {_when(device['last_seen_ms'])}")
+    telemetry = device.get("telemetry")
+    if telemetry:
+        system, outbox = telemetry.get("system", {}), telemetry.get("outbox", {})
+        out.print(
+            f"telemetry {_when(int(telemetry['timestamp_ms']))}: cpu {system.get('cpu_percent', 0):.0f}%, outbox "
+            f"{outbox.get('depth', 0)} records, upload lag {outbox.get('upload_lag_s', 0):.1f} s"
+        )
+    for w in device.get("recent_models", []):
+        out.print(
+            Text(
+                f"  {w['model']}:{w['version']} last {w['window_s'] // 60} min: {w['requests']} requests "
+                f"({w['requests_per_s']:.1f}/s), error rate {w['error_rate']:.2%}, p99 {w['p99_ms']:.2f} ms, "
+                f"mean batch {w['mean_batch_size']:.1f}"
+            )
+        )
 
 
 @devices_app.command("revoke")

@@ -26,7 +26,9 @@ from prometheus_client import CollectorRegistry
 
 from cloud_sync.api import ApiContext, create_app
 from cloud_sync.config import CloudSyncConfig, ConfigProblem
-from cloud_sync.store import Database, DeviceRegistry, ResultStore, open_database
+from cloud_sync.store import Database, DeviceRegistry, ResultStore, TelemetryStore, open_database
+from cloud_sync.telemetry.metrics import TelemetryMetrics
+from cloud_sync.telemetry.subscriber import TelemetrySubscriber
 from cloud_sync.uplink import DeviceAuthenticator, UplinkServicer
 from edge_runtime.durable import fsync_dir
 from edge_runtime.proto.edgefleet.v1 import services_pb2
@@ -120,8 +122,13 @@ class CloudSync:
             started.callback(self._io.shutdown, wait=True)
             db: Database = await loop.run_in_executor(self._io, open_database, self.config.database_url)
             started.callback(db.close)
-            devices, results = DeviceRegistry(db), ResultStore(db)
-            http = await self._start_http(devices, results)
+            devices, results, telemetry = DeviceRegistry(db), ResultStore(db), TelemetryStore(db)
+            subscriber = self._start_telemetry(telemetry)
+            if subscriber is not None:
+                # Closing stores and acknowledges what is queued (blocking): off the loop.
+                started.push_async_callback(self._close_subscriber, subscriber)
+            self.registry.register(TelemetryMetrics(telemetry, subscriber))
+            http = await self._start_http(devices, results, telemetry)
             started.push_async_callback(self._stop_http, http)
             server = await self._start_grpc(devices, results)
             # Stopped first: devices' calls in flight get the grace period while the admin API still answers.
@@ -165,9 +172,25 @@ class CloudSync:
         self.endpoints.grpc_target = f"{host}:{self.endpoints.grpc_port}"
         return server
 
-    async def _start_http(self, devices: DeviceRegistry, results: ResultStore) -> uvicorn.Server:
+    async def _close_subscriber(self, subscriber: TelemetrySubscriber) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, subscriber.close)
+
+    def _start_telemetry(self, store: TelemetryStore) -> TelemetrySubscriber | None:
+        """Telemetry and presence from the broker, when one is configured (replicas share the messages)."""
+        mqtt = self.config.mqtt
+        if not mqtt.url:
+            return None
+        client_id = mqtt.client_id or f"cloud-sync-{socket.gethostname()}"
+        subscriber = TelemetrySubscriber.from_config(mqtt, store, client_id=client_id)
+        subscriber.start()
+        self.endpoints.extra["mqtt"] = mqtt.url
+        return subscriber
+
+    async def _start_http(
+        self, devices: DeviceRegistry, results: ResultStore, telemetry: TelemetryStore
+    ) -> uvicorn.Server:
         token = admin_token(self.config.data_dir)
-        app = create_app(ApiContext(devices, results, token, self.registry))
+        app = create_app(ApiContext(devices, results, token, self.registry, telemetry=telemetry))
         host, port = _host_port(self.config.http.listen, "http.listen")
         # Bound here, not by uvicorn: a taken port is then our config error, not uvicorn's sys.exit(1).
         try:

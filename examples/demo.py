@@ -138,7 +138,7 @@ def main() -> int:
         procs.append(cloud)
         ready = cloud.wait_event("cloud_sync.ready")
         admin = run([py, "-m", "cloud_sync.cli", "admin-token", "--config", str(cs_conf)]).strip()
-        fleet_env = {**os.environ, "FLEETCTL_URL": str(ready["http"]), "FLEETCTL_TOKEN": admin}
+        fleet_env = {**os.environ, "FLEETCTL_URL": str(ready["http"]), "FLEETCTL_TOKEN": admin, "COLUMNS": "140"}
         fleetctl = [py, "-m", "cloud_sync.fleetctl"]
         print(f"cloud-sync: devices on {ready['grpc']}, admin API on {ready['http']}")
 
@@ -207,6 +207,7 @@ def main() -> int:
         if mqtt_url:
             say("telemetry and presence (MQTT)")
             print(run([*fleetctl, "devices", "list"], env=fleet_env), end="")
+            print(run([*fleetctl, "devices", "show", DEVICES[0]], env=fleet_env), end="")
     finally:
         say("stopping (SIGTERM: each program drains and exits)")
         codes = [p.stop() for p in reversed(procs)]

@@ -14,6 +14,9 @@ from cloud_sync.store.database import Database, open_database
 from cloud_sync.store.devices import Device, DeviceRegistry
 from cloud_sync.store.results import IngestOutcome, Reconciliation, ResultStore, StoredResult
 
+# Imported here so its tables are on the schema's metadata before open_database creates the schema.
+from cloud_sync.store.telemetry import TelemetryStore
+
 __all__ = [
     "Database",
     "Device",
@@ -23,5 +26,6 @@ __all__ = [
     "Reconciliation",
     "ResultStore",
     "StoredResult",
+    "TelemetryStore",
     "open_database",
 ]

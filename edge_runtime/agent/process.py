@@ -27,7 +27,9 @@ from edge_runtime.models.repository import ModelRepository
 from edge_runtime.models.served import ServedModel
 from edge_runtime.observability.metrics import AgentMetrics
 from edge_runtime.outbox import Outbox
+from edge_runtime.sync.mqtt import MqttLink
 from edge_runtime.sync.uplink import Uploader, read_token
+from edge_runtime.telemetry import SystemProbe, TelemetryCollector
 
 __all__ = ["OUTBOX_FILE", "Agent", "AgentEndpoints"]
 
@@ -52,6 +54,8 @@ class Agent:
         self.notifier = notifier or SystemdNotifier()
         self.metrics = AgentMetrics()
         token = read_token(config.cloud) if config.cloud.grpc_target else ""
+        if config.mqtt.url and not config.cloud.device_id:
+            raise ConfigError("mqtt.url is set but cloud.device_id is not: topics are named after the device")
         config.data_dir.mkdir(parents=True, exist_ok=True)
         self.outbox = Outbox.open(
             config.data_dir / OUTBOX_FILE, max_bytes=config.buffer.max_bytes, max_age_s=config.buffer.max_age_s
@@ -59,6 +63,7 @@ class Agent:
         self.keeper = Keeper(self.outbox, config.upload.sample_rate)
         self.repository = ModelRepository(config, self.metrics, self.keeper)
         self.uploader = Uploader(self.outbox, config.cloud, config.upload, token) if token else None
+        self.link: MqttLink | None = None
         self.endpoints = AgentEndpoints()
         self.started = asyncio.Event()
         self._stop = asyncio.Event()
@@ -97,6 +102,7 @@ class Agent:
                 loop.add_signal_handler(sig, self.stop)
         watchdog = asyncio.ensure_future(self._watchdog())
         uploading = asyncio.ensure_future(self.uploader.run()) if self.uploader else None
+        telemetry = self._start_telemetry(loop)
         # READY to systemd once apps can connect; model readiness is ServerReady's business (a TensorRT
         # build may take minutes, longer than any sensible TimeoutStartSec).
         self.notifier.notify(READY="1", STATUS="listening; loading models")
@@ -124,6 +130,11 @@ class Agent:
                 # A stream cut here is safe: its records stay in the outbox, marked in doubt, and go again.
                 uploading.cancel()
                 await asyncio.gather(uploading, return_exceptions=True)
+            if telemetry is not None:
+                telemetry.cancel()
+                await asyncio.gather(telemetry, return_exceptions=True)
+            if self.link is not None:
+                await self.link.aclose()  # publishes status offline first
             await loop.run_in_executor(self._loader, self.outbox.close, grace)
             if metrics_server is not None:
                 # shutdown() waits for serve_forever's next poll (up to 0.5 s): not on the loop.
@@ -139,6 +150,21 @@ class Agent:
                 seconds=round(time.monotonic() - began, 3),
                 requests={_ref(s): _totals(s) for s in served},
             )
+
+    def _start_telemetry(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[None] | None:
+        """Presence and telemetry over MQTT when a broker is configured; the agent works the same without."""
+        if not self.config.mqtt.url:
+            return None
+        self.link = MqttLink.from_config(self.config, loop)
+        self.link.start()
+        collector = TelemetryCollector(
+            self.config.cloud.device_id,
+            self.repository,
+            outbox=self.outbox,
+            system=SystemProbe().read,
+            interval_s=self.config.telemetry.interval_s,
+        )
+        return asyncio.ensure_future(collector.run(self.link.publish_telemetry))
 
     def _start_metrics(self) -> HTTPServer | None:
         address = self.config.server.metrics_address

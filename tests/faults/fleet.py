@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from cloud_sync.store import DeviceRegistry, ResultStore, open_database
+from cloud_sync.store import DeviceRegistry, ResultStore, TelemetryStore, open_database
 from edge_runtime.kserve.client import KServeClient
 from tests.processes import CLOUD_SYNC, REPO_ROOT, AgentProcess, CloudSyncProcess, install, toml_text
 from tests.waiting import wait_for
@@ -37,6 +37,7 @@ class Cloud:
 
     workdir: Path
     database_url: str = ""
+    mqtt_url: str = ""
     grpc_port: int = field(default_factory=free_port)
     proc: CloudSyncProcess | None = None
 
@@ -50,6 +51,8 @@ class Cloud:
         }
         if self.database_url:
             data["database"] = {"url": self.database_url}
+        if self.mqtt_url:
+            data["mqtt"] = {"url": self.mqtt_url, "client_id": f"cloud-sync-{self.grpc_port}"}
         self.config.write_text(toml_text(data))
         self.url = self.database_url or f"sqlite:///{(self.workdir / 'data' / 'cloud-sync.db').resolve()}"
 
@@ -108,6 +111,16 @@ class Cloud:
         finally:
             db.close()
 
+    def telemetry(self, device_id: str) -> tuple[Any, Any]:
+        """(latest telemetry or None, presence or None) as the cloud stored them."""
+        db = open_database(self.url, create=False)
+        try:
+            store = TelemetryStore(db)
+            presence = next((p for p in store.fleet_presence() if p.device_id == device_id), None)
+            return store.latest(device_id), presence
+        finally:
+            db.close()
+
     def device_exists(self, device_id: str) -> bool:
         db = open_database(self.url, create=False)
         try:
@@ -128,6 +141,8 @@ class Device:
     digits: Path
     upload: dict[str, Any] = field(default_factory=dict)
     buffer: dict[str, Any] = field(default_factory=dict)
+    mqtt: dict[str, Any] = field(default_factory=dict)
+    telemetry: dict[str, Any] = field(default_factory=dict)
     proc: AgentProcess | None = None
 
     def __post_init__(self) -> None:
@@ -144,6 +159,8 @@ class Device:
             "upload": {"sample_rate": 1.0, "interval_s": 0.05, "batch_max_records": 200, **self.upload},
             "buffer": self.buffer,
             "cloud": {"grpc_target": self.cloud.target, "device_id": self.device_id, "token_file": str(token_file)},
+            "mqtt": self.mqtt,
+            "telemetry": self.telemetry,
         }
         self.config = self.workdir / "edge-agent.toml"
         self.config.write_text(toml_text({k: v for k, v in data.items() if v}))

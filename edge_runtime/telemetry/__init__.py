@@ -1,0 +1,28 @@
+"""Telemetry: what the device reports every `telemetry.interval_s` (per model version, outbox, system).
+
+`TelemetryCollector` builds the edgefleet.v1.Telemetry message; the window math is pure (`stats_window`,
+`latency_quantile`); `SystemProbe` reads the board. Sending it is edge_runtime/sync/mqtt.py's job.
+"""
+
+from edge_runtime.telemetry._collector import (
+    CounterSource,
+    ModelSource,
+    ServedVersion,
+    TelemetryCollector,
+    outbox_telemetry,
+)
+from edge_runtime.telemetry._system import SystemProbe
+from edge_runtime.telemetry._window import StatsWindow, latency_quantile, model_version_telemetry, stats_window
+
+__all__ = [
+    "CounterSource",
+    "ModelSource",
+    "ServedVersion",
+    "StatsWindow",
+    "SystemProbe",
+    "TelemetryCollector",
+    "latency_quantile",
+    "model_version_telemetry",
+    "outbox_telemetry",
+    "stats_window",
+]

@@ -1,0 +1,167 @@
+"""TelemetryCollector: one Telemetry message per interval from the served versions, the outbox and the system.
+
+Collecting reads counters only; not the transport (`run` hands the bytes to the `publish` it is given).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import structlog
+
+from edge_runtime.inference.stats import StatsSnapshot
+from edge_runtime.outbox import OutboxCounters
+from edge_runtime.proto.edgefleet.v1.state_pb2 import ModelRole
+from edge_runtime.proto.edgefleet.v1.telemetry_pb2 import OutboxTelemetry, SystemTelemetry, Telemetry
+from edge_runtime.telemetry._window import model_version_telemetry, stats_window
+
+__all__ = ["CounterSource", "ModelSource", "ServedVersion", "TelemetryCollector", "outbox_telemetry"]
+
+log = structlog.get_logger(__name__)
+
+
+class _Snapshots(Protocol):
+    def snapshot(self) -> StatsSnapshot: ...
+
+
+class _Pending(Protocol):
+    def pending(self) -> int: ...
+
+
+class ServedVersion(Protocol):
+    """What telemetry reads of a served model version (edge_runtime.models.served.ServedModel)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def version(self) -> int: ...
+    @property
+    def stats(self) -> _Snapshots: ...
+    @property
+    def batcher(self) -> _Pending: ...
+
+
+class ModelSource(Protocol):
+    """The served versions (edge_runtime.models.repository.ModelRepository)."""
+
+    def models(self) -> Sequence[ServedVersion]: ...
+    def active_version(self, name: str) -> int | None: ...
+
+
+class CounterSource(Protocol):
+    """The outbox (edge_runtime.outbox.Outbox)."""
+
+    def counters(self) -> OutboxCounters: ...
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def outbox_telemetry(counters: OutboxCounters, now_ms: int) -> OutboxTelemetry:
+    oldest = counters.oldest_created_at_ms
+    return OutboxTelemetry(
+        depth=counters.depth,
+        bytes=counters.bytes,
+        produced_total=counters.produced_total,
+        evicted_total=counters.evicted_total,
+        acked_seq=counters.acked_seq,
+        upload_lag_s=max(0.0, (now_ms - oldest) / 1000) if oldest is not None else 0.0,
+    )
+
+
+class TelemetryCollector:
+    """Builds Telemetry messages; each covers the time since the previous one (or since construction).
+
+    `collect` reads counters only (a snapshot under each version's lock, the outbox's counters) and calls
+    `system` (SystemProbe.read: sysfs and psutil, microseconds) unless given the figures: an agent that
+    wants no file reads on its loop reads them in a thread and passes them in.
+    """
+
+    def __init__(
+        self,
+        device_id: str,
+        models: ModelSource,
+        *,
+        outbox: CounterSource | None = None,
+        system: Callable[[], SystemTelemetry] | None = None,
+        interval_s: float = 10.0,
+        agent_start_ms: int | None = None,
+    ) -> None:
+        self.device_id = device_id
+        self.interval_s = interval_s  # the agent sets it when a policy changes telemetry.interval_s
+        self._models = models
+        self._outbox = outbox
+        self._system = system
+        self.agent_start_ms = agent_start_ms if agent_start_ms is not None else _now_ms()
+        self._seq = 0
+        # (name, version) -> (the stats object, its last snapshot): a reloaded version has new stats.
+        self._previous: dict[tuple[str, int], tuple[object, StatsSnapshot]] = {}
+        self._last = time.monotonic()
+        self._snapshot_all()
+
+    def collect(self, system: SystemTelemetry | None = None) -> Telemetry:
+        """The message for the window since the previous call; `system` defaults to calling the system reader."""
+        now = time.monotonic()
+        now_ms = _now_ms()
+        window_s, self._last = now - self._last, now
+        if system is None:
+            system = self._system() if self._system is not None else SystemTelemetry()
+        self._seq += 1
+        message = Telemetry(
+            device_id=self.device_id,
+            timestamp_ms=now_ms,
+            window_s=window_s,
+            system=system,
+            seq=self._seq,
+            agent_start_ms=self.agent_start_ms,
+        )
+        current: dict[tuple[str, int], tuple[object, StatsSnapshot]] = {}
+        for served in self._models.models():
+            key = (served.name, served.version)
+            stats = served.stats
+            snapshot = stats.snapshot()
+            current[key] = (stats, snapshot)
+            owner, previous = self._previous.get(key, (None, None))
+            window = stats_window(previous if owner is stats else None, snapshot)
+            role = (
+                ModelRole.MODEL_ROLE_ACTIVE
+                if self._models.active_version(served.name) == served.version
+                else (ModelRole.MODEL_ROLE_UNSPECIFIED)
+            )
+            message.models.append(
+                model_version_telemetry(
+                    served.name,
+                    served.version,
+                    role,
+                    window,
+                    queue_depth=served.batcher.pending(),
+                    power_w=system.power_w,
+                )
+            )
+        self._previous = current  # versions that went away are forgotten
+        if self._outbox is not None:
+            message.outbox.CopyFrom(outbox_telemetry(self._outbox.counters(), now_ms))
+        return message
+
+    async def run(self, publish: Callable[[bytes], None]) -> None:
+        """Every `interval_s`, collect and `publish(serialized message)`, until cancelled.
+
+        A failure to collect or publish is logged and the next interval tries again: telemetry never stops
+        the agent. After a stall the schedule restarts from now instead of catching up in a burst.
+        """
+        next_at = time.monotonic() + self.interval_s
+        while True:
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+            try:
+                publish(self.collect().SerializeToString())
+            except Exception as exc:
+                log.error("telemetry.failed", error=f"{type(exc).__name__}: {exc}")
+            next_at = max(next_at + self.interval_s, time.monotonic())
+
+    def _snapshot_all(self) -> None:
+        for served in self._models.models():
+            self._previous[(served.name, served.version)] = (served.stats, served.stats.snapshot())
