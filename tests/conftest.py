@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -9,8 +10,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
 from edge_runtime.config import AgentConfig, config_from_dict
+
+
+@pytest.fixture(autouse=True)
+def _structlog_defaults() -> Iterator[None]:
+    """Undo configure_logging after a test: its level filter would hide info events from capture_logs."""
+    yield
+    structlog.reset_defaults()
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if type(h).__module__ == "edge_runtime.observability.logging"]:
+        root.removeHandler(handler)
+    root.setLevel(logging.WARNING)
 
 
 @pytest.fixture(scope="session")
