@@ -14,7 +14,9 @@ import pytest
 from tests.mosquitto import Mosquitto
 
 # asyncio's debug mode reports a callback that holds the loop longer than this; any report fails the test.
-SLOW_CALLBACK_S = 0.1
+# asyncio's default is 0.1 s; a shared 2-core CI box shows unrelated 0.1-0.17 s hiccups (GC, CPU steal).
+# 0.25 s still catches real blocking on the loop (a batch of CNN inference, a database call).
+SLOW_CALLBACK_S = 0.25
 
 
 class SlowCallbacks(logging.Handler):
