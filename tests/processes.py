@@ -20,6 +20,28 @@ AGENT = [sys.executable, "-m", "edge_runtime.agent.cli"]
 CLOUD_SYNC = [sys.executable, "-m", "cloud_sync.cli"]
 
 
+def run_program(program: Sequence[str], *args: str | Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """`program ARGS...` (AGENT or CLOUD_SYNC) as a real process, run to its end."""
+    return subprocess.run([*program, *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
+
+
+def run_side_by_side(
+    program: Sequence[str], runs: Mapping[str, Sequence[str | Path]], timeout: float = 120
+) -> dict[str, subprocess.CompletedProcess[str]]:
+    """Independent invocations of `program` at once, by name (each pays the interpreter's start-up)."""
+    procs = {
+        name: subprocess.Popen(
+            [*program, *map(str, argv)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT
+        )
+        for name, argv in runs.items()
+    }
+    done = {}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=timeout)
+        done[name] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return done
+
+
 def toml_text(data: Mapping[str, Mapping[str, Any]]) -> str:
     """The TOML of a {section: {key: scalar}} mapping (all our config needs; tomllib only reads)."""
     lines = []

@@ -23,7 +23,8 @@ import pytest
 from edge_runtime.inference.types import InferResponse
 from edge_runtime.kserve.codec import encode_response
 from edge_runtime.proto.edgefleet.v1 import results_pb2, services_pb2_grpc
-from tests.processes import CLOUD_SYNC, REPO_ROOT, CloudSyncProcess, toml_text
+from tests.postgres import ENGINES, postgres_schema_url
+from tests.processes import CLOUD_SYNC, CloudSyncProcess, run_program, run_side_by_side, toml_text
 
 # Small, so that a test can send a message past it cheaply.
 MAX_MESSAGE_BYTES = 64 * 1024
@@ -34,26 +35,14 @@ _device_numbers = itertools.count(1)
 
 def run_cloud_sync_cli(*args: str | Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """`cloud-sync ARGS...` as a real process."""
-    return subprocess.run(
-        [*CLOUD_SYNC, *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT
-    )
+    return run_program(CLOUD_SYNC, *args, timeout=timeout)
 
 
 def run_cloud_sync_cli_all(
     runs: Mapping[str, Sequence[str | Path]], timeout: float = 60
 ) -> dict[str, subprocess.CompletedProcess[str]]:
-    """Independent `cloud-sync` invocations side by side (each pays the interpreter's start-up), by name."""
-    procs = {
-        name: subprocess.Popen(
-            [*CLOUD_SYNC, *map(str, argv)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT
-        )
-        for name, argv in runs.items()
-    }
-    done = {}
-    for name, proc in procs.items():
-        out, err = proc.communicate(timeout=timeout)
-        done[name] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-    return done
+    """Independent `cloud-sync` invocations side by side, by name."""
+    return run_side_by_side(CLOUD_SYNC, runs, timeout)
 
 
 def cloud_sync_config(workdir: Path, **sections: Mapping[str, Any]) -> Path:
@@ -159,6 +148,23 @@ class RunningCloudSync:
             if not page["results"]:
                 return rows
             after = page["next_after_id"]
+
+
+@pytest.fixture(params=ENGINES)
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A URL to an empty database: a SQLite file in tmp_path, or a PostgreSQL schema made for this test."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'cloud.db'}"
+        return
+    with postgres_schema_url() as url:
+        yield url
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A URL to an empty PostgreSQL schema of this test's own (for PostgreSQL-only tests)."""
+    with postgres_schema_url() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

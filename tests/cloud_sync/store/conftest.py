@@ -7,32 +7,11 @@ PostgreSQL comes from $EDGEFLEET_TEST_POSTGRES (a SQLAlchemy URL), by default th
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 
 import pytest
 
 from cloud_sync.store import Database, DeviceRegistry, ResultStore, open_database
 from edge_runtime.proto.edgefleet.v1 import results_pb2
-from tests.postgres import postgres_schema_url
-
-ENGINES = ["sqlite", "postgresql"]
-
-
-@pytest.fixture(params=ENGINES)
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A URL to an empty database: a SQLite file in tmp_path, or a PostgreSQL schema made for this test."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'cloud.db'}"
-        return
-    with postgres_schema_url() as url:
-        yield url
-
-
-@pytest.fixture
-def postgres_url() -> Iterator[str]:
-    """A URL to an empty PostgreSQL schema of this test's own (for PostgreSQL-only tests)."""
-    with postgres_schema_url() as url:
-        yield url
 
 
 @pytest.fixture

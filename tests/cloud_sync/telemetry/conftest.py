@@ -16,7 +16,6 @@ from cloud_sync.store.telemetry import TelemetryStore
 from cloud_sync.telemetry.subscriber import TelemetrySubscriber
 from edge_runtime.proto.edgefleet.v1.state_pb2 import MODEL_ROLE_ACTIVE
 from edge_runtime.proto.edgefleet.v1.telemetry_pb2 import LatencySummary, ModelVersionTelemetry, Telemetry
-from tests.cloud_sync.store.conftest import ENGINES, postgres_schema_url
 from tests.mosquitto import Mosquitto
 from tests.waiting import wait_for
 
@@ -24,15 +23,6 @@ DEVICES = ("cam-1", "cam-2")
 PREFIX = "edgefleet/v1"
 
 MakeSubscriber = Callable[..., TelemetrySubscriber]
-
-
-@pytest.fixture(params=ENGINES)
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'cloud.db'}"
-        return
-    with postgres_schema_url() as url:
-        yield url
 
 
 @pytest.fixture
@@ -62,9 +52,8 @@ def sqlite_db(sqlite_url: str) -> Iterator[Database]:
 
 
 @pytest.fixture
-def pg_url() -> Iterator[str]:
-    with postgres_schema_url() as url:
-        yield url
+def pg_url(postgres_url: str) -> str:
+    return postgres_url
 
 
 @pytest.fixture

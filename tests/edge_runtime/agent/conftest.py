@@ -11,31 +11,20 @@ from typing import Any
 
 import pytest
 
-from tests.processes import AgentProcess, toml_text
+from tests.processes import AgentProcess, run_program, run_side_by_side, toml_text
 
 CLI = [sys.executable, "-m", "edge_runtime.agent.cli"]
 REPO_ROOT = Path(__file__).resolve().parents[3]
 
 
 def run_cli(*args: str | Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
+    return run_program(CLI, *args, timeout=timeout)
 
 
 def run_cli_all(
     runs: Mapping[str, Sequence[str | Path]], timeout: float = 120
 ) -> dict[str, subprocess.CompletedProcess[str]]:
-    """Run independent CLI invocations side by side (each pays the interpreter's start-up)."""
-    procs = {
-        name: subprocess.Popen(
-            [*CLI, *map(str, argv)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT
-        )
-        for name, argv in runs.items()
-    }
-    results = {}
-    for name, proc in procs.items():
-        out, err = proc.communicate(timeout=timeout)
-        results[name] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-    return results
+    return run_side_by_side(CLI, runs, timeout)
 
 
 @pytest.fixture
