@@ -222,7 +222,8 @@ def test_no_token_exits_3_saying_where_to_get_one(cloud_sync: RunningCloudSync) 
 
 @pytest.mark.parametrize("token", ["efa_wrong", "é-not-ascii"], ids=["wrong", "not-ascii"])
 def test_a_wrong_token_exits_3(cloud_sync: RunningCloudSync, token: str) -> None:
-    failed(fleetctl(cloud_sync, "devices", "list", env=environment(cloud_sync, FLEETCTL_TOKEN=token)), 3)
+    message = failed(fleetctl(cloud_sync, "devices", "list", env=environment(cloud_sync, FLEETCTL_TOKEN=token)), 3)
+    assert "token" in message.lower()
 
 
 def test_the_token_comes_from_token_file(cloud_sync: RunningCloudSync, tmp_path: Any) -> None:

@@ -212,7 +212,9 @@ def test_a_sensor_that_vanishes_reads_as_zero(tmp_path: Path) -> None:
 
 
 def test_the_real_machine_reads_without_error() -> None:
-    SystemProbe().read()
+    system = SystemProbe().read()
+    assert system.memory_total_bytes > system.memory_used_bytes > 0
+    assert 0.0 <= system.cpu_percent <= 100.0
 
 
 # -- the collector over a real repository and outbox ----------------------------------------------------------

@@ -75,7 +75,8 @@ def test_cloud_sync_killed_mid_upload(cloud: Cloud, make_device: Callable[..., D
         cloud.kill()  # acks in flight are lost: the agent must re-send, the cloud must not duplicate
         cloud.start()
     load.stop()
-    reckon(cloud, device)
+    counts = reckon(cloud, device)
+    assert counts["evicted"] == 0 and counts["stored"] == counts["produced"] >= 300
 
 
 def test_a_full_outbox_evicts_and_every_eviction_is_accounted_for(

@@ -137,8 +137,11 @@ def test_eviction_accounting_holds_over_any_sequence(ops: list[tuple[object, ...
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "outbox.db"
         outbox = Outbox.open(path, max_bytes=start_bytes, max_age_s=0, commit_interval_s=0)
+        model = Model(max_bytes=start_bytes)
         try:
-            run_against_model(outbox, Model(max_bytes=start_bytes), ops)
+            run_against_model(outbox, model, ops)  # checks the outbox against the model after every step
+            c = outbox.counters()
+            assert c.produced_total == c.depth + c.evicted_total + c.delivered_total == model.produced
         finally:
             outbox.close()
 
