@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import logging
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -30,7 +29,7 @@ from edge_runtime.telemetry import (
     stats_window,
 )
 from models.build import digits_holdout
-from tests.edge_runtime.sync.conftest import SlowCallbacks
+from tests.loopcheck import SlowCallbacks
 
 # -- percentiles from histogram buckets --------------------------------------------------------------------
 
@@ -273,7 +272,6 @@ def test_run_publishes_every_interval_without_blocking_the_loop(digits: ModelRep
     collector = TelemetryCollector("cam-1", digits, system=SystemProbe().read, interval_s=0.02)
     published: list[bytes] = []
     slow = SlowCallbacks()
-    logging.getLogger("asyncio").addHandler(slow)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -289,12 +287,10 @@ def test_run_publishes_every_interval_without_blocking_the_loop(digits: ModelRep
         await asyncio.wait_for(three.wait(), 10)
         task.cancel()
 
-    try:
+    with slow:
         asyncio.run(main(), debug=True)
-    finally:
-        logging.getLogger("asyncio").removeHandler(slow)
     assert [Telemetry.FromString(p).seq for p in published[:3]] == [1, 2, 3]
-    assert not slow.reports, f"collecting blocked the loop: {slow.reports}"
+    assert not slow.blocking(), f"collecting blocked the loop: {slow.blocking()}"
 
 
 def test_a_failing_publish_does_not_stop_telemetry(digits: ModelRepository) -> None:

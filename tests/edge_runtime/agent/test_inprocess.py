@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
-import re
 import threading
 import urllib.request
 from collections.abc import Callable
@@ -21,22 +19,8 @@ from edge_runtime.kserve import KServeClient
 from edge_runtime.models.store import ModelStore
 from models.build import digits_holdout
 from tests.edge_runtime.agent.conftest import NotifyListener
+from tests.loopcheck import SLOW_CALLBACK_S, SlowCallbacks
 from tests.waiting import wait_for
-
-SLOW_CALLBACK = re.compile(r"^Executing .* took [0-9.]+ seconds$")
-
-
-class SlowCallbacks(logging.Handler):
-    """Collects asyncio's debug-mode report of a callback that held the loop past slow_callback_duration."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.reports: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
-        if SLOW_CALLBACK.match(message):
-            self.reports.append(message)
 
 
 def _ready(client: KServeClient) -> bool:
@@ -61,12 +45,10 @@ def test_agent_never_blocks_its_loop(
     agent = Agent(config, notifier)
     pixels = digits_holdout()[0][:4]
 
-    slow = SlowCallbacks()
-    asyncio_log = logging.getLogger("asyncio")
-    asyncio_log.addHandler(slow)
+    slow = SlowCallbacks().attach()
     loop = asyncio.new_event_loop()
     loop.set_debug(True)
-    loop.slow_callback_duration = 0.25  # as tests/edge_runtime/kserve/conftest.py: CI hiccups reach 0.17 s
+    loop.slow_callback_duration = SLOW_CALLBACK_S
 
     def app() -> dict[str, Any]:
         """An app on its own thread: waits for the agent, infers, scrapes, then stops the agent."""
@@ -108,12 +90,12 @@ def test_agent_never_blocks_its_loop(
     finally:
         loop.run_until_complete(loop.shutdown_default_executor())
         loop.close()
-        asyncio_log.removeHandler(slow)
+        slow.detach()
         listener.close()
 
     if "error" in result:
         raise result["error"]
-    assert slow.reports == []
+    assert slow.blocking() == []
     assert result["version"] == "1"
     probabilities = result["probabilities"]
     assert probabilities.shape == (4, 10)

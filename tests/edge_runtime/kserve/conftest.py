@@ -1,14 +1,11 @@
 """A real KServe gRPC server per test: a ModelRepository, and InferenceServer on its own event loop thread.
 
-The loop runs in debug mode, as STYLE.md asks: a callback that blocks it past SLOW_CALLBACK_S fails the
-test at teardown (asyncio logs "Executing ... took N seconds" for each one).
+The loop runs in debug mode, as STYLE.md asks: code that blocks it fails the test at teardown
+(tests/loopcheck.py says how a block is told from the machine's noise).
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -24,44 +21,9 @@ from edge_runtime.kserve import InferenceServer, KServeClient
 from edge_runtime.models.repository import ModelRepository
 from edge_runtime.proto.inference import grpc_service_pb2 as pb
 from edge_runtime.proto.inference import grpc_service_pb2_grpc as pb_grpc
+from tests.loopcheck import LoopThread
 
 SERVER_VERSION = "9.9.9-test"
-# asyncio's default is 0.1 s; on a shared 2-core box a grpc step was measured at 0.115 s while other test
-# sessions ran. 0.25 s still catches a CNN batch, or a large tensor copy, run on the loop.
-SLOW_CALLBACK_S = 0.25
-
-
-class _SlowCallbacks(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.records: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
-        if message.startswith("Executing "):
-            self.records.append(message)
-
-
-class LoopThread:
-    """An asyncio loop (debug mode) on a named thread, as edge-agent runs its one loop."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.loop.set_debug(True)
-        self.loop.slow_callback_duration = SLOW_CALLBACK_S
-        self.slow = _SlowCallbacks()
-        logging.getLogger("asyncio").addHandler(self.slow)
-        self._thread = threading.Thread(target=self.loop.run_forever, name="test-kserve-loop", daemon=True)
-        self._thread.start()
-
-    def run(self, coro: Any, timeout: float = 30.0) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
-        self.loop.close()
-        logging.getLogger("asyncio").removeHandler(self.slow)
 
 
 @dataclass
@@ -116,7 +78,7 @@ def serve(make_config: Callable[..., AgentConfig], model_packages: dict[str, Pat
         repo = ModelRepository(config)
         for package in packages:
             repo.install(model_packages[package] if isinstance(package, str) else package)
-        loop = LoopThread()
+        loop = LoopThread("test-kserve-loop")
         try:
             server = loop.run(InferenceServer.start(repo, config.server, SERVER_VERSION))
         except BaseException:
@@ -136,8 +98,8 @@ def serve(make_config: Callable[..., AgentConfig], model_packages: dict[str, Pat
         served.loop.run(served.server.stop(1.0))
         served.repo.close()
         served.loop.close()
-    slow = [message for served in started for message in served.loop.slow.records]
-    assert not slow, f"the event loop was blocked: {slow}"
+    blocked = [report for served in started for report in served.loop.slow.blocking()]
+    assert not blocked, f"the event loop was blocked: {blocked}"
 
 
 def rpc_error(call: Callable[[], Any]) -> grpc.RpcError:

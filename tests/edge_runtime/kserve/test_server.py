@@ -19,7 +19,8 @@ from edge_runtime.inference.types import InferRequest
 from edge_runtime.kserve import InferenceServer, KServeClient
 from edge_runtime.kserve.client import build_request, decode_response
 from edge_runtime.models.repository import ModelRepository
-from tests.edge_runtime.kserve.conftest import LoopThread, Serve
+from tests.edge_runtime.kserve.conftest import Serve
+from tests.loopcheck import LoopThread
 from tests.waiting import wait_for
 
 
@@ -28,7 +29,7 @@ def loop() -> Iterator[LoopThread]:
     thread = LoopThread()
     yield thread
     thread.close()
-    assert not thread.slow.records
+    assert not thread.slow.blocking()
 
 
 @pytest.fixture

@@ -16,7 +16,8 @@ from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.kserve import InferenceServer, KServeClient
 from edge_runtime.kserve.client import build_request
 from edge_runtime.kserve.status import STATUS_CODES
-from tests.edge_runtime.kserve.conftest import LoopThread, digits_inputs, rpc_error
+from tests.edge_runtime.kserve.conftest import digits_inputs, rpc_error
+from tests.loopcheck import LoopThread
 
 
 def all_subclasses(cls: type) -> list[type]:
@@ -77,7 +78,7 @@ def failing(short_dir: Path) -> Iterator[tuple[FailingRepository, KServeClient]]
         client.close()
         loop.run(server.stop(1.0))
         loop.close()
-    assert not loop.slow.records
+    assert not loop.slow.blocking()
 
 
 @pytest.mark.parametrize("cls", ERROR_CLASSES, ids=lambda c: c.__name__)

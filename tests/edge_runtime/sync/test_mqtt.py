@@ -20,8 +20,8 @@ from edge_runtime.sync.mqtt import (
     MqttLink,
     parse_broker_url,
 )
-from tests.edge_runtime.sync.conftest import LoopThread
 from tests.edge_runtime.sync.device_process import DeviceProcess
+from tests.loopcheck import LoopThread
 from tests.mosquitto import Mosquitto, MqttWatcher
 from tests.waiting import wait_for
 
