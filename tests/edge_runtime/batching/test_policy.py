@@ -37,6 +37,19 @@ def test_a_model_that_batching_slows_is_not_batched() -> None:
     assert "does not pay" in plan.reason
 
 
+def test_a_small_gain_from_batching_is_not_worth_its_latency() -> None:
+    # mobilenet-bench's profile on this CPU (min of 5 runs): batch 4 looked 14% faster, then served slower.
+    measured = points([(1, 1 / 97), (2, 2 / 104), (4, 4 / 111), (8, 8 / 100)])
+    plan = plan_batching(measured, cap=32, configured_delay_s=0.005, slo_s=0.0)
+    assert (plan.max_batch_size, plan.max_queue_delay_s) == (1, 0.0)
+    assert "less than 1.2x" in plan.reason
+    # A 25% gain is worth it.
+    assert (
+        plan_batching(points([(1, 1 / 100), (2, 2 / 125)]), cap=2, configured_delay_s=0.0, slo_s=0.0).max_batch_size
+        == 2
+    )
+
+
 def test_the_latency_slo_caps_the_batch_and_the_delay() -> None:
     plan = plan_batching(TINY_MLP, cap=32, configured_delay_s=0.010, slo_s=40e-6)
     assert plan.max_batch_size == 8  # 36 µs fits 40 µs, 16 (45 µs) does not
@@ -88,5 +101,7 @@ def test_the_plan_always_respects_cap_slo_and_throughput(
         assert slo <= 0 or chosen.latency_s <= slo
         # never more than the noise margin below the best throughput available
         assert chosen.throughput * 1.05 >= max(p.throughput for p in fitting)
+        one = [p for p in fitting if p.batch_size == 1]
+        assert not one or chosen.throughput >= one[0].throughput * 1.2  # worth its latency
         if slo > 0:
             assert chosen.latency_s + plan.max_queue_delay_s <= slo + 1e-9
