@@ -42,18 +42,29 @@ def profile_engine(engine: Engine, cap: int, slo_s: float) -> list[ProfilePoint]
     points: list[ProfilePoint] = []
     started = time.monotonic()
     for size in profile_sizes(cap):
-        inputs = example_inputs(engine.inputs, size, seed=size)
-        engine.run(inputs)  # first run at a new shape pays allocation and kernel selection
-        times: list[float] = []
-        while len(times) < MIN_RUNS or (sum(times) < MIN_MEASURE_S and len(times) < MAX_RUNS):
-            t0 = time.monotonic()
-            engine.run(inputs)
-            times.append(time.monotonic() - t0)
-        engine.run(inputs, release_memory=True)  # give back what this size's scratch memory took
-        points.append(ProfilePoint(size, min(times)))
+        points.append(ProfilePoint(size, _fastest_run(engine, size)))
         if profiling_done(points, slo_s, BATCH_BUDGET_S) or time.monotonic() - started > TOTAL_BUDGET_S:
             break
+    # A burst from another process during one size's runs skews the choice. Batch 1 is measured first,
+    # while the agent is still starting up, and a low batch-1 figure once planned batch 4 for a CNN that
+    # serves faster at batch 1: time batch 1 and the best size once more and keep the faster of both passes.
+    best = max(range(len(points)), key=lambda i: points[i].throughput)
+    for i in sorted({0, best}):
+        size, latency = points[i].batch_size, points[i].latency_s
+        points[i] = ProfilePoint(size, min(latency, _fastest_run(engine, size)))
     return points
+
+
+def _fastest_run(engine: Engine, size: int) -> float:
+    inputs = example_inputs(engine.inputs, size, seed=size)
+    engine.run(inputs)  # first run at a new shape pays allocation and kernel selection
+    times: list[float] = []
+    while len(times) < MIN_RUNS or (sum(times) < MIN_MEASURE_S and len(times) < MAX_RUNS):
+        t0 = time.monotonic()
+        engine.run(inputs)
+        times.append(time.monotonic() - t0)
+    engine.run(inputs, release_memory=True)  # give back what this size's scratch memory took
+    return min(times)
 
 
 class ProfileCache:
