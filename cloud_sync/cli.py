@@ -55,9 +55,11 @@ def parse_labels(text: str) -> dict[str, str]:
 
 def _run(config: CloudSyncConfig) -> int:
     from cloud_sync.process import CloudSync
+    from edge_runtime.agent.heap import freeze_startup_heap
     from edge_runtime.observability.logging import configure_logging
 
     configure_logging(config.server.log_level)
+    freeze_startup_heap()  # as edge-agent: the imports' objects live as long as the process
     asyncio.run(CloudSync(config).run())
     return 0
 

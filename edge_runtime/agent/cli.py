@@ -44,13 +44,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(config: AgentConfig) -> int:
-    from edge_runtime.agent.heap import limit_heap_retention
+    from edge_runtime.agent.heap import freeze_startup_heap, limit_heap_retention
 
     # Before onnxruntime, grpc and numpy are imported: their start-up allocations follow the threshold too
     # (measured: 152-158 MiB after serving mobilenet-bench when called after these imports).
     limit_heap_retention()
     from edge_runtime.agent.process import Agent
 
+    freeze_startup_heap()  # what the imports made lives as long as the process: keep it out of the GC
     asyncio.run(Agent(config).run())
     return 0
 
