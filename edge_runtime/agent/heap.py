@@ -39,8 +39,8 @@ def limit_heap_retention(threshold_bytes: int = 128 * 1024) -> bool:
 def freeze_startup_heap() -> int:
     """Move every object alive now to the GC's permanent generation; returns how many are frozen.
 
-    O(1). Start-up garbage that is still uncollected stays for the
-    life of the process (a one-off, small); objects made later are collected as usual.
+    O(1). Start-up garbage not yet collected stays for the life of the process (a one-off, small);
+    objects made later are collected as usual.
     """
     gc.freeze()
     return gc.get_freeze_count()

@@ -27,7 +27,7 @@ PATIENCE = 2
 @dataclass(frozen=True)
 class ProfilePoint:
     batch_size: int
-    latency_s: float  # median time of one batch of this size
+    latency_s: float  # the fastest measured run of one batch of this size (profiler.py says why)
 
     @property
     def throughput(self) -> float:
