@@ -50,3 +50,14 @@ def test_benchmark_runs_and_writes_its_result(name: str, models_dir: Path, tmp_p
 def test_missing_models_dir_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--models", str(tmp_path / "absent"), "--quick", "--results", str(tmp_path)]) == 2
     assert "models.build" in capsys.readouterr().err
+
+
+def test_the_cloud_store_ingest_micro_benchmark_runs(tmp_path: Path) -> None:
+    # Run by hand (see its docstring), so nothing else would notice it stop working.
+    from tests.cloud_sync.store.bench_ingest import main as ingest_main
+
+    out = tmp_path / "ingest.json"
+    assert ingest_main(["--reps", "1", "--batches", "1", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["machine"]["cores"] >= 1
+    assert result["records_per_s"]["sqlite"]["ingest_1_thread"]["median"] > 0

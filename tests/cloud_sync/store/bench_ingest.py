@@ -13,7 +13,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import sqlite3
 import statistics
 import sys
@@ -28,10 +27,11 @@ from pathlib import Path
 import psycopg
 import sqlalchemy as sa
 
+from bench._harness import machine_info
 from cloud_sync.store import DeviceRegistry, ResultStore, open_database
 from cloud_sync.store.batches import ROW_COLUMNS, IngestLimits, validate_batch
 from edge_runtime.proto.edgefleet.v1 import results_pb2
-from tests.cloud_sync.store.conftest import POSTGRES_CONNINFO, POSTGRES_URL, postgres_unreachable
+from tests.postgres import POSTGRES_CONNINFO, POSTGRES_URL, postgres_unreachable
 
 BATCH = 1000
 PAYLOAD = bytes(range(200))  # about an inference result for a small classifier
@@ -166,13 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "cloud_store_ingest",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {
-            "cpu_model": _cpu_model(),
-            "cores": os.cpu_count(),
-            "load_average_1m": os.getloadavg()[0],
-            "python": sys.version.split()[0],
-            "platform": platform.platform(),
-        },
+        "machine": {**machine_info(), "load_average_1m": os.getloadavg()[0]},
         "versions": {
             "sqlalchemy": sa.__version__,
             "psycopg": psycopg.__version__,
@@ -194,16 +188,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":
