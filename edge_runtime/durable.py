@@ -1,16 +1,18 @@
 """File writes that survive power loss: write a temp file, fsync it, rename over the target, fsync the dir.
 
 For the small files whose loss or tearing would break a restart (active-version pointers, caches). The
-outbox and desired state live in SQLite, which has its own journal.
+outbox and desired state live in SQLite, which has its own journal. Also: the lock files that keep a second
+process off a resource for this process's life.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["fsync_dir", "write_atomic"]
+__all__ = ["fsync_dir", "hold_lock", "write_atomic"]
 
 
 def fsync_dir(directory: Path) -> None:
@@ -36,3 +38,16 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def hold_lock(lock_path: Path, mode: int = 0o600) -> int | None:
+    """Take an exclusive flock on `lock_path` (created if absent) and return its fd, to keep open for the
+    holder's life; None when another process holds it. The kernel drops the lock when the process exits,
+    kill -9 included, so a stale lock file never blocks a restart."""
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, mode)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd

@@ -7,7 +7,6 @@ away an oversized message with RESOURCE_EXHAUSTED before it is buffered whole.
 
 from __future__ import annotations
 
-import fcntl
 import ipaddress
 import os
 import socket
@@ -19,6 +18,7 @@ import grpc
 import structlog
 
 from edge_runtime.config import ServerSection
+from edge_runtime.durable import hold_lock
 from edge_runtime.errors import ConfigError
 from edge_runtime.kserve.servicer import KServeServicer, add_to_server
 from edge_runtime.models.repository import ModelRepository
@@ -56,12 +56,9 @@ def _lock_socket_path(path: Path) -> int:
     """Hold {socket}.lock for the server's life: two agents starting at once cannot both pass the probe
     below (grpc would silently unbind the first one's socket). The kernel drops the lock on kill -9."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise ConfigError(f"server.unix_socket {path} is in use by another process (another edge-agent?)") from None
+    fd = hold_lock(Path(f"{path}.lock"))
+    if fd is None:
+        raise ConfigError(f"server.unix_socket {path} is in use by another process (another edge-agent?)")
     return fd
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
 from concurrent.futures import Future
 from pathlib import Path
@@ -10,6 +9,7 @@ from types import TracebackType
 
 import structlog
 
+from edge_runtime.durable import hold_lock
 from edge_runtime.errors import ConfigError
 from edge_runtime.outbox._queue import Ack, AppendQueue, Flush, MarkInDoubt, SetLimits
 from edge_runtime.outbox._reader import Reader
@@ -232,10 +232,7 @@ def _check_limits(max_bytes: int, max_age_s: float) -> None:
 def _lock(path: Path) -> int:
     """An exclusive lock for this process's lifetime: two writers would hand out the same seqs."""
     lock_path = path.with_name(path.name + ".lock")
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise OutboxUnusable(f"outbox {path} is in use by another process (it holds {lock_path})") from None
+    fd = hold_lock(lock_path, 0o644)
+    if fd is None:
+        raise OutboxUnusable(f"outbox {path} is in use by another process (it holds {lock_path})")
     return fd
