@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 MODELS := build/models
-CODE := edge_runtime cloud_sync tests bench models protos examples
+CODE := edgefleet edge_runtime cloud_sync tests bench models protos examples
 
 # The device side must run on JetPack 6's Python 3.10: `make test` also runs its tests there when a
 # Python 3.10 is installed (pyenv's or the system's).

@@ -55,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _configure_logging() -> None:
     # The in-process benchmarks load models through edge_runtime, which logs each step; keep stdout for results.
-    from edge_runtime.observability.logging import configure_logging
+    from edgefleet.logs import configure_logging
 
     configure_logging("warning", sys.stderr)
 

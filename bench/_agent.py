@@ -24,8 +24,8 @@ from typing import Any
 import grpc
 import psutil
 
-from edge_runtime.proto.inference import grpc_service_pb2 as pb
-from edge_runtime.proto.inference import grpc_service_pb2_grpc as pb_grpc
+from edgefleet.proto.inference import grpc_service_pb2 as pb
+from edgefleet.proto.inference import grpc_service_pb2_grpc as pb_grpc
 
 __all__ = ["AgentProcess", "install", "scratch_dir", "write_config"]
 

@@ -24,8 +24,8 @@ from bench._agent import AgentProcess, install, scratch_dir, write_config
 from bench._harness import Options, Report, Samples, Target, median
 from bench.inproc import raw_session
 from edge_runtime.kserve.client import build_request
-from edge_runtime.proto.inference import grpc_service_pb2 as pb
-from edge_runtime.proto.inference import grpc_service_pb2_grpc as pb_grpc
+from edgefleet.proto.inference import grpc_service_pb2 as pb
+from edgefleet.proto.inference import grpc_service_pb2_grpc as pb_grpc
 
 __all__ = ["run"]
 

@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from bench._harness import Options, Report, Target, interleaved, median
-from edge_runtime.agent.heap import freeze_startup_heap
 from edge_runtime.outbox import Outbox, OutboxRecord
 from edge_runtime.outbox._schema import connect, migrate
-from edge_runtime.proto.edgefleet.v1 import results_pb2
+from edgefleet.heap import freeze_startup_heap
+from edgefleet.proto.edgefleet.v1 import results_pb2
 
 __all__ = ["run"]
 
@@ -192,7 +192,7 @@ def run(options: Options) -> Report:
 
 
 if __name__ == "__main__":  # python -m bench.outbox_append [--quick]
-    from edge_runtime.observability.logging import configure_logging
+    from edgefleet.logs import configure_logging
 
     configure_logging("warning", sys.stderr)
     quick = "--quick" in sys.argv

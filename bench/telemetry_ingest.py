@@ -42,15 +42,15 @@ from paho.mqtt.properties import Properties
 
 from bench._harness import Options, Report, Target, interleaved, median
 from edge_runtime.config import MqttSection
-from edge_runtime.proto.edgefleet.v1.state_pb2 import MODEL_ROLE_ACTIVE
-from edge_runtime.proto.edgefleet.v1.telemetry_pb2 import (
+from edge_runtime.sync.mqtt import TELEMETRY_CONTENT_TYPE, MqttLink
+from edgefleet.proto.edgefleet.v1.state_pb2 import MODEL_ROLE_ACTIVE
+from edgefleet.proto.edgefleet.v1.telemetry_pb2 import (
     LatencySummary,
     ModelVersionTelemetry,
     OutboxTelemetry,
     SystemTelemetry,
     Telemetry,
 )
-from edge_runtime.sync.mqtt import TELEMETRY_CONTENT_TYPE, MqttLink
 
 __all__ = ["run"]
 
@@ -419,7 +419,7 @@ def _mosquitto_version() -> str:
 
 
 if __name__ == "__main__":  # python -m bench.telemetry_ingest [--quick]
-    from edge_runtime.observability.logging import configure_logging
+    from edgefleet.logs import configure_logging
 
     configure_logging("warning", sys.stderr)
     if sys.argv[1:2] == ["--publish"]:

@@ -23,8 +23,8 @@ import grpc
 from bench._harness import Options, Report, Target, interleaved, median
 from edge_runtime.config import CloudSection, UploadPolicy
 from edge_runtime.outbox import Outbox, OutboxRecord
-from edge_runtime.proto.edgefleet.v1 import results_pb2, services_pb2, services_pb2_grpc
 from edge_runtime.sync.uplink import Uploader
+from edgefleet.proto.edgefleet.v1 import results_pb2, services_pb2, services_pb2_grpc
 from tests.processes import CLOUD_SYNC, REPO_ROOT, CloudSyncProcess, toml_text
 
 __all__ = ["run"]
@@ -78,7 +78,7 @@ class _CountingUplink:
 
 async def _raw_stream(messages: list[results_pb2.ResultBatch]) -> float:
     """Seconds for a bare grpc.aio client to stream `messages` to a bare server (16 per stream, as ours)."""
-    from edge_runtime.rpc_handlers import add_service
+    from edgefleet.rpc import add_service
 
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", -1)])
     counter = _CountingUplink()

@@ -55,8 +55,8 @@ def parse_labels(text: str) -> dict[str, str]:
 
 def _run(config: CloudSyncConfig) -> int:
     from cloud_sync.process import CloudSync
-    from edge_runtime.agent.heap import freeze_startup_heap
-    from edge_runtime.observability.logging import configure_logging
+    from edgefleet.heap import freeze_startup_heap
+    from edgefleet.logs import configure_logging
 
     configure_logging(config.server.log_level)
     freeze_startup_heap()  # as edge-agent: the imports' objects live as long as the process
@@ -105,6 +105,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except OSError as exc:
         print(f"cloud-sync: {exc}", file=sys.stderr)
+        return 1
+    except ModuleNotFoundError as exc:  # a base or fleetctl-only install
+        print(
+            f"cloud-sync: {exc.name} is not installed: install it with pip install 'edgefleet[cloud]'", file=sys.stderr
+        )
         return 1
     except KeyboardInterrupt:
         return 130

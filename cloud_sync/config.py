@@ -12,6 +12,7 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from cloud_sync.errors import InvalidArgument
+from edgefleet.addresses import parse_host_port
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -26,9 +27,7 @@ class ConfigProblem(InvalidArgument):
 
 
 def _listen_address(value: str) -> str:
-    host, sep, port = value.rpartition(":")
-    if not sep or not host.strip("[]") or not (port.isascii() and port.isdigit()) or int(port) > 65535:
-        raise ValueError(f"{value!r} must be host:port with a port of 0-65535 (0: any free port)")
+    parse_host_port(value)  # AddressError is a ValueError: pydantic reports it against the key
     return value
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import struct
 import sys
 import time
 from collections.abc import Iterator
@@ -26,7 +27,7 @@ from rich.text import Text
 
 from cloud_sync.cli import parse_labels
 from cloud_sync.errors import InvalidArgument
-from edge_runtime.proto.edgefleet.v1 import results_pb2
+from edgefleet.proto.edgefleet.v1 import results_pb2
 
 __all__ = ["app", "main"]
 
@@ -229,24 +230,50 @@ def devices_revoke(ctx: typer.Context, device_id: DeviceIdArgument) -> None:
     out.print_json(data=device) if s.as_json else out.print(f"{device_id} revoked")
 
 
+# KServe datatypes the summary reads, as struct format characters (little-endian, as raw contents are).
+_STRUCT_FORMATS = {
+    "FP32": "f",
+    "FP64": "d",
+    "FP16": "e",
+    "INT8": "b",
+    "INT16": "h",
+    "INT32": "i",
+    "INT64": "q",
+    "UINT8": "B",
+    "UINT16": "H",
+    "UINT32": "I",
+    "UINT64": "Q",
+}
+
+
 def _summary(result: dict[str, Any]) -> str:
-    """What a record says, for a human: the top class of a kept inference result."""
+    """What a record says, for a human: the top class of a kept inference result.
+
+    Read with the standard library (struct), not numpy: fleetctl installs without the device runtime.
+    """
     if result["payload_type"] != "inference.ModelInferResponse":
         return f"{result['payload_bytes']} bytes of {result['payload_type']}"
-    from edge_runtime.kserve.codec import decode_response
-    from edge_runtime.proto.inference import grpc_service_pb2
+    from edgefleet.proto.inference import grpc_service_pb2
 
     try:
-        response = decode_response(grpc_service_pb2.ModelInferResponse.FromString(base64.b64decode(result["payload"])))
+        response = grpc_service_pb2.ModelInferResponse.FromString(base64.b64decode(result["payload"]))
+        parts = [_output_summary(t, response.raw_output_contents[i]) for i, t in enumerate(response.outputs)]
     except Exception:
         return f"{result['payload_bytes']} bytes (not a readable ModelInferResponse)"
-    parts = []
-    for name, array in response.outputs.items():
-        if array.ndim == 2 and array.shape[0] == 1 and array.shape[1] <= 1000:
-            parts.append(f"{name}: argmax {int(array.argmax())} ({float(array.max()):.3f})")
-        else:
-            parts.append(f"{name}: {array.dtype}{list(array.shape)}")
     return "; ".join(parts)
+
+
+def _output_summary(tensor: Any, raw: bytes) -> str:
+    shape = list(tensor.shape)
+    code = _STRUCT_FORMATS.get(tensor.datatype)
+    count = 1
+    for dim in shape:
+        count *= dim
+    if code is None or len(shape) != 2 or shape[0] != 1 or not 0 < shape[1] <= 1000:
+        return f"{tensor.name}: {tensor.datatype}{shape}"
+    values = struct.unpack(f"<{count}{code}", raw)  # raises on a size mismatch: "not readable"
+    best = max(range(count), key=values.__getitem__)
+    return f"{tensor.name}: argmax {best} ({float(values[best]):.3f})"
 
 
 def _pages(s: Session, device: str | None, after: int, follow: bool, interval: float) -> Iterator[Any]:

@@ -30,9 +30,10 @@ from cloud_sync.store import Database, DeviceRegistry, ResultStore, TelemetrySto
 from cloud_sync.telemetry.metrics import TelemetryMetrics
 from cloud_sync.telemetry.subscriber import TelemetrySubscriber
 from cloud_sync.uplink import DeviceAuthenticator, UplinkServicer
-from edge_runtime.durable import fsync_dir
-from edge_runtime.proto.edgefleet.v1 import services_pb2
-from edge_runtime.rpc_handlers import add_service
+from edgefleet.addresses import AddressError, parse_host_port
+from edgefleet.durable import fsync_dir
+from edgefleet.proto.edgefleet.v1 import services_pb2
+from edgefleet.rpc import add_service
 
 __all__ = ["CloudSync", "Endpoints", "admin_token"]
 
@@ -80,10 +81,10 @@ def _checked_token(path: Path, token: str) -> str:
 
 
 def _host_port(address: str, key: str) -> tuple[str, int]:
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ConfigProblem(f"{key} {address!r} must be host:port")
-    return host.strip("[]"), int(port)
+    try:
+        return parse_host_port(address)
+    except AddressError as exc:
+        raise ConfigProblem(f"{key}: {exc}") from None
 
 
 @dataclass

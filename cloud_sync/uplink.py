@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from cloud_sync.errors import CloudSyncError, Unauthenticated
 from cloud_sync.status import INTERNAL_MESSAGE, grpc_code, unexpected_error_fields
 from cloud_sync.store import DeviceRegistry, IngestOutcome, ResultStore
-from edge_runtime.proto.edgefleet.v1 import results_pb2
+from edgefleet.proto.edgefleet.v1 import results_pb2
 
 __all__ = ["DeviceAuthenticator", "UplinkServicer", "bearer_token"]
 

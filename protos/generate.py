@@ -1,10 +1,10 @@
-"""Generate the Python code (and mypy stubs) for protos/ into edge_runtime/proto/.
+"""Generate the Python code (and mypy stubs) for protos/ into edgefleet/proto/.
 
 Run `python protos/generate.py` after changing a .proto; tests/test_proto_drift.py fails when the
 checked-in code no longer matches. protoc names imports after the proto package (`from edgefleet.v1
-import ...`); we rewrite them to live under `edge_runtime.proto`, so no generic top-level `inference` or
-`edgefleet` package is installed (the rewrite is three regexes; protoletariat does the same but pins old
-protoc plugins).
+import ...`); we rewrite them to live under `edgefleet.proto` (the package both sides share), so no generic
+top-level `inference` package is installed (the rewrite is three regexes; protoletariat does the same but pins
+old protoc plugins).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
-TARGET = ROOT / "edge_runtime" / "proto"
-PACKAGE = "edge_runtime.proto"
+TARGET = ROOT / "edgefleet" / "proto"
+PACKAGE = "edgefleet.proto"
 TOP_LEVEL = ("edgefleet", "inference")
 
 _IMPORT_RES = [
@@ -110,7 +110,7 @@ def main() -> int:
         fresh = Path(tmp) / "proto"
         fresh.mkdir()
         generate(fresh)
-        drift = differences(fresh, TARGET) if TARGET.exists() else ["(edge_runtime/proto missing)"]
+        drift = differences(fresh, TARGET) if TARGET.exists() else ["(edgefleet/proto missing)"]
         if args.check:
             for path in drift:
                 print(f"drift: {path}")

@@ -21,7 +21,7 @@ def _structlog_defaults() -> Iterator[None]:
     yield
     structlog.reset_defaults()
     root = logging.getLogger()
-    for handler in [h for h in root.handlers if type(h).__module__ == "edge_runtime.observability.logging"]:
+    for handler in [h for h in root.handlers if type(h).__module__ == "edgefleet.logs"]:
         root.removeHandler(handler)
     root.setLevel(logging.WARNING)
 

@@ -12,12 +12,12 @@ def test_generated_code_matches_the_protos(tmp_path: Path) -> None:
     fresh.mkdir()
     generate(fresh)
     drift = differences(fresh, TARGET)
-    assert drift == [], f"edge_runtime/proto is stale in {drift}: run `make protos` and commit the result"
+    assert drift == [], f"edgefleet/proto is stale in {drift}: run `make protos` and commit the result"
 
 
 def test_both_packages_can_import_the_generated_messages() -> None:
-    from edge_runtime.proto.edgefleet.v1 import results_pb2, services_pb2_grpc, state_pb2
-    from edge_runtime.proto.inference import grpc_service_pb2
+    from edgefleet.proto.edgefleet.v1 import results_pb2, services_pb2_grpc, state_pb2
+    from edgefleet.proto.inference import grpc_service_pb2
 
     batch = results_pb2.ResultBatch(records=[results_pb2.ResultRecord(seq=1, payload=b"x")])
     assert results_pb2.ResultBatch.FromString(batch.SerializeToString()) == batch

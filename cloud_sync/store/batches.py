@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cloud_sync.errors import InvalidBatch
-from edge_runtime.proto.edgefleet.v1 import results_pb2
+from edgefleet.proto.edgefleet.v1 import results_pb2
 
 __all__ = [
     "MAX_SEQ",

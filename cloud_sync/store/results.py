@@ -26,7 +26,7 @@ from cloud_sync.store.batches import (
 )
 from cloud_sync.store.database import Database, now_ms
 from cloud_sync.store.schema import device_uplink, devices, evictions, results
-from edge_runtime.proto.edgefleet.v1 import results_pb2
+from edgefleet.proto.edgefleet.v1 import results_pb2
 
 __all__ = ["MAX_PAGE", "IngestOutcome", "Reconciliation", "ResultStore", "StoredResult"]
 

@@ -16,7 +16,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from cloud_sync.store.database import Database
 from cloud_sync.store.schema import devices, metadata
 from cloud_sync.telemetry.rollup import DeviceWindows, ModelWindow, combine_device_windows
-from edge_runtime.proto.edgefleet.v1.telemetry_pb2 import Telemetry
+from edgefleet.proto.edgefleet.v1.telemetry_pb2 import Telemetry
 
 __all__ = [
     "DevicePresence",

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from cloud_sync.errors import InvalidArgument
 from cloud_sync.store.devices import DeviceRegistry, check_device_id
-from edge_runtime.durable import write_atomic
+from edgefleet.durable import write_atomic
 
 __all__ = ["DEVICE_READS", "DEVICE_WRITES", "acl_text", "write_acl_file", "write_fleet_acl"]
 

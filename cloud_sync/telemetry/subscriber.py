@@ -34,8 +34,7 @@ from cloud_sync.telemetry.validation import (
     check_telemetry,
     parse_topic,
 )
-from edge_runtime.errors import ConfigError
-from edge_runtime.sync.mqtt import BrokerAddress, parse_broker_url
+from edgefleet.addresses import AddressError, BrokerAddress, parse_broker_url
 
 __all__ = ["SubscriberStats", "TelemetrySubscriber"]
 
@@ -126,8 +125,8 @@ class TelemetrySubscriber:
     ) -> None:
         try:
             self.address: BrokerAddress = parse_broker_url(url)
-        except ConfigError as exc:
-            raise InvalidArgument(str(exc)) from exc
+        except AddressError as exc:
+            raise InvalidArgument(f"mqtt.url: {exc}") from exc
         if not 1 <= receive_maximum <= 65535:
             raise InvalidArgument("receive_maximum must be within 1..65535 (MQTT 5)")
         self.prefix = prefix

@@ -11,7 +11,7 @@ from google.protobuf.message import DecodeError
 
 from cloud_sync.errors import InvalidArgument
 from cloud_sync.store.devices import check_device_id
-from edge_runtime.proto.edgefleet.v1.telemetry_pb2 import ModelVersionTelemetry, Telemetry
+from edgefleet.proto.edgefleet.v1.telemetry_pb2 import ModelVersionTelemetry, Telemetry
 
 __all__ = [
     "DEFAULT_MAX_PAYLOAD_BYTES",

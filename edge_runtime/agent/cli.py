@@ -15,7 +15,7 @@ from pathlib import Path
 from edge_runtime import __version__
 from edge_runtime.config import AgentConfig, field_docs, load_config
 from edge_runtime.errors import ConfigError, EdgeRuntimeError, PackageError
-from edge_runtime.observability.logging import configure_logging
+from edgefleet.logs import configure_logging
 
 __all__ = ["main"]
 
@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(config: AgentConfig) -> int:
-    from edge_runtime.agent.heap import freeze_startup_heap, limit_heap_retention
+    from edgefleet.heap import freeze_startup_heap, limit_heap_retention
 
     # Before onnxruntime, grpc and numpy are imported: their start-up allocations follow the threshold too
     # (measured: 152-158 MiB after serving mobilenet-bench when called after these imports).
@@ -119,6 +119,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except OSError as exc:  # the data dir unwritable, a disk full: say what, without a traceback
         print(f"edge-agent: {exc}", file=sys.stderr)
+        return 1
+    except ModuleNotFoundError as exc:  # a base install without the device runtime
+        print(
+            f"edge-agent: {exc.name} is not installed: install the agent with pip install 'edgefleet[agent]'",
+            file=sys.stderr,
+        )
         return 1
     except KeyboardInterrupt:
         return 130

@@ -15,9 +15,9 @@ from pathlib import Path
 import structlog
 
 from edge_runtime.batching.policy import ProfilePoint, profile_sizes, profiling_done
-from edge_runtime.durable import write_atomic
 from edge_runtime.engines.base import Engine
 from edge_runtime.inference.synthetic import example_inputs
+from edgefleet.durable import write_atomic
 
 __all__ = ["ProfileCache", "profile_engine"]
 

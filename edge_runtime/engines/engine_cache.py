@@ -18,9 +18,9 @@ from typing import Any
 
 import structlog
 
-from edge_runtime.durable import fsync_dir
 from edge_runtime.errors import EngineError
 from edge_runtime.inference.tensors import TensorSpec
+from edgefleet.durable import fsync_dir
 
 __all__ = [
     "BuildOptions",

@@ -20,7 +20,7 @@ from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.inference.types import InferResponse
 from edge_runtime.kserve.codec import KEEP_PARAMETER, build_request, encode_response
 from edge_runtime.outbox import OutboxRecord
-from edge_runtime.proto.edgefleet.v1 import results_pb2
+from edgefleet.proto.edgefleet.v1 import results_pb2
 
 __all__ = [
     "KEEP_ASYNC_PARAMETER",

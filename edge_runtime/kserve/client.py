@@ -14,8 +14,8 @@ import numpy as np
 
 from edge_runtime.inference.types import InferResponse
 from edge_runtime.kserve.codec import build_request, decode_response
-from edge_runtime.proto.inference import grpc_service_pb2 as pb
-from edge_runtime.proto.inference import grpc_service_pb2_grpc as pb_grpc
+from edgefleet.proto.inference import grpc_service_pb2 as pb
+from edgefleet.proto.inference import grpc_service_pb2_grpc as pb_grpc
 
 __all__ = ["KServeClient", "build_request", "decode_response"]
 

@@ -16,7 +16,7 @@ import numpy as np
 from edge_runtime.errors import InvalidInput, RequestTooLarge
 from edge_runtime.inference.tensors import DATATYPES, datatype_of, dtype_of
 from edge_runtime.inference.types import InferRequest, InferResponse
-from edge_runtime.proto.inference import grpc_service_pb2 as pb
+from edgefleet.proto.inference import grpc_service_pb2 as pb
 
 __all__ = ["check_version", "decode_request", "encode_response", "parameter_value"]
 

@@ -7,7 +7,6 @@ away an oversized message with RESOURCE_EXHAUSTED before it is buffered whole.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import socket
 import stat
@@ -18,10 +17,11 @@ import grpc
 import structlog
 
 from edge_runtime.config import ServerSection
-from edge_runtime.durable import hold_lock
 from edge_runtime.errors import ConfigError
 from edge_runtime.kserve.servicer import KServeServicer, add_to_server
 from edge_runtime.models.repository import ModelRepository
+from edgefleet.addresses import AddressError, is_loopback, parse_host_port
+from edgefleet.durable import hold_lock
 
 __all__ = ["InferenceServer", "check_loopback", "parse_tcp_address"]
 
@@ -33,19 +33,16 @@ MAX_SOCKET_PATH = 107
 MESSAGE_OVERHEAD = 1 << 20
 
 
-def parse_tcp_address(address: str) -> tuple[str, int]:
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise ConfigError(f"server.tcp_address {address!r} must be host:port")
-    return host.strip("[]"), int(port)
+def parse_tcp_address(address: str, key: str = "server.tcp_address") -> tuple[str, int]:
+    """host:port of the config key `key`; ConfigError naming the key otherwise."""
+    try:
+        return parse_host_port(address)
+    except AddressError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
 
 
 def check_loopback(host: str) -> None:
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
+    if not is_loopback(host):
         raise ConfigError(
             f"server.tcp_address host {host!r} is not a loopback address; the inference API is plaintext and "
             "local-only: serve apps on this device over the Unix socket or 127.0.0.1"

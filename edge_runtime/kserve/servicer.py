@@ -21,9 +21,9 @@ from edge_runtime.kserve.status import status_for
 from edge_runtime.loop_bridge import LoopBridge
 from edge_runtime.models.repository import KEEP_WAIT_S, ModelRepository
 from edge_runtime.models.served import ServedModel
-from edge_runtime.proto.inference import grpc_service_pb2 as pb
-from edge_runtime.proto.inference import grpc_service_pb2_grpc as pb_grpc
-from edge_runtime.rpc_handlers import add_service
+from edgefleet.proto.inference import grpc_service_pb2 as pb
+from edgefleet.proto.inference import grpc_service_pb2_grpc as pb_grpc
+from edgefleet.rpc import add_service
 
 __all__ = ["SERVER_NAME", "KServeServicer", "add_to_server", "status_message"]
 

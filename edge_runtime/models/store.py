@@ -16,9 +16,9 @@ from pathlib import Path
 
 import structlog
 
-from edge_runtime.durable import fsync_dir, write_atomic
 from edge_runtime.errors import ModelNotFound, PackageError
 from edge_runtime.models.package import MANIFEST_FILE, MODEL_FILE, ModelPackage, read_package
+from edgefleet.durable import fsync_dir, write_atomic
 
 __all__ = ["ActivePointer", "ModelStore"]
 

@@ -9,13 +9,13 @@ from types import TracebackType
 
 import structlog
 
-from edge_runtime.durable import hold_lock
 from edge_runtime.errors import ConfigError
 from edge_runtime.outbox._queue import Ack, AppendQueue, Flush, MarkInDoubt, SetLimits
 from edge_runtime.outbox._reader import Reader
 from edge_runtime.outbox._recovery import open_checked
 from edge_runtime.outbox._types import OutboxCounters, OutboxRecord, OutboxUnusable, UploadBatch
 from edge_runtime.outbox._writer import Writer
+from edgefleet.durable import hold_lock
 
 __all__ = ["Outbox"]
 

@@ -10,7 +10,7 @@ from edge_runtime.errors import InvalidInput, ShuttingDown
 from edge_runtime.outbox._policy import ROW_OVERHEAD_BYTES
 from edge_runtime.outbox._schema import connect_reader, read_counters
 from edge_runtime.outbox._types import UploadBatch
-from edge_runtime.proto.edgefleet.v1.results_pb2 import ResultBatch
+from edgefleet.proto.edgefleet.v1.results_pb2 import ResultBatch
 
 __all__ = ["Reader"]
 

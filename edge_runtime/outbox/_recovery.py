@@ -21,10 +21,10 @@ from typing import Any
 
 import structlog
 
-from edge_runtime.durable import fsync_dir
 from edge_runtime.outbox._policy import record_bytes, record_problem
 from edge_runtime.outbox._schema import COUNTER_NAMES, connect, migrate, read_counters, write_counters
 from edge_runtime.outbox._types import OutboxUnusable
+from edgefleet.durable import fsync_dir
 
 __all__ = ["open_checked"]
 

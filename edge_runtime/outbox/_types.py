@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import NamedTuple, TypeAlias
 
 from edge_runtime.errors import OutboxUnusable
-from edge_runtime.proto.edgefleet.v1.results_pb2 import ResultBatch, ResultRecord
+from edgefleet.proto.edgefleet.v1.results_pb2 import ResultBatch, ResultRecord
 
 __all__ = ["OutboxCounters", "OutboxRecord", "OutboxUnusable", "Payload", "UploadBatch"]
 

@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import ssl
 import threading
-import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,9 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from edge_runtime.config import AgentConfig, MqttSection
 from edge_runtime.errors import ConfigError
-from edge_runtime.proto.edgefleet.v1.telemetry_pb2 import Telemetry
+from edgefleet.addresses import AddressError, BrokerAddress
+from edgefleet.addresses import parse_broker_url as parse_address
+from edgefleet.proto.edgefleet.v1.telemetry_pb2 import Telemetry
 
 __all__ = [
     "STATUS_OFFLINE",
@@ -55,33 +56,13 @@ RECONNECT_DELAY = (1, 30)
 _TOPIC_UNSAFE = set("/+#\0 ")
 
 
-@dataclass(frozen=True)
-class BrokerAddress:
-    host: str
-    port: int
-    tls: bool
-
-
 def parse_broker_url(url: str) -> BrokerAddress:
-    """`mqtt://host:port` (plaintext, port 1883 by default) or `mqtts://host:port` (TLS, 8883).
-
-    Raises ConfigError naming `mqtt.url`.
-    """
+    """`mqtt://host:port` (plaintext, 1883 by default) or `mqtts://host:port` (TLS, 8883); ConfigError names
+    `mqtt.url`."""
     try:
-        parsed = urllib.parse.urlsplit(url)
-        port = parsed.port
-    except ValueError as exc:
-        raise ConfigError(f"mqtt.url {url!r} is not a valid URL: {exc}") from exc
-    if parsed.scheme not in ("mqtt", "mqtts"):
-        raise ConfigError(f"mqtt.url {url!r} must start with mqtt:// or mqtts://")
-    if not parsed.hostname:
-        raise ConfigError(f"mqtt.url {url!r} names no host (expected mqtt://host:port)")
-    if parsed.path not in ("", "/") or parsed.query or parsed.fragment or parsed.username or parsed.password:
-        raise ConfigError(
-            f"mqtt.url {url!r} must be only scheme, host and port (credentials come from the cloud section)"
-        )
-    tls = parsed.scheme == "mqtts"
-    return BrokerAddress(parsed.hostname, port if port is not None else (8883 if tls else 1883), tls)
+        return parse_address(url)
+    except AddressError as exc:
+        raise ConfigError(f"mqtt.url: {exc}") from None
 
 
 class DeviceTopics:

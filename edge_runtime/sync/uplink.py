@@ -23,7 +23,7 @@ from edge_runtime.config import CloudSection, UploadPolicy
 from edge_runtime.errors import ConfigError
 from edge_runtime.kserve.server import check_loopback, parse_tcp_address
 from edge_runtime.outbox import Outbox, UploadBatch
-from edge_runtime.proto.edgefleet.v1 import results_pb2, services_pb2_grpc
+from edgefleet.proto.edgefleet.v1 import results_pb2, services_pb2_grpc
 
 __all__ = ["Backoff", "Pacer", "UplinkStatus", "Uploader", "read_token"]
 

@@ -14,9 +14,9 @@ import structlog
 
 from edge_runtime.inference.stats import StatsSnapshot
 from edge_runtime.outbox import OutboxCounters
-from edge_runtime.proto.edgefleet.v1.state_pb2 import ModelRole
-from edge_runtime.proto.edgefleet.v1.telemetry_pb2 import OutboxTelemetry, SystemTelemetry, Telemetry
 from edge_runtime.telemetry._window import model_version_telemetry, stats_window
+from edgefleet.proto.edgefleet.v1.state_pb2 import ModelRole
+from edgefleet.proto.edgefleet.v1.telemetry_pb2 import OutboxTelemetry, SystemTelemetry, Telemetry
 
 __all__ = ["CounterSource", "ModelSource", "ServedVersion", "TelemetryCollector", "outbox_telemetry"]
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psutil
 
-from edge_runtime.proto.edgefleet.v1.telemetry_pb2 import SystemTelemetry
+from edgefleet.proto.edgefleet.v1.telemetry_pb2 import SystemTelemetry
 
 __all__ = ["SystemProbe"]
 

@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from edge_runtime.inference.stats import LATENCY_BUCKETS, StatsSnapshot
-from edge_runtime.proto.edgefleet.v1.state_pb2 import ModelRole
-from edge_runtime.proto.edgefleet.v1.telemetry_pb2 import LatencySummary, ModelVersionTelemetry
+from edgefleet.proto.edgefleet.v1.state_pb2 import ModelRole
+from edgefleet.proto.edgefleet.v1.telemetry_pb2 import LatencySummary, ModelVersionTelemetry
 
 __all__ = ["StatsWindow", "latency_quantile", "model_version_telemetry", "stats_window"]
 

@@ -22,7 +22,7 @@ import pytest
 
 from edge_runtime.inference.types import InferResponse
 from edge_runtime.kserve.codec import encode_response
-from edge_runtime.proto.edgefleet.v1 import results_pb2, services_pb2_grpc
+from edgefleet.proto.edgefleet.v1 import results_pb2, services_pb2_grpc
 from tests.postgres import ENGINES, postgres_schema_url
 from tests.processes import CLOUD_SYNC, CloudSyncProcess, run_program, run_side_by_side, toml_text
 

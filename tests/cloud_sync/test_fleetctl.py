@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from edge_runtime.proto.edgefleet.v1 import results_pb2
+from edgefleet.proto.edgefleet.v1 import results_pb2
 from tests.cloud_sync.conftest import RunningCloudSync, batch, digits_payload, record
 from tests.processes import REPO_ROOT
 

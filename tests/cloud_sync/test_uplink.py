@@ -16,8 +16,8 @@ from structlog.testing import capture_logs
 
 from cloud_sync.store import DeviceRegistry, IngestOutcome, ResultStore, open_database
 from cloud_sync.uplink import DeviceAuthenticator, UplinkServicer
-from edge_runtime.proto.edgefleet.v1 import results_pb2, services_pb2, services_pb2_grpc
-from edge_runtime.rpc_handlers import add_service
+from edgefleet.proto.edgefleet.v1 import results_pb2, services_pb2, services_pb2_grpc
+from edgefleet.rpc import add_service
 from tests.cloud_sync.conftest import MAX_MESSAGE_BYTES, UPLOAD_METHOD, RunningCloudSync, batch, record
 from tests.waiting import wait_for
 

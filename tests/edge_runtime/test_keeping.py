@@ -21,8 +21,8 @@ from edge_runtime.inference.keeping import (
 )
 from edge_runtime.kserve.codec import KEEP_PARAMETER
 from edge_runtime.outbox import Outbox
-from edge_runtime.proto.edgefleet.v1 import results_pb2
-from edge_runtime.proto.inference import grpc_service_pb2
+from edgefleet.proto.edgefleet.v1 import results_pb2
+from edgefleet.proto.inference import grpc_service_pb2
 from models.build import digits_holdout
 
 

@@ -16,7 +16,7 @@ from structlog.testing import capture_logs
 
 from edge_runtime.config import AgentConfig
 from edge_runtime.models.repository import ModelRepository
-from edge_runtime.observability.logging import configure_logging, redact_secrets
+from edgefleet.logs import configure_logging, redact_secrets
 
 log = structlog.get_logger("tests.logging")
 

@@ -18,9 +18,6 @@ from edge_runtime.inference.stats import LATENCY_BUCKETS, ModelStats, StatsSnaps
 from edge_runtime.inference.types import InferRequest
 from edge_runtime.models.repository import ModelRepository
 from edge_runtime.outbox import Outbox, OutboxRecord
-from edge_runtime.proto.edgefleet.v1 import results_pb2
-from edge_runtime.proto.edgefleet.v1.state_pb2 import MODEL_ROLE_ACTIVE
-from edge_runtime.proto.edgefleet.v1.telemetry_pb2 import SystemTelemetry, Telemetry
 from edge_runtime.telemetry import (
     SystemProbe,
     TelemetryCollector,
@@ -28,6 +25,9 @@ from edge_runtime.telemetry import (
     model_version_telemetry,
     stats_window,
 )
+from edgefleet.proto.edgefleet.v1 import results_pb2
+from edgefleet.proto.edgefleet.v1.state_pb2 import MODEL_ROLE_ACTIVE
+from edgefleet.proto.edgefleet.v1.telemetry_pb2 import SystemTelemetry, Telemetry
 from models.build import digits_holdout
 from tests.loopcheck import SlowCallbacks
 

@@ -30,7 +30,7 @@ import sqlalchemy as sa
 from bench._harness import machine_info
 from cloud_sync.store import DeviceRegistry, ResultStore, open_database
 from cloud_sync.store.batches import ROW_COLUMNS, IngestLimits, validate_batch
-from edge_runtime.proto.edgefleet.v1 import results_pb2
+from edgefleet.proto.edgefleet.v1 import results_pb2
 from tests.postgres import POSTGRES_CONNINFO, POSTGRES_URL, postgres_unreachable
 
 BATCH = 1000

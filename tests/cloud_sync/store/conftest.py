@@ -11,7 +11,7 @@ from collections.abc import Iterable, Iterator
 import pytest
 
 from cloud_sync.store import Database, DeviceRegistry, ResultStore, open_database
-from edge_runtime.proto.edgefleet.v1 import results_pb2
+from edgefleet.proto.edgefleet.v1 import results_pb2
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from cloud_sync.store.batches import (
     place,
     validate_batch,
 )
-from edge_runtime.proto.edgefleet.v1 import results_pb2
+from edgefleet.proto.edgefleet.v1 import results_pb2
 from tests.cloud_sync.store.conftest import make_batch, make_record
 
 NOW_MS = 1_800_000_000_000

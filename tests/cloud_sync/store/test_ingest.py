@@ -12,7 +12,7 @@ import pytest
 from cloud_sync.errors import InvalidArgument, InvalidBatch, NotFound
 from cloud_sync.store import DeviceRegistry, IngestLimits, IngestOutcome, Reconciliation, ResultStore, open_database
 from cloud_sync.store.database import Database
-from edge_runtime.proto.edgefleet.v1 import results_pb2
+from edgefleet.proto.edgefleet.v1 import results_pb2
 from tests.cloud_sync.store.conftest import make_batch, make_record
 
 

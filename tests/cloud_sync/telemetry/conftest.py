@@ -14,8 +14,8 @@ import cloud_sync.store.telemetry  # noqa: F401  (registers the telemetry tables
 from cloud_sync.store import Database, DeviceRegistry, open_database
 from cloud_sync.store.telemetry import TelemetryStore
 from cloud_sync.telemetry.subscriber import TelemetrySubscriber
-from edge_runtime.proto.edgefleet.v1.state_pb2 import MODEL_ROLE_ACTIVE
-from edge_runtime.proto.edgefleet.v1.telemetry_pb2 import LatencySummary, ModelVersionTelemetry, Telemetry
+from edgefleet.proto.edgefleet.v1.state_pb2 import MODEL_ROLE_ACTIVE
+from edgefleet.proto.edgefleet.v1.telemetry_pb2 import LatencySummary, ModelVersionTelemetry, Telemetry
 from tests.mosquitto import Mosquitto
 from tests.waiting import wait_for
 

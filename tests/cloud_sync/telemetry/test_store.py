@@ -12,7 +12,7 @@ from cloud_sync.store.telemetry import (
     TelemetryStore,
     model_telemetry,
 )
-from edge_runtime.proto.edgefleet.v1.telemetry_pb2 import Telemetry
+from edgefleet.proto.edgefleet.v1.telemetry_pb2 import Telemetry
 from tests.cloud_sync.telemetry.conftest import telemetry, version
 
 T0 = 1_800_000_000_000

@@ -15,7 +15,7 @@ from cloud_sync.store import Database
 from cloud_sync.store.telemetry import TelemetryStore, device_presence, model_telemetry, telemetry_latest
 from cloud_sync.telemetry import TelemetryMetrics
 from cloud_sync.telemetry.validation import REASONS, Rejected, check_status, check_telemetry, parse_topic
-from edge_runtime.proto.edgefleet.v1.telemetry_pb2 import LatencySummary, Telemetry
+from edgefleet.proto.edgefleet.v1.telemetry_pb2 import LatencySummary, Telemetry
 from tests.cloud_sync.telemetry.conftest import PREFIX, MakeSubscriber, telemetry, version
 from tests.mosquitto import Mosquitto, MqttWatcher
 from tests.waiting import wait_for

@@ -6,7 +6,7 @@ import platform
 import subprocess
 import sys
 
-from edge_runtime.agent.heap import limit_heap_retention
+from edgefleet.heap import limit_heap_retention
 
 
 def test_the_heap_threshold_can_be_pinned_on_glibc() -> None:
@@ -18,7 +18,7 @@ def test_the_startup_heap_leaves_the_gc_and_later_garbage_is_still_collected() -
     script = """
 import gc, weakref
 import onnxruntime, grpc  # a start-up heap like the agent's
-from edge_runtime.agent.heap import freeze_startup_heap
+from edgefleet.heap import freeze_startup_heap
 frozen = freeze_startup_heap()
 class Node: pass
 a, b = Node(), Node()

@@ -19,8 +19,8 @@ import pytest
 from edge_runtime.config import AgentConfig
 from edge_runtime.kserve import InferenceServer, KServeClient
 from edge_runtime.models.repository import ModelRepository
-from edge_runtime.proto.inference import grpc_service_pb2 as pb
-from edge_runtime.proto.inference import grpc_service_pb2_grpc as pb_grpc
+from edgefleet.proto.inference import grpc_service_pb2 as pb
+from edgefleet.proto.inference import grpc_service_pb2_grpc as pb_grpc
 from tests.loopcheck import LoopThread
 
 SERVER_VERSION = "9.9.9-test"

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from edge_runtime.kserve.client import build_request
-from edge_runtime.proto.inference import grpc_service_pb2 as pb
+from edgefleet.proto.inference import grpc_service_pb2 as pb
 from tests.edge_runtime.kserve.conftest import Serve, Served, digits_inputs, rpc_error
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT

@@ -14,7 +14,7 @@ import onnxruntime as ort
 
 from edge_runtime.inference.types import InferRequest, InferResponse
 from edge_runtime.kserve.client import build_request, decode_response
-from edge_runtime.proto.inference import grpc_service_pb2 as pb
+from edgefleet.proto.inference import grpc_service_pb2 as pb
 from tests.edge_runtime.kserve.conftest import Serve, digits_inputs
 from tests.waiting import wait_for
 

@@ -11,7 +11,7 @@ import pytest
 from edge_runtime.inference.types import InferRequest
 from edge_runtime.kserve.client import build_request, decode_response
 from edge_runtime.kserve.servicer import SERVER_NAME
-from edge_runtime.proto.inference import grpc_service_pb2 as pb
+from edgefleet.proto.inference import grpc_service_pb2 as pb
 from tests.edge_runtime.kserve.conftest import SERVER_VERSION, Serve, digits_inputs
 
 

@@ -2,7 +2,7 @@
 of Triton's, and tritonclient.grpc talks to a running server.
 
 tritonclient registers the same `inference.*` names in protobuf's default descriptor pool as
-edge_runtime.proto does, so it runs in a subprocess (triton_probe.py) and hands back bytes and JSON.
+edgefleet.proto does, so it runs in a subprocess (triton_probe.py) and hands back bytes and JSON.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pytest
 from google.protobuf import descriptor_pb2
 
 from edge_runtime.inference.types import InferRequest
-from edge_runtime.proto.inference import grpc_service_pb2
+from edgefleet.proto.inference import grpc_service_pb2
 from tests.edge_runtime.kserve.conftest import Serve, digits_inputs
 
 PROBE = Path(__file__).with_name("triton_probe.py")

@@ -1,5 +1,5 @@
 """Run tritonclient in its own process (test_wire_compat.py): it registers the same `inference.*` protobuf
-names as edge_runtime.proto, so the two cannot share a process.
+names as edgefleet.proto, so the two cannot share a process.
 
     python triton_probe.py descriptors            -> a FileDescriptorSet of Triton's grpc_service.proto on stdout
     python triton_probe.py client TARGET IN OUT   -> JSON on stdout; the digits answer for IN.npy in OUT.npy

@@ -21,8 +21,8 @@ def payload_for(run: int, i: int) -> bytes:
 
 
 def main(path: str, run: int) -> None:
-    from edge_runtime.observability.logging import configure_logging
     from edge_runtime.outbox import Outbox, OutboxRecord
+    from edgefleet.logs import configure_logging
 
     configure_logging("info", sys.stderr)  # stdout carries only the seqs
     outbox = Outbox.open(Path(path), max_bytes=1 << 40, max_age_s=0, commit_interval_s=0.001)

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from edge_runtime.outbox import Outbox, OutboxRecord
-from edge_runtime.proto.edgefleet.v1 import results_pb2
+from edgefleet.proto.edgefleet.v1 import results_pb2
 
 MakeRecord = Callable[..., OutboxRecord]
 OpenOutbox = Callable[..., Outbox]

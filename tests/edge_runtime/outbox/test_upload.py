@@ -10,7 +10,7 @@ import pytest
 from edge_runtime.errors import InvalidInput
 from edge_runtime.outbox import Outbox
 from edge_runtime.outbox._policy import record_bytes
-from edge_runtime.proto.edgefleet.v1 import results_pb2
+from edgefleet.proto.edgefleet.v1 import results_pb2
 from tests.edge_runtime.outbox.conftest import MakeRecord, OpenOutbox, payload_of, rows
 
 BIG = 1 << 30

@@ -14,9 +14,9 @@ import sys
 import time
 
 from edge_runtime.config import MqttSection
-from edge_runtime.proto.edgefleet.v1.state_pb2 import MODEL_ROLE_ACTIVE
-from edge_runtime.proto.edgefleet.v1.telemetry_pb2 import LatencySummary, ModelVersionTelemetry, Telemetry
 from edge_runtime.sync.mqtt import MqttLink
+from edgefleet.proto.edgefleet.v1.state_pb2 import MODEL_ROLE_ACTIVE
+from edgefleet.proto.edgefleet.v1.telemetry_pb2 import LatencySummary, ModelVersionTelemetry, Telemetry
 
 
 def telemetry(device_id: str, seq: int, agent_start_ms: int, window_s: float) -> Telemetry:

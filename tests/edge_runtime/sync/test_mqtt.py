@@ -10,7 +10,6 @@ import pytest
 
 from edge_runtime.config import MqttSection
 from edge_runtime.errors import ConfigError
-from edge_runtime.proto.edgefleet.v1.state_pb2 import DesiredState
 from edge_runtime.sync.mqtt import (
     MAX_QUEUED_MESSAGES,
     STATUS_OFFLINE,
@@ -20,6 +19,7 @@ from edge_runtime.sync.mqtt import (
     MqttLink,
     parse_broker_url,
 )
+from edgefleet.proto.edgefleet.v1.state_pb2 import DesiredState
 from tests.edge_runtime.sync.device_process import DeviceProcess
 from tests.loopcheck import LoopThread
 from tests.mosquitto import Mosquitto, MqttWatcher

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from edge_runtime.config import CloudSection
 from edge_runtime.errors import ConfigError
 from edge_runtime.outbox import UploadBatch
-from edge_runtime.proto.edgefleet.v1 import results_pb2
 from edge_runtime.sync.uplink import Backoff, Pacer, compressible, open_channel, read_token
+from edgefleet.proto.edgefleet.v1 import results_pb2
 
 
 @given(st.integers(0, 200), st.integers(0, 2**32 - 1))

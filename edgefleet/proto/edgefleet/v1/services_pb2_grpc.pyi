@@ -6,10 +6,10 @@ gRPC services between edge-agent and cloud-sync. The device's identity comes fro
 """
 
 from collections import abc as _abc
-from edge_runtime.proto.edgefleet.v1 import results_pb2 as _results_pb2
-from edge_runtime.proto.edgefleet.v1 import services_pb2 as _services_pb2
-from edge_runtime.proto.edgefleet.v1 import state_pb2 as _state_pb2
-from edge_runtime.proto.edgefleet.v1 import telemetry_pb2 as _telemetry_pb2
+from edgefleet.proto.edgefleet.v1 import results_pb2 as _results_pb2
+from edgefleet.proto.edgefleet.v1 import services_pb2 as _services_pb2
+from edgefleet.proto.edgefleet.v1 import state_pb2 as _state_pb2
+from edgefleet.proto.edgefleet.v1 import telemetry_pb2 as _telemetry_pb2
 from grpc import aio as _aio
 import abc as _abc_1
 import grpc as _grpc

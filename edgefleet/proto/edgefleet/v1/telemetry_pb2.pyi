@@ -6,7 +6,7 @@ Periodic telemetry from a device. Counts and latencies cover the window
 """
 
 from collections import abc as _abc
-from edge_runtime.proto.edgefleet.v1 import state_pb2 as _state_pb2
+from edgefleet.proto.edgefleet.v1 import state_pb2 as _state_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers

@@ -6,8 +6,8 @@ gRPC services between edge-agent and cloud-sync. The device's identity comes fro
 """
 
 from collections import abc as _abc
-from edge_runtime.proto.edgefleet.v1 import models_pb2 as _models_pb2
-from edge_runtime.proto.edgefleet.v1 import state_pb2 as _state_pb2
+from edgefleet.proto.edgefleet.v1 import models_pb2 as _models_pb2
+from edgefleet.proto.edgefleet.v1 import state_pb2 as _state_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers

@@ -11,7 +11,7 @@ ModelStatistics is Triton's statistics extension, kept field-for-field.
 
 from collections import abc as _abc
 from grpc import aio as _aio
-from edge_runtime.proto.inference import grpc_service_pb2 as _grpc_service_pb2
+from edgefleet.proto.inference import grpc_service_pb2 as _grpc_service_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys

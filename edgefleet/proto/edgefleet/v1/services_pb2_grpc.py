@@ -3,10 +3,10 @@
 import grpc
 import warnings
 
-from edge_runtime.proto.edgefleet.v1 import results_pb2 as edgefleet_dot_v1_dot_results__pb2
-from edge_runtime.proto.edgefleet.v1 import services_pb2 as edgefleet_dot_v1_dot_services__pb2
-from edge_runtime.proto.edgefleet.v1 import state_pb2 as edgefleet_dot_v1_dot_state__pb2
-from edge_runtime.proto.edgefleet.v1 import telemetry_pb2 as edgefleet_dot_v1_dot_telemetry__pb2
+from edgefleet.proto.edgefleet.v1 import results_pb2 as edgefleet_dot_v1_dot_results__pb2
+from edgefleet.proto.edgefleet.v1 import services_pb2 as edgefleet_dot_v1_dot_services__pb2
+from edgefleet.proto.edgefleet.v1 import state_pb2 as edgefleet_dot_v1_dot_state__pb2
+from edgefleet.proto.edgefleet.v1 import telemetry_pb2 as edgefleet_dot_v1_dot_telemetry__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
