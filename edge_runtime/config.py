@@ -168,8 +168,14 @@ class CloudSection:
     device_id: str = option("", "This device's id, given at enrollment.")
     token_file: str = option("", "File holding the device token (mode 0600), given at enrollment.")
     ca_file: str = option(
-        "", "PEM CA bundle for TLS to cloud-sync; empty: plaintext, allowed to loopback targets only."
+        "", "PEM CA bundle for TLS to cloud-sync and the broker; empty: plaintext, allowed to loopback targets only."
     )
+    client_cert_file: str = option(
+        "",
+        "PEM client certificate (signed by the fleet CA, its name the device id) for the broker's TLS listener; "
+        "empty: the broker is given the device id and token instead.",
+    )
+    client_key_file: str = option("", "PEM private key of client_cert_file (mode 0600).")
 
 
 @dataclass(frozen=True)

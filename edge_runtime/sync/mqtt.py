@@ -121,6 +121,8 @@ class MqttLink:
         username: str | None = None,
         password: str | None = None,
         ca_file: str = "",
+        client_cert_file: str = "",
+        client_key_file: str = "",
         reconnect_delay: tuple[int, int] = RECONNECT_DELAY,
         max_queued_messages: int = MAX_QUEUED_MESSAGES,
     ) -> None:
@@ -142,9 +144,11 @@ class MqttLink:
         self._telemetry_props = _properties(PacketTypes.PUBLISH, TELEMETRY_CONTENT_TYPE)
         self._status_props = _properties(PacketTypes.PUBLISH, STATUS_CONTENT_TYPE)
 
+        # The client id is the device id: the deployed broker replaces whatever a client sends with its
+        # authenticated identity (use_username_as_clientid), so a device can only ever take its own session.
         client = Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=f"edge-{device_id}",
+            client_id=device_id,
             protocol=MQTTProtocolVersion.MQTTv5,
         )
         client.max_queued_messages_set(max_queued_messages)
@@ -159,7 +163,14 @@ class MqttLink:
         if username is not None:
             client.username_pw_set(username, password)
         if self.address.tls:
-            client.tls_set(ca_certs=ca_file or None, cert_reqs=ssl.CERT_REQUIRED)
+            client.tls_set(
+                ca_certs=ca_file or None,
+                certfile=client_cert_file or None,
+                keyfile=client_key_file or None,
+                cert_reqs=ssl.CERT_REQUIRED,
+            )
+        elif client_cert_file:
+            raise ConfigError("cloud.client_cert_file is set but mqtt.url is not mqtts://: certificates need TLS")
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_connect_fail = self._on_connect_fail
@@ -181,6 +192,8 @@ class MqttLink:
             username=config.cloud.device_id if password is not None else None,
             password=password,
             ca_file=config.cloud.ca_file,
+            client_cert_file=config.cloud.client_cert_file,
+            client_key_file=config.cloud.client_key_file,
         )
 
     # -- the loop's side ------------------------------------------------------------------------------------
