@@ -16,7 +16,7 @@ from dataclasses import asdict
 from typing import Annotated, Any
 
 import structlog
-from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -35,6 +35,8 @@ __all__ = ["ApiContext", "create_app"]
 
 log = structlog.get_logger(__name__)
 
+# The largest request body the API reads (http.max_body_bytes): a device or label document is a few KiB.
+DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 # Result ids are BIGINT: a larger after_id is not an id (SQLite once raised OverflowError on it: a 500).
 MAX_ID = MAX_SEQ
 
@@ -50,6 +52,7 @@ class ApiContext:
         registry: CollectorRegistry,
         extra_routes: list[Callable[[FastAPI], None]] | None = None,
         telemetry: TelemetryStore | None = None,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     ) -> None:
         self.devices = devices
         self.results = results
@@ -57,6 +60,7 @@ class ApiContext:
         self.registry = registry
         self.extra_routes = extra_routes or []
         self.telemetry = telemetry
+        self.max_body_bytes = max_body_bytes
 
 
 class NewDevice(BaseModel):
@@ -104,6 +108,48 @@ class _InternalErrors:
             await JSONResponse({"detail": INTERNAL_MESSAGE}, status_code=500)(scope, receive, send)
 
 
+class _BodyLimit:
+    """ASGI middleware: a request body past `max_bytes` gets 413 with the limit, and is not read past it.
+
+    A declared Content-Length over the limit is refused before a byte of the body is read; a chunked body is
+    counted as it arrives and refused once it passes the limit (FastAPI answers the HTTPException raised
+    while it reads the body). Without this the whole body was read, a 30 MB one included, before anything
+    looked at it.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _too_large(self) -> HTTPException:
+        # Connection: close, as the rest of the body is not read.
+        detail = f"the request body is larger than {self.max_bytes} bytes (cloud-sync's http.max_body_bytes)"
+        return HTTPException(status_code=413, detail=detail, headers={"Connection": "close"})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or ()).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            refused = self._too_large()
+            response = JSONResponse({"detail": refused.detail}, status_code=413, headers=refused.headers)
+            await response(scope, receive, send)
+            return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise self._too_large()
+            return message
+
+        await self.app(scope, counted, send)
+
+
 # How far back a device's per-model figures reach in GET /v1/devices/{id}.
 RECENT_S = 300
 
@@ -118,6 +164,9 @@ def _presence_json(presence: Any) -> dict[str, Any]:
 def _telemetry_json(latest: Any) -> dict[str, Any]:
     data = MessageToDict(latest.message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
     data["received_at_ms"] = latest.received_at_ms
+    # How far the device's clock was ahead (+) or behind (-) the cloud's when it sent this, give or take the
+    # transport's delay: a device with a wrong clock shows here.
+    data["clock_skew_ms"] = latest.message.timestamp_ms - latest.received_at_ms
     return data
 
 
@@ -139,7 +188,8 @@ def _result_json(result: Any) -> dict[str, Any]:
 
 def create_app(ctx: ApiContext) -> FastAPI:
     app = FastAPI(title="cloud-sync admin API", version="1", description=__doc__)
-    app.add_middleware(_InternalErrors)
+    app.add_middleware(_BodyLimit, max_bytes=ctx.max_body_bytes)
+    app.add_middleware(_InternalErrors)  # added last: the outermost
 
     @app.exception_handler(CloudSyncError)
     async def _cloud_sync_error(request: Request, exc: CloudSyncError) -> JSONResponse:

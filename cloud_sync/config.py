@@ -58,6 +58,9 @@ class GrpcSection(_Section):
 
 class HttpSection(_Section):
     listen: ListenAddress = Field("127.0.0.1:8080", description="host:port of the admin API (fleetctl) and /metrics.")
+    max_body_bytes: int = Field(
+        1024 * 1024, ge=1024, le=2**31 - 1, description="Largest request body the admin API reads; larger: 413."
+    )
 
 
 class DatabaseSection(_Section):
@@ -66,17 +69,32 @@ class DatabaseSection(_Section):
     )
 
 
+def _reserved_name(value: str) -> str:
+    """cloud-sync's broker user and client id must be names no device can be registered under."""
+    from cloud_sync.store.devices import RESERVED_PREFIXES, is_reserved
+
+    if value and not is_reserved(value):
+        raise ValueError(f"{value!r} must start with {RESERVED_PREFIXES[0]}: every other name may be a device's id")
+    return value
+
+
+# Names devices can never hold (DeviceRegistry refuses them), so no device can take cloud-sync's identity.
+ReservedName = Annotated[str, AfterValidator(_reserved_name)]
+
+
 class MqttSection(_Section):
     url: str = Field("", description="MQTT broker (mqtt://host:port); empty: no telemetry or presence ingest.")
     topic_prefix: str = Field("edgefleet/v1", description="Prefix of every device topic.")
     share_group: str = Field("cloud-sync", description="Shared-subscription group: replicas split the messages.")
-    username: str = Field("", description="Broker user of cloud-sync (see docs/mqtt.md for the ACL).")
+    username: ReservedName = Field(
+        "", description="Broker user of cloud-sync, starting with cloud-sync (see docs/mqtt.md for the ACL)."
+    )
     password_file: str = Field("", description="File holding that user's password.")
-    client_id: str = Field(
+    client_id: ReservedName = Field(
         "",
         max_length=128,
-        description="This replica's MQTT client id, stable across its restarts (the broker keeps its session); "
-        "empty: cloud-sync-<hostname>.",
+        description="This replica's MQTT client id, starting with cloud-sync, stable across its restarts (the broker "
+        "keeps its session) and distinct between replicas; empty: cloud-sync-<hostname>.",
     )
 
 

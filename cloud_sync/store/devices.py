@@ -20,7 +20,7 @@ from cloud_sync.errors import AlreadyExists, DeviceRevoked, InvalidArgument, Not
 from cloud_sync.store.database import Database, now_ms
 from cloud_sync.store.schema import device_uplink, devices
 
-__all__ = ["TOKEN_PREFIX", "Device", "DeviceRegistry", "check_device_id"]
+__all__ = ["RESERVED_PREFIXES", "TOKEN_PREFIX", "Device", "DeviceRegistry", "check_device_id", "is_reserved"]
 
 # Marks a string as an Edgefleet device token (secret scanners and people recognise it).
 TOKEN_PREFIX = "efd_"
@@ -30,6 +30,10 @@ _DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _LABEL_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,62}")
 _MAX_LABELS = 64
 _MAX_LABEL_VALUE_CHARS = 256
+# Ids the system itself uses: cloud-sync's broker user and client ids ("cloud-sync", "cloud-sync-<host>", see
+# cloud_sync/config.py) and the project's own names. A device registered as "cloud-sync" shared cloud-sync's
+# broker identity, whose ACL reads every device's topics, and made the fleet ACL impossible to write.
+RESERVED_PREFIXES = ("cloud-sync", "edgefleet")
 # Longer than any token add_device mints; a longer string is refused before it is hashed.
 _MAX_TOKEN_CHARS = 128
 
@@ -55,6 +59,11 @@ def check_device_id(device_id: str) -> str:
             f"invalid device id {device_id!r}: 1-128 characters of A-Z a-z 0-9 . _ -, starting with a letter or digit"
         )
     return device_id
+
+
+def is_reserved(name: str) -> bool:
+    """Whether `name` is one the system uses (any case): never a device's id."""
+    return name.lower().startswith(RESERVED_PREFIXES)
 
 
 def _check_labels(labels: Mapping[str, str]) -> dict[str, str]:
@@ -94,9 +103,15 @@ class DeviceRegistry:
     def add_device(self, device_id: str, labels: Mapping[str, str] | None = None) -> str:
         """Register a device and return its new token: shown only now, only its sha256 is stored.
 
-        Raises InvalidArgument for a malformed id or labels, AlreadyExists if the id is taken (revoked ids too).
+        Raises InvalidArgument for a malformed or reserved id or labels, AlreadyExists if the id is taken (revoked
+        ids too).
         """
         check_device_id(device_id)
+        if is_reserved(device_id):
+            raise InvalidArgument(
+                f"device id {device_id!r} is reserved: ids starting with {' or '.join(RESERVED_PREFIXES)} (any case) "
+                "name cloud-sync's own broker identities; choose another id"
+            )
         checked = _check_labels(labels or {})
         token = TOKEN_PREFIX + secrets.token_urlsafe(_TOKEN_BYTES)
         created = now_ms()

@@ -16,6 +16,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from cloud_sync.store.database import Database
 from cloud_sync.store.schema import devices, metadata
 from cloud_sync.telemetry.rollup import DeviceWindows, ModelWindow, combine_device_windows
+from cloud_sync.telemetry.validation import window_end_ms
 from edgefleet.proto.edgefleet.v1.telemetry_pb2 import Telemetry
 
 __all__ = [
@@ -33,8 +34,9 @@ __all__ = [
 _IN_CHUNK = 1000
 
 # One row per device: the fields of its newest telemetry message, and the message itself (for the per-model
-# detail). "Newest" is by (agent_start_ms, seq), so a late duplicate or a replica's slower write never
-# replaces a newer row.
+# detail). "Newest": within one agent run (one agent_start_ms) the higher seq, so a late duplicate or a
+# replica's slower write never replaces a newer row; between runs the one received last. Not the device's
+# clock: a message stamped 2**62 (a broken clock) would stay the "latest" forever.
 telemetry_latest = sa.Table(
     "telemetry_latest",
     metadata,
@@ -172,7 +174,12 @@ def _latest_row(item: TelemetryReceived) -> dict[str, object]:
 def _model_rows(item: TelemetryReceived) -> list[tuple[object, ...]]:
     """model_telemetry rows as tuples in MODEL_COLUMNS order."""
     m = item.message
-    end, window, device, at = m.timestamp_ms, m.window_s, item.device_id, item.received_at_ms
+    end, window, device, at = (
+        window_end_ms(m.timestamp_ms, item.received_at_ms),
+        m.window_s,
+        item.device_id,
+        item.received_at_ms,
+    )
     return [
         (
             device,
@@ -237,11 +244,15 @@ def _model_insert_sql(backend: str) -> str:
 
 
 def _newest_per_device(items: Iterable[TelemetryReceived]) -> list[TelemetryReceived]:
+    """The newest of each device's messages in `items` (in arrival order), as telemetry_latest decides."""
     newest: dict[str, TelemetryReceived] = {}
     for item in items:
         kept = newest.get(item.device_id)
-        order = (item.message.agent_start_ms, item.message.seq)
-        if kept is None or order > (kept.message.agent_start_ms, kept.message.seq):
+        if (
+            kept is None
+            or item.message.agent_start_ms != kept.message.agent_start_ms
+            or item.message.seq > kept.message.seq
+        ):
             newest[item.device_id] = item
     return list(newest.values())
 
@@ -355,7 +366,9 @@ def _write(conn: sa.Connection, items: Sequence[TelemetryReceived | StatusReceiv
 def _latest_upsert(backend: str) -> sa.Executable:
     insert = _insert(backend, telemetry_latest)
     t, ex = telemetry_latest.c, insert.excluded
-    newer = (ex.agent_start_ms > t.agent_start_ms) | ((ex.agent_start_ms == t.agent_start_ms) & (ex.seq > t.seq))
+    newer = ((ex.agent_start_ms == t.agent_start_ms) & (ex.seq > t.seq)) | (
+        (ex.agent_start_ms != t.agent_start_ms) & (ex.received_at_ms >= t.received_at_ms)
+    )
     return insert.on_conflict_do_update(
         index_elements=[t.device_id],
         set_={c.name: ex[c.name] for c in telemetry_latest.columns if c.name != "device_id"},

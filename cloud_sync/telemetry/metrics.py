@@ -120,6 +120,11 @@ class TelemetryMetrics(Collector):
             for reason, n in sorted(stats.rejected.items()):
                 rejected.add_metric([reason], n)
             yield rejected
+            yield CounterMetricFamily(
+                "cloud_sync_telemetry_clock_skewed",
+                "Telemetry stamped too far ahead of the cloud's clock (a device clock is wrong), placed when received.",
+                value=stats.clock_skewed,
+            )
             yield GaugeMetricFamily(
                 "cloud_sync_telemetry_queue_depth", "Messages waiting for the database writer.", stats.queued
             )

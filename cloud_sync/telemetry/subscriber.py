@@ -33,6 +33,7 @@ from cloud_sync.telemetry.validation import (
     check_status,
     check_telemetry,
     parse_topic,
+    window_end_ms,
 )
 from edgefleet.addresses import AddressError, BrokerAddress, parse_broker_url
 
@@ -64,6 +65,8 @@ class SubscriberStats:
     batches: int
     queued: int  # waiting for the writer now
     connected: bool
+    connects: int  # successful connections (a broker that cut this replica off shows as more than one)
+    clock_skewed: int  # telemetry stamped too far ahead of the cloud's clock (placed at its receive time)
     store_retries: int  # batches retried because the database was unavailable
 
 
@@ -153,6 +156,7 @@ class TelemetrySubscriber:
         self._rejected = dict.fromkeys(REASONS, 0)
         self._batches = 0
         self._retries = 0
+        self._clock_skewed = 0
         self._last_logged: dict[str, float] = {}
         self._stopping = threading.Event()  # close() began: drain what is queued, then stop
         self._closing = threading.Event()  # close() timed out: stop now
@@ -257,6 +261,8 @@ class TelemetrySubscriber:
                 batches=self._batches,
                 queued=self._queue.qsize(),
                 connected=self._connected,
+                connects=self._generation,
+                clock_skewed=self._clock_skewed,
                 store_retries=self._retries,
             )
 
@@ -351,6 +357,16 @@ class TelemetrySubscriber:
             return StatusReceived(device_id, check_status(payload), received, retained=bool(message.retain))
         content_type = getattr(message.properties, "ContentType", None) if message.properties else None
         telemetry = check_telemetry(device_id, payload, max_bytes=self._max_payload, content_type=content_type)
+        if window_end_ms(telemetry.timestamp_ms, received) != telemetry.timestamp_ms:
+            with self._lock:
+                self._clock_skewed += 1
+            if self._first_in_a_minute("clock_skew"):
+                log.warning(
+                    "telemetry.clock_skew",
+                    device_id=device_id,
+                    ahead_ms=telemetry.timestamp_ms - received,
+                    hint="the device's clock is wrong: its windows are placed when they arrive",
+                )
         return TelemetryReceived(device_id, telemetry, payload, received)
 
     def _reject(self, reason: str, topic: str, detail: str) -> None:

@@ -15,11 +15,13 @@ from edgefleet.proto.edgefleet.v1.telemetry_pb2 import ModelVersionTelemetry, Te
 
 __all__ = [
     "DEFAULT_MAX_PAYLOAD_BYTES",
+    "MAX_FUTURE_SKEW_MS",
     "REASONS",
     "Rejected",
     "check_status",
     "check_telemetry",
     "parse_topic",
+    "window_end_ms",
 ]
 
 # Telemetry of a device serving a dozen model versions is about 1 KiB; 64 KiB leaves room for hundreds.
@@ -31,6 +33,11 @@ _MAX_NAME_CHARS = 256
 _MAX_WINDOW_S = 7 * 86_400.0
 _INF = math.inf
 TELEMETRY_CONTENT_TYPE = Telemetry.DESCRIPTOR.full_name
+
+# How far past the cloud's clock a device may stamp its telemetry and still have its windows placed at its own
+# time. Clocks kept by NTP agree within milliseconds; a device without a real-time clock, or with a broken
+# one, can be decades off either way.
+MAX_FUTURE_SKEW_MS = 60_000
 
 # Every reason a message is ignored (the `reason` label of cloud_sync_telemetry_rejected_total).
 REASONS = (
@@ -107,6 +114,17 @@ def check_telemetry(
     if problem:
         raise Rejected("invalid_values", problem)
     return message
+
+
+def window_end_ms(timestamp_ms: int, received_at_ms: int) -> int:
+    """Where a telemetry window ends on the cloud's time line, which every "last N minutes" query reads.
+
+    The device's own time when it is plausible: not past the cloud's clock by more than MAX_FUTURE_SKEW_MS.
+    Earlier times are kept (a device that was offline sends its held window late, and it belongs to the
+    past); a time in the future is a wrong clock, and the window is placed when it was received. Otherwise a
+    message stamped 2**62 would sit in every "recent" query forever, and rollout gates read those.
+    """
+    return timestamp_ms if timestamp_ms <= received_at_ms + MAX_FUTURE_SKEW_MS else received_at_ms
 
 
 def _insane(m: Telemetry) -> str:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import select
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +97,8 @@ INVALID_DEVICES: dict[str, tuple[dict[str, Any], str]] = {
     "unknown-field": ({"device_id": "ok-4", "lables": {"site": "lab"}}, "body.lables"),
     # Once stored, and from then on every GET /v1/devices failed with a 500 (the JSON encoder refused it).
     "label-value-lone-surrogate": ({"device_id": "ok-5", "labels": {"site": "\ud800"}}, "body.labels"),
+    # cloud-sync's own broker identity: a device under it could read every device's topics.
+    "reserved-id": ({"device_id": "cloud-sync"}, "reserved"),
 }
 
 
@@ -277,3 +281,67 @@ def test_an_empty_bearer_token_is_refused_even_against_an_empty_admin_token(tmp_
         assert asyncio.run(call()) == [401, 401, 401]
     finally:
         db.close()
+
+
+def _read_response(conn: socket.socket) -> bytes:
+    """A whole HTTP/1.1 response with a Content-Length (what uvicorn sends for a JSON answer)."""
+    answer = b""
+    while True:
+        head, sep, body = answer.partition(b"\r\n\r\n")
+        if sep:
+            length = next(
+                int(line.split(b":")[1]) for line in head.lower().split(b"\r\n") if line.startswith(b"content-length")
+            )
+            if len(body) >= length:
+                return answer
+        try:
+            chunk = conn.recv(65536)
+        except ConnectionResetError:  # the server closed on the body it would not read; its answer came first
+            return answer
+        if not chunk:
+            return answer
+        answer += chunk
+
+
+def _raw_post(cloud_sync: RunningCloudSync, headers: str) -> tuple[socket.socket, bytes]:
+    url = httpx.URL(cloud_sync.http_url)
+    conn = socket.create_connection((url.host, url.port), timeout=10)
+    head = (
+        f"POST /v1/devices HTTP/1.1\r\nHost: {url.host}\r\nAuthorization: Bearer {cloud_sync.admin_token}\r\n"
+        f"Content-Type: application/json\r\n{headers}\r\n\r\n"
+    )
+    return conn, head.encode()
+
+
+def test_a_body_past_the_limit_is_refused_with_413_before_it_is_read(cloud_sync: RunningCloudSync) -> None:
+    """Declared 30 MB, and only the first bytes sent: the answer comes at once, so the rest was never awaited."""
+    conn, head = _raw_post(cloud_sync, "Content-Length: 30000000")
+    with conn:
+        conn.sendall(head + b'{"device_id": "big-1", "labels": {"x": "')
+        answer = _read_response(conn)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert b"larger than 1048576 bytes" in answer and b"http.max_body_bytes" in answer
+    assert "big-1" not in [d["device_id"] for d in cloud_sync.api.get("/v1/devices").json()["devices"]]
+
+
+def test_a_chunked_body_is_cut_off_once_it_passes_the_limit(cloud_sync: RunningCloudSync) -> None:
+    """No Content-Length: the server counts as it reads and answers 413 while the client is still sending."""
+    conn, head = _raw_post(cloud_sync, "Transfer-Encoding: chunked")
+    start = b'{"device_id": "big-2", "labels": {"x": "'
+    chunk = b"a" * 65536
+    sent = 0
+    with conn:
+        conn.sendall(head + b"%x\r\n%s\r\n" % (len(start), start))
+        # Up to 64 MiB against a 1 MiB limit, until the server answers (and stops reading).
+        while sent < 64 * 1024 * 1024 and not select.select([conn], [], [], 0)[0]:
+            try:
+                conn.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            except (BrokenPipeError, ConnectionResetError):
+                break  # it answered and closed already
+            sent += len(chunk)
+        answer = _read_response(conn)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert b"http.max_body_bytes" in answer
+    assert sent < 8 * 1024 * 1024, f"{sent} bytes went in before the refusal"
+    assert cloud_sync.api.get("/healthz").status_code == 200
+    assert "big-2" not in [d["device_id"] for d in cloud_sync.api.get("/v1/devices").json()["devices"]]

@@ -119,3 +119,47 @@ def test_a_device_can_neither_publish_nor_read_under_another_device(
             cam1.close()
             cloud.close()
         subscriber.close(end_session=True)
+
+
+@pytest.mark.parametrize("device_id", ["cloud-sync", "Cloud-Sync-2", "cloud-sync-host", "edgefleet", "EdgeFleet-x"])
+def test_the_names_cloud_sync_uses_can_never_be_a_device(sqlite_db: Database, device_id: str) -> None:
+    registry = DeviceRegistry(sqlite_db)
+    with pytest.raises(InvalidArgument, match="reserved"):
+        registry.add_device(device_id)
+    assert [d.device_id for d in registry.list_devices()] == ["cam-1", "cam-2"]
+    with pytest.raises(InvalidArgument, match="reserved"):
+        acl_text([device_id])
+
+
+def test_a_device_registered_under_a_reserved_name_before_the_rule_is_left_out_of_the_acl(
+    tmp_path: Path, sqlite_db: Database
+) -> None:
+    # A database from before the rule: the row is written as the registry once wrote it.
+    from cloud_sync.store.schema import devices
+
+    sqlite_db.write(
+        lambda conn: conn.execute(
+            devices.insert().values(device_id="cloud-sync", token_sha256=b"x" * 32, labels={}, created_at_ms=1)
+        )
+    )
+    acl = tmp_path / "edgefleet.acl"
+
+    assert write_fleet_acl(acl, DeviceRegistry(sqlite_db)) == 2
+    text = acl.read_text()
+    assert text.count("user cloud-sync\n") == 1 and "devices/cloud-sync/" not in text
+    assert "user cam-1" in text and "user cam-2" in text
+
+
+def test_cloud_syncs_broker_user_must_be_a_reserved_name() -> None:
+    with pytest.raises(InvalidArgument, match="must start with cloud-sync"):
+        acl_text(["cam-1"], cloud_user="aggregator")
+    assert "user cloud-sync-eu\n" in acl_text(["cam-1"], cloud_user="cloud-sync-eu")
+
+
+@pytest.mark.parametrize("key", ["username", "client_id"])
+def test_cloud_syncs_broker_identity_in_its_config_must_be_a_reserved_name(key: str) -> None:
+    from cloud_sync.config import ConfigProblem, config_from_dict
+
+    with pytest.raises(ConfigProblem, match=f"mqtt.{key}: .*must start with cloud-sync"):
+        config_from_dict({"mqtt": {key: "cam-1"}})
+    assert getattr(config_from_dict({"mqtt": {key: "cloud-sync-eu-1"}}).mqtt, key) == "cloud-sync-eu-1"

@@ -17,7 +17,7 @@ from tests.waiting import wait_for
 DEPLOY_CONF = Path(__file__).resolve().parents[3] / "deploy" / "mosquitto" / "edgefleet.conf"
 TOPIC = f"{PREFIX}/devices/cam-1/telemetry"
 BACKLOG = 1500  # more than Mosquitto's default max_queued_messages (1000)
-T0 = 1_800_000_000_000
+T0 = 1_700_000_000_000  # 2023: device times in the past (a future one would be a wrong clock)
 
 
 def latest_seq(store: TelemetryStore) -> int:

@@ -147,3 +147,33 @@ def test_model_windows_groups_every_version(db: Database) -> None:
 def test_registered_devices_leave_out_revoked_ones(db: Database) -> None:
     DeviceRegistry(db).revoke("cam-2")
     assert TelemetryStore(db).registered_devices() == frozenset({"cam-1"})
+
+
+def test_a_window_stamped_ahead_of_the_clouds_clock_is_placed_when_it_was_received(db: Database) -> None:
+    from cloud_sync.telemetry.validation import MAX_FUTURE_SKEW_MS
+
+    store = TelemetryStore(db)
+    broken = telemetry("cam-1", 1, timestamp_ms=2**62, models=[version("digits", 1)])
+    slightly_fast = telemetry("cam-2", 1, timestamp_ms=T0 + MAX_FUTURE_SKEW_MS, models=[version("digits", 1)])
+    store.write([received(broken, T0), received(slightly_fast, T0)])
+
+    # The broken clock's window ends when it arrived: in "the last minute" now, and in no query of the future.
+    assert store.model_window("digits", 1, ["cam-1"], since_ms=T0 - 60_000).windows == 1
+    assert store.model_window("digits", 1, ["cam-1"], since_ms=T0).windows == 0
+    # Within the tolerance the device's own time stands.
+    assert store.model_window("digits", 1, ["cam-2"], since_ms=T0 + MAX_FUTURE_SKEW_MS - 1).windows == 1
+
+
+def test_a_message_from_a_broken_clock_does_not_stay_the_latest(db: Database) -> None:
+    store = TelemetryStore(db)
+    broken = telemetry("cam-1", 9, timestamp_ms=2**62, agent_start_ms=2**62)
+    store.write([received(broken, T0)])
+    # The agent restarts with its clock fixed: its run's start is "earlier", its message arrives later.
+    fixed = telemetry("cam-1", 1, timestamp_ms=T0 + 10_000, agent_start_ms=T0 + 5_000)
+    store.write([received(fixed, T0 + 10_000)])
+    latest = store.latest("cam-1")
+    assert latest is not None and latest.message == fixed
+    # Within one run, seq still decides: a late copy of an older message does not replace it.
+    store.write([received(telemetry("cam-1", 0, timestamp_ms=T0, agent_start_ms=T0 + 5_000), T0 + 20_000)])
+    latest = store.latest("cam-1")
+    assert latest is not None and latest.message == fixed

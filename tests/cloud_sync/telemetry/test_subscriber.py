@@ -63,7 +63,7 @@ def test_close_stores_and_acknowledges_what_is_queued(sqlite_db: Database, broke
     try:
         sent = [
             device.client.publish(
-                TOPIC, telemetry("cam-1", seq, timestamp_ms=1_800_000_000_000 + seq).SerializeToString(), qos=1
+                TOPIC, telemetry("cam-1", seq, timestamp_ms=1_700_000_000_000 + seq).SerializeToString(), qos=1
             )
             for seq in range(1, 301)
         ]
@@ -87,3 +87,24 @@ def test_close_stores_and_acknowledges_what_is_queued(sqlite_db: Database, broke
         assert again.stats().received == 1  # nothing was redelivered: everything had been acknowledged
     finally:
         again.close(end_session=True)
+
+
+def test_telemetry_from_a_broken_clock_is_stored_when_it_arrived_and_counted(
+    sqlite_db: Database, broker: Mosquitto, make_subscriber: MakeSubscriber
+) -> None:
+    import time
+
+    store = TelemetryStore(sqlite_db)
+    subscriber = make_subscriber(store, broker)
+    device = MqttWatcher(broker, [], client_id="cam-1")
+    before = time.time_ns() // 1_000_000
+    try:
+        device.publish(TOPIC, telemetry("cam-1", 1, timestamp_ms=2**62).SerializeToString())
+        wait_for(lambda: store.latest("cam-1") is not None, 10, "the message")
+    finally:
+        device.close()
+    after = time.time_ns() // 1_000_000
+    assert subscriber.stats().clock_skewed == 1
+    # Placed on the cloud's clock: within the last minute now, where a rollout gate's query looks.
+    assert store.model_window("digits", 1, ["cam-1"], since_ms=before - 1).windows == 1
+    assert store.model_window("digits", 1, ["cam-1"], since_ms=after).windows == 0
