@@ -13,7 +13,7 @@ PY310 ?= $(shell for p in python3.10 /usr/bin/python3.10 $$(ls -d $$HOME/.pyenv/
 VENV310 := .venv310
 STAMP310 := $(VENV310)/.installed-stamp
 
-.PHONY: all install models demo test pytest pytest-py310 lint format bench protos clean
+.PHONY: all install models demo test test-fast pytest pytest-py310 lint format bench protos clean
 
 all: test
 
@@ -35,6 +35,10 @@ test: lint pytest pytest-py310
 
 pytest: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The inner loop: every test but the slow fault tests (real processes killed, brokers and databases restarted).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow" -q
 
 $(STAMP310): pyproject.toml
 	test -x $(VENV310)/bin/python || $(PY310) -m venv $(VENV310)
