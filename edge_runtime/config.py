@@ -64,6 +64,12 @@ class ServerSection:
     metrics_address: str = option(
         "127.0.0.1:9464", "Prometheus metrics on http://host:port/metrics; empty disables them."
     )
+    strict_readiness: bool = option(
+        True,
+        "ServerReady is true only while every installed model serves a READY version and none is loading "
+        "(Triton's default). false: ServerReady is true while the agent is up; apps check each model with "
+        "ModelReady.",
+    )
 
 
 @dataclass(frozen=True)
@@ -78,7 +84,11 @@ class EngineSection:
         max=256,
     )
     warmup_inferences: int = option(
-        3, "Inferences on generated inputs a model must pass before it is READY.", min=1, max=1000
+        3,
+        "Warm-up inferences a model must pass before it is READY, on the package's warm-up inputs or shapes "
+        "(generated data where it has none).",
+        min=1,
+        max=1000,
     )
     tensorrt_workspace_mib: int = option(1024, "TensorRT builder workspace limit (MiB).", min=16, max=1 << 20)
     tensorrt_fp16: bool = option(

@@ -1,6 +1,8 @@
-"""The edge-agent command line: run the agent, install a model package, check a config.
+"""The edge-agent command line: run the agent, inspect and package an ONNX file, install a package, check a config.
 
-Exit codes: 0 success, 1 a runtime failure, 2 bad input (arguments, config file, model package).
+Exit codes: 0 success, 1 a runtime failure, 2 bad input (arguments, config file, ONNX file, model package).
+The work is done by importable modules (models/packaging.py, models/checks.py); this module only parses
+arguments, prints and maps errors to exit codes.
 """
 
 from __future__ import annotations
@@ -11,11 +13,15 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edge_runtime import __version__
 from edge_runtime.config import AgentConfig, field_docs, load_config
-from edge_runtime.errors import ConfigError, EdgeRuntimeError, PackageError
+from edge_runtime.errors import ConfigError, EdgeRuntimeError, EngineError, PackageError
 from edgefleet.logs import configure_logging
+
+if TYPE_CHECKING:
+    from edge_runtime.models.packaging import PackageRequest
 
 __all__ = ["main"]
 
@@ -30,7 +36,36 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="serve inference (what the systemd unit runs)")
     run.add_argument("--config", default=DEFAULT_CONFIG, help=f"TOML config file (default {DEFAULT_CONFIG})")
 
-    install = commands.add_parser("install", help="verify and install a model package into the data dir")
+    inspect = commands.add_parser(
+        "inspect",
+        help="show how an ONNX file would be packaged, writing nothing",
+        description="Read the ONNX file's inputs and outputs as ONNX Runtime sees them, find out whether axis 0 is "
+        "a batch axis, and say what `edge-agent package` would record, or what it still needs.",
+    )
+    inspect.add_argument("model", type=Path, help="the ONNX file")
+    _probe_arguments(inspect)
+
+    package = commands.add_parser(
+        "package",
+        help="make a model package from an ONNX file",
+        description="Read the ONNX file's inputs and outputs, find out whether axis 0 is a batch axis, record "
+        "representative warm-up inputs or shapes, and write a package that `edge-agent install` takes.",
+    )
+    package.add_argument("model", type=Path, help="the ONNX file")
+    package.add_argument("--name", required=True, help="model name: a-z, 0-9, '.', '_', '-'")
+    package.add_argument("--version", required=True, type=int, dest="model_version", help="integer version (>= 1)")
+    _probe_arguments(package)
+    package.add_argument("--labels", type=Path, metavar="FILE", help="class labels, one per line")
+    package.add_argument("--description", default="", help="one line for the manifest")
+    package.add_argument("--out", type=Path, metavar="DIR", help="package directory to write (default: NAME-VERSION)")
+    package.add_argument("--force", action="store_true", help="replace what is at --out")
+
+    install = commands.add_parser(
+        "install",
+        help="check and install a model package into the data dir",
+        description="Verify the package (sha256, size), load it with ONNX Runtime, match it against its manifest "
+        "and warm it up; only a package that passes is installed (and, by default, made active).",
+    )
     install.add_argument("package", type=Path, help="directory holding model.onnx and manifest.json")
     install.add_argument("--config", default=DEFAULT_CONFIG, help="TOML config file (for the data dir)")
     install.add_argument("--no-activate", action="store_true", help="install only; keep serving the current version")
@@ -41,6 +76,31 @@ def _parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check-config", help="validate a config file and print the effective values")
     check.add_argument("config", help="TOML config file")
     return parser
+
+
+def _probe_arguments(parser: argparse.ArgumentParser) -> None:
+    """What `inspect` and `package` both take: how to batch, and representative inputs or shapes."""
+    batching = parser.add_mutually_exclusive_group()
+    batching.add_argument(
+        "--max-batch-size",
+        type=int,
+        metavar="B",
+        help="largest batch per run; refused if axis 0 is not a batch axis (default: 32 when it is)",
+    )
+    batching.add_argument("--no-batching", action="store_true", help="package without a batch axis")
+    parser.add_argument(
+        "--warmup-inputs",
+        type=Path,
+        metavar="FILE.npz",
+        help="one representative request: an array per input, named after it (numpy.savez)",
+    )
+    parser.add_argument(
+        "--shape",
+        action="append",
+        default=[],
+        metavar="INPUT=D1xD2...",
+        help="representative shape of an input with variable axes (repeatable), e.g. images=1x3x640x640",
+    )
 
 
 def _run(config: AgentConfig) -> int:
@@ -56,19 +116,89 @@ def _run(config: AgentConfig) -> int:
     return 0
 
 
-def _install(config: AgentConfig, package: Path, activate: bool) -> int:
+def _probe_request(args: argparse.Namespace, **fields: object) -> PackageRequest:
+    """The PackageRequest of the arguments `inspect` and `package` share (and `fields`)."""
+    from edge_runtime.models.packaging import PackageRequest, parse_shape
+    from edge_runtime.models.warmup import load_npz
+
+    if args.max_batch_size is not None and not 1 <= args.max_batch_size <= 65536:
+        raise PackageError(f"--max-batch-size must be in 1..65536, not {args.max_batch_size}")
+    shapes: dict[str, tuple[int, ...]] = {}
+    for text in args.shape:
+        name, shape = parse_shape(text)
+        if name in shapes:
+            raise PackageError(f"--shape gives {name!r} twice")
+        shapes[name] = shape
+    return PackageRequest(
+        model=args.model,
+        max_batch_size=args.max_batch_size,
+        batching=not args.no_batching,
+        warmup_inputs=load_npz(args.warmup_inputs) if args.warmup_inputs else None,
+        shapes=shapes,
+        **fields,  # type: ignore[arg-type]
+    )
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from edge_runtime.models.packaging import inspect_onnx
+
+    found = inspect_onnx(_probe_request(args), lambda line: print(line, flush=True))
+    print(f"`edge-agent package` would write max_batch_size {found.max_batch_size} (writing nothing now)")
+    return 0
+
+
+def _package(args: argparse.Namespace) -> int:
+    from edge_runtime.models.packaging import package_model
+
+    request = _probe_request(
+        args,
+        name=args.name,
+        version=args.model_version,
+        out=args.out or Path(f"{args.name}-{args.model_version}"),
+        labels=_labels(args.labels) if args.labels else (),
+        description=args.description,
+        force=args.force,
+    )
+    result = package_model(request, lambda line: print(line, flush=True))
+    m = result.package.manifest
+    print(f"{m.ref} packaged: install it with `edge-agent install {result.package.directory}`")
+    return 0
+
+
+def _labels(path: Path) -> tuple[str, ...]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PackageError(f"cannot read --labels {path}: {getattr(exc, 'strerror', None) or exc}") from exc
+    return tuple(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _install(config: AgentConfig, source: Path, activate: bool) -> int:
+    from edge_runtime.models.checks import check_package
+    from edge_runtime.models.package import read_package
     from edge_runtime.models.store import ModelStore
 
+    package = read_package(source, verify=True)
+    m = package.manifest
+    # Checked before anything lands: a package that cannot serve never becomes installed, let alone active.
+    try:
+        report = check_package(
+            package, runs=config.engine.warmup_inferences, intra_op_threads=config.engine.intra_op_threads
+        )
+    except EngineError as exc:
+        raise PackageError(f"{m.ref} was not installed: {exc}") from exc
     store = ModelStore(config.data_dir / "models")
-    installed = store.install(package)
-    m = installed.manifest
+    store.install(source)
     if activate:
         store.set_active(m.name, m.version)
     state = "active" if activate else "installed"
     print(
-        f"{m.name} version {m.version} {state} ({m.size} bytes, sha256 {m.sha256[:12]}…); "
-        "a running agent serves it after its next start"
+        f"{m.name} version {m.version} {state} ({m.size} bytes, sha256 {m.sha256[:12]}…); loaded, matched its "
+        f"manifest and passed {config.engine.warmup_inferences} warm-up inference(s) on {report.warmup_source} "
+        f"in {report.seconds:.2f} s; a running agent serves it after its next start"
     )
+    if report.guessed:
+        print(f"note: warm-up guessed size 1 for {', '.join(report.guessed)}: the package has no warm-up data")
     return 0
 
 
@@ -101,6 +231,9 @@ def _check(config: AgentConfig) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.command in ("inspect", "package"):
+            configure_logging("warning", sys.stderr)
+            return _inspect(args) if args.command == "inspect" else _package(args)
         config = load_config(args.config)
         if args.command == "run":
             configure_logging(config.agent.log_level)

@@ -9,9 +9,11 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import structlog
 
 from edge_runtime.batching.policy import ProfilePoint, profile_sizes, profiling_done
@@ -19,7 +21,10 @@ from edge_runtime.engines.base import Engine
 from edge_runtime.inference.synthetic import example_inputs
 from edgefleet.durable import write_atomic
 
-__all__ = ["ProfileCache", "profile_engine"]
+__all__ = ["InputsAt", "ProfileCache", "profile_engine"]
+
+# Inputs of a batch of the given size, for the profiler: the package's warm-up data repeated to that size.
+InputsAt = Callable[[int], Mapping[str, np.ndarray[Any, Any]]]
 
 log = structlog.get_logger(__name__)
 
@@ -32,17 +37,24 @@ BATCH_BUDGET_S = 0.5
 TOTAL_BUDGET_S = 5.0
 
 
-def profile_engine(engine: Engine, cap: int, slo_s: float) -> list[ProfilePoint]:
+def profile_engine(engine: Engine, cap: int, slo_s: float, inputs_at: InputsAt | None = None) -> list[ProfilePoint]:
     """Latency per batch size, stopping early once larger batches stop paying.
 
     Each size's latency is its fastest run: the engine's own cost. On a shared box a median picks up other
     processes' bursts, and one burst at one size was enough to plan "no batching" for a model that gains
-    20x from it.
+    20x from it. `inputs_at(size)` gives a batch of that size: the package's warm-up data; by default
+    generated inputs with variable non-batch axes at 1, right only for models that have none (a detector
+    profiled on 1x1 images plans batches that are slower at real sizes).
     """
+    if inputs_at is None:
+
+        def inputs_at(size: int) -> Mapping[str, np.ndarray[Any, Any]]:
+            return example_inputs(engine.inputs, size, seed=size)
+
     points: list[ProfilePoint] = []
     started = time.monotonic()
     for size in profile_sizes(cap):
-        points.append(ProfilePoint(size, _fastest_run(engine, size)))
+        points.append(ProfilePoint(size, _fastest_run(engine, inputs_at(size))))
         if profiling_done(points, slo_s, BATCH_BUDGET_S) or time.monotonic() - started > TOTAL_BUDGET_S:
             break
     # A burst from another process during one size's runs skews the choice. Batch 1 is measured first,
@@ -51,12 +63,11 @@ def profile_engine(engine: Engine, cap: int, slo_s: float) -> list[ProfilePoint]
     best = max(range(len(points)), key=lambda i: points[i].throughput)
     for i in sorted({0, best}):
         size, latency = points[i].batch_size, points[i].latency_s
-        points[i] = ProfilePoint(size, min(latency, _fastest_run(engine, size)))
+        points[i] = ProfilePoint(size, min(latency, _fastest_run(engine, inputs_at(size))))
     return points
 
 
-def _fastest_run(engine: Engine, size: int) -> float:
-    inputs = example_inputs(engine.inputs, size, seed=size)
+def _fastest_run(engine: Engine, inputs: Mapping[str, np.ndarray[Any, Any]]) -> float:
     engine.run(inputs)  # first run at a new shape pays allocation and kernel selection
     times: list[float] = []
     while len(times) < MIN_RUNS or (sum(times) < MIN_MEASURE_S and len(times) < MAX_RUNS):
@@ -74,8 +85,12 @@ class ProfileCache:
         self.directory = directory
 
     @staticmethod
-    def key(model_sha256: str, engine: str, threads: int, cap: int) -> str:
-        text = json.dumps([model_sha256, engine, threads, cap, _machine()])
+    def key(
+        model_sha256: str, engine: str, threads: int, cap: int, shapes: Mapping[str, Sequence[int]] | None = None
+    ) -> str:
+        """`shapes`: the warm-up shapes the profile ran at (a detector's cost follows its image size)."""
+        sized = sorted((name, list(shape)) for name, shape in (shapes or {}).items())
+        text = json.dumps([model_sha256, engine, threads, cap, _machine(), *([sized] if sized else [])])
         return hashlib.sha256(text.encode()).hexdigest()[:32]
 
     def load(self, key: str) -> list[ProfilePoint] | None:

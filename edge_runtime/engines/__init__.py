@@ -12,11 +12,10 @@ from pathlib import Path
 import structlog
 
 from edge_runtime.config import EngineSection
-from edge_runtime.engines.base import Engine, EngineInfo
+from edge_runtime.engines.base import Engine, EngineInfo, ModelFile
 from edge_runtime.errors import EngineError
-from edge_runtime.models.package import ModelPackage
 
-__all__ = ["Engine", "EngineInfo", "backend_plan", "load_engine"]
+__all__ = ["Engine", "EngineInfo", "ModelFile", "backend_plan", "load_engine"]
 
 log = structlog.get_logger(__name__)
 
@@ -31,7 +30,7 @@ def backend_plan(requested: str, tensorrt_ok: bool, tensorrt_why: str) -> tuple[
 
 
 def load_engine(
-    package: ModelPackage,
+    model: ModelFile,
     config: EngineSection,
     cache_dir: Path,
     *,
@@ -39,7 +38,7 @@ def load_engine(
     instances: int,
     progress: Callable[[str, float], None] | None = None,
 ) -> Engine:
-    """Load `package` on the best backend the config allows; EngineError only when none can load it."""
+    """Load `model` on the best backend the config allows; EngineError only when none can load it."""
     ok, why = False, "not requested"
     if config.backend != "onnxruntime":
         from edge_runtime.engines import tensorrt
@@ -49,7 +48,7 @@ def load_engine(
     if plan[0] == "tensorrt":
         try:
             return tensorrt.TensorRTEngine.load(
-                package,
+                model,
                 config,
                 cache_dir / "tensorrt",
                 max_batch_size=max_batch_size,
@@ -58,17 +57,11 @@ def load_engine(
             )
         except EngineError as exc:
             fallback_reason = f"tensorrt failed: {exc}"
-            log.warning(
-                "engine.fallback",
-                model=package.manifest.name,
-                version=package.manifest.version,
-                reason=fallback_reason,
-                to="onnxruntime",
-            )
+            log.warning("engine.fallback", model=model.ref, reason=fallback_reason, to="onnxruntime")
     from edge_runtime.engines.onnxruntime import OnnxRuntimeEngine
 
     return OnnxRuntimeEngine.load(
-        package,
+        model,
         intra_op_threads=config.intra_op_threads,
         cache_dir=cache_dir / "onnxruntime-trt",
         fallback_reason=fallback_reason,

@@ -1,4 +1,4 @@
-"""Building a TensorRT engine from a package's ONNX, and the shared logger: the half of the TensorRT backend
+"""Building a TensorRT engine from a model's ONNX file, and the shared logger: the half of the TensorRT backend
 that runs once per model version.
 
 It never imports tensorrt: engines/tensorrt.py (the only module that does) hands the module in `BuildJob.trt`.
@@ -15,9 +15,9 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import structlog
 
+from edge_runtime.engines.base import ModelFile
 from edge_runtime.engines.engine_cache import BuilderFlags, BuildOptions, EngineCache
 from edge_runtime.errors import EngineError
-from edge_runtime.models.package import ModelPackage
 
 __all__ = ["BuildJob", "GpuIdentity", "Progress", "build_plan", "cached_engine", "deserialize", "trt_logger"]
 
@@ -89,12 +89,12 @@ G = TypeVar("G", bound=GpuIdentity)
 
 @dataclass(frozen=True)
 class BuildJob(Generic[G]):
-    """One load: the modules, the GPU, the package and how to build it."""
+    """One load: the modules, the GPU, the model file and how to build it."""
 
     trt: Any
     cuda: Any
     gpu: G
-    package: ModelPackage
+    model: ModelFile
     cache: EngineCache
     options: BuildOptions
     flags: BuilderFlags
@@ -102,7 +102,7 @@ class BuildJob(Generic[G]):
 
     @property
     def ref(self) -> str:
-        return self.package.manifest.ref
+        return self.model.ref
 
     @property
     def version(self) -> str:
@@ -175,7 +175,7 @@ def _parse_onnx(job: BuildJob[Any], builder: Any, logger: Any) -> tuple[Any, Any
     # No EXPLICIT_BATCH: every network is explicit-batch since TensorRT 10, where the flag is deprecated.
     network = builder.create_network(network_flags)
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(job.package.model_path)):
+    if not parser.parse_from_file(str(job.model.path)):
         errors = [_parser_error(parser.get_error(i)) for i in range(parser.num_errors)]
         reason = "; ".join(errors[:5]) or "no reason given"
         raise EngineError(f"{job.ref}: TensorRT's ONNX parser rejected the model: {reason}")

@@ -1,4 +1,4 @@
-"""TensorRT backend: builds an engine from a package's ONNX on the device, caches it, runs batches via pycuda.
+"""TensorRT backend: builds an engine from a model's ONNX file on the device, caches it, runs batches via pycuda.
 
 The only module that imports tensorrt and pycuda, and only inside functions, so it imports anywhere. Not for
 choosing a backend or falling back to ONNX Runtime: engines/__init__.py does that, using our EngineError.
@@ -21,7 +21,7 @@ import structlog
 
 from edge_runtime.config import EngineSection
 from edge_runtime.engines._tensorrt_build import BuildJob, Progress, build_plan, cached_engine, deserialize, trt_logger
-from edge_runtime.engines.base import EngineInfo
+from edge_runtime.engines.base import EngineInfo, ModelFile
 from edge_runtime.engines.engine_cache import (
     BuildOptions,
     EngineCache,
@@ -33,7 +33,6 @@ from edge_runtime.engines.engine_cache import (
 )
 from edge_runtime.errors import EngineError
 from edge_runtime.inference.tensors import TensorSpec, datatype_of
-from edge_runtime.models.package import ModelPackage
 
 __all__ = ["INSTALL_HINT", "TensorRTEngine", "tensorrt_available"]
 
@@ -132,6 +131,9 @@ class TensorRTEngine:
         self._engine = engine
         self._inputs, self._outputs = _io_specs(job.trt, engine)
         slots, self._max_shapes = _make_slots(job.cuda, engine, self._inputs, self._outputs, instances)
+        # Only the declared outputs are copied back to the host (every output when none is declared).
+        declared = {o.name for o in job.model.outputs}
+        self._fetch = tuple(o for o in self._outputs if not declared or o.name in declared)
         self._slots: queue.SimpleQueue[_Slot | None] = queue.SimpleQueue()
         for slot in slots:
             self._slots.put(slot)
@@ -145,7 +147,7 @@ class TensorRTEngine:
     @classmethod
     def load(
         cls,
-        package: ModelPackage,
+        model: ModelFile,
         config: EngineSection,
         cache_dir: Path,
         *,
@@ -153,22 +155,23 @@ class TensorRTEngine:
         instances: int,
         progress: Progress | None = None,
     ) -> TensorRTEngine:
-        """Deserialize the cached engine for this package, GPU and options, or build and cache one.
+        """Deserialize the cached engine for this model file, GPU and options, or build and cache one.
 
         Raises EngineError with the reason on any failure, so the caller can fall back and say why.
         `progress("building", fraction)` is called during a build, from TensorRT's threads too.
         """
         trt, cuda = _import_tensorrt()
-        manifest = package.manifest
         if instances < 1:
             raise EngineError(f"instances must be >= 1, not {instances}")
         major = tensorrt_major(str(trt.__version__))
         flags = builder_flags(major, fp16_requested=config.tensorrt_fp16)
         if flags.ignored:
-            log.warning("engine.option_ignored", model=manifest.ref, reason=flags.ignored)
-        # The manifest's limit is the model's, the caller's the policy's. 0: the model has no batch axis.
-        batch = 0 if manifest.max_batch_size == 0 else max(1, min(max_batch_size, manifest.max_batch_size))
-        shapes = profile_shapes(manifest.inputs, batch)
+            log.warning("engine.option_ignored", model=model.ref, reason=flags.ignored)
+        # The model's limit is the manifest's, the caller's the policy's. 0: the model has no batch axis.
+        batch = 0 if model.max_batch_size == 0 else max(1, min(max_batch_size, model.max_batch_size))
+        # A variable non-batch axis is refused here (EngineError: the model falls back to ONNX Runtime and its
+        # status says why): an engine built for the warm-up size alone would fail every other size.
+        shapes = profile_shapes(model.inputs, batch)
         options = BuildOptions.create(
             tensorrt_major=major, max_batch_size=batch, shapes=shapes, flags=flags,
             workspace_mib=config.tensorrt_workspace_mib,
@@ -179,7 +182,7 @@ class TensorRTEngine:
             raise
         except Exception as exc:
             raise EngineError(f"CUDA is not usable ({exc})") from exc
-        job = BuildJob(trt, cuda, gpu, package, EngineCache(cache_dir), options, flags, progress)
+        job = BuildJob(trt, cuda, gpu, model, EngineCache(cache_dir), options, flags, progress)
         try:
             with gpu.current():
                 return cls._open(job, instances)
@@ -188,13 +191,13 @@ class TensorRTEngine:
             raise
         except Exception as exc:
             gpu.release()
-            raise EngineError(f"{manifest.ref}: TensorRT failed: {exc}") from exc
+            raise EngineError(f"{model.ref}: TensorRT failed: {exc}") from exc
 
     @classmethod
     def _open(cls, job: BuildJob[_Gpu], instances: int) -> TensorRTEngine:
         started = time.monotonic()
         gpu = job.gpu
-        key = key_for(job.package.manifest.sha256, job.version, gpu.name, gpu.compute_capability, job.options)
+        key = key_for(job.model.sha256, job.version, gpu.name, gpu.compute_capability, job.options)
         runtime = job.trt.Runtime(trt_logger(job.trt))
         engine = cached_engine(runtime, job, key)
         source = "cache"
@@ -225,6 +228,10 @@ class TensorRTEngine:
     def outputs(self) -> tuple[TensorSpec, ...]:
         return self._outputs
 
+    @property
+    def unservable(self) -> Mapping[str, str]:
+        return {}  # TensorRT's ONNX parser refuses a graph with non-tensor outputs outright
+
     def run(self, inputs: Mapping[str, Array], *, release_memory: bool = False) -> dict[str, Array]:
         """Run one batch on a free slot, waiting for one while all `instances` are busy.
 
@@ -254,7 +261,7 @@ class TensorRTEngine:
         for spec in self._inputs:
             staged = self._stage(slot, spec, inputs.get(spec.name))
             cuda.memcpy_htod_async(slot.device[spec.name], staged, slot.stream)
-        shapes = {s.name: tuple(int(d) for d in context.get_tensor_shape(s.name)) for s in self._outputs}
+        shapes = {s.name: tuple(int(d) for d in context.get_tensor_shape(s.name)) for s in self._fetch}
         if not context.execute_async_v3(slot.stream.handle):
             raise EngineError(f"{self._ref}: TensorRT refused to run the batch (see tensorrt.error logs)")
         for name, shape in shapes.items():

@@ -1,8 +1,11 @@
-"""Model packages: an ONNX file and its manifest.json, read and written with full validation.
+"""Model packages: an ONNX file, its manifest.json and optional warm-up inputs, read and written with
+full validation.
 
-A package directory holds `model.onnx` and `manifest.json` (DESIGN.md "Model packages"). The manifest bytes
-are what the registry signs, so they are written canonically (sorted keys, UTF-8). Not for where packages
-live on a device: see models/store.py.
+A package directory holds `model.onnx`, `manifest.json` (DESIGN.md "Model packages") and, when the model
+needs representative inputs, `warmup.npz`, whose sha256 and size the manifest records so that the signature
+of the manifest covers it. The manifest bytes are what the registry signs, so they are written canonically
+(sorted keys, UTF-8). Not for where packages live on a device (models/store.py) nor for making a package
+from an ONNX file (models/packaging.py).
 """
 
 from __future__ import annotations
@@ -10,30 +13,64 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import zipfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from edge_runtime.engines.base import ModelFile
 from edge_runtime.errors import PackageError, VerificationFailed
 from edge_runtime.inference.tensors import DATATYPES, TensorSpec
 
 __all__ = [
     "MANIFEST_FILE",
     "MODEL_FILE",
+    "PACKAGE_FILES",
+    "WARMUP_FILE",
     "ModelManifest",
     "ModelPackage",
+    "Warmup",
+    "check_ref",
     "parse_manifest",
     "read_package",
     "sha256_file",
+    "shape_fits",
+    "write_npz",
     "write_package",
 ]
 
 MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.onnx"
+WARMUP_FILE = "warmup.npz"
+PACKAGE_FILES = (MODEL_FILE, MANIFEST_FILE, WARMUP_FILE)
 MAX_MANIFEST_BYTES = 1 << 20
+MAX_RANK = 16
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class Warmup:
+    """The manifest's `warmup` entry: representative full input shapes, and the file of sample inputs.
+
+    `shapes` gives each input with variable axes the size warm-up, batch profiling and TensorRT's
+    optimisation profile use (a batched model's axis 0 is the sample's rows). With `file`, the inputs
+    themselves are in warmup.npz, whose sha256 and size are here so the manifest's signature covers them.
+    """
+
+    shapes: dict[str, tuple[int, ...]]
+    file: str = ""
+    sha256: str = ""
+    size: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"shapes": {k: list(v) for k, v in sorted(self.shapes.items())}}
+        if self.file:
+            data.update(file=self.file, sha256=self.sha256, size=self.size)
+        return data
 
 
 @dataclass(frozen=True)
@@ -50,10 +87,16 @@ class ModelManifest:
     created: str = ""
     description: str = ""
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    warmup: Warmup | None = None
 
     @property
     def ref(self) -> str:
         return f"{self.name}:{self.version}"
+
+    @property
+    def batched(self) -> bool:
+        """Axis 0 of every input and output is the batch axis."""
+        return self.max_batch_size > 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -69,11 +112,24 @@ class ModelManifest:
             "created": self.created,
             "description": self.description,
             **({"extra": self.extra} if self.extra else {}),
+            **({"warmup": self.warmup.to_dict()} if self.warmup is not None else {}),
         }
 
     def to_json(self) -> bytes:
         """Canonical bytes: these are what the registry signs."""
         return json.dumps(self.to_dict(), sort_keys=True, indent=2, ensure_ascii=False).encode() + b"\n"
+
+
+def check_ref(name: Any, version: Any) -> None:
+    """A valid model name and version (PackageError otherwise)."""
+    _require(
+        isinstance(name, str) and bool(_NAME.match(name)),
+        "name must be 1-63 characters of a-z, 0-9, '.', '_', '-', starting with a letter or digit",
+    )
+    _require(
+        isinstance(version, int) and not isinstance(version, bool) and 0 < version < 2**31,
+        "version must be a positive integer",
+    )
 
 
 def _require(cond: bool, message: str) -> None:
@@ -90,13 +146,56 @@ def _tensor(value: Any, where: str, batched: bool) -> TensorSpec:
     _require(datatype in DATATYPES, f"{where}.datatype {datatype!r} is not one of {', '.join(DATATYPES)}")
     _require(
         isinstance(shape, list)
-        and 0 < len(shape) <= 16
+        and len(shape) <= MAX_RANK
         and all(isinstance(d, int) and not isinstance(d, bool) and (d == -1 or d > 0) for d in shape),
-        f"{where}.shape must be a list of 1..16 dimensions, each -1 or positive",
+        f"{where}.shape must be a list of 0..{MAX_RANK} dimensions, each -1 or positive ([] is a scalar)",
     )
     if batched:
+        _require(
+            len(shape) > 0,
+            f"{where} is a scalar (shape []), which has no batch axis: a model with one has max_batch_size 0",
+        )
         _require(shape[0] == -1, f"{where}.shape[0] must be -1 (the batch axis) when max_batch_size > 0")
     return TensorSpec(name=name, datatype=datatype, shape=tuple(shape))
+
+
+def shape_fits(shape: tuple[int, ...], spec: TensorSpec) -> bool:
+    """A concrete shape fits a spec: same rank, each fixed dimension equal, each variable one at least 1."""
+    return len(shape) == len(spec.shape) and all(
+        d >= 1 and (want == -1 or want == d) for d, want in zip(shape, spec.shape, strict=True)
+    )
+
+
+def _warmup(value: Any, inputs: tuple[TensorSpec, ...]) -> Warmup:
+    _require(isinstance(value, dict), "warmup must be an object")
+    unknown = set(value) - {"shapes", "file", "sha256", "size"}
+    _require(not unknown, f"warmup has unknown keys {sorted(unknown)}")
+    shapes = value.get("shapes")
+    _require(isinstance(shapes, dict), "warmup.shapes must map input names to shapes")
+    specs = {s.name: s for s in inputs}
+    parsed: dict[str, tuple[int, ...]] = {}
+    for name, shape in shapes.items():
+        _require(name in specs, f"warmup.shapes names {name!r}, which is not an input")
+        _require(
+            isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) for d in shape),
+            f"warmup.shapes[{name!r}] must be a list of integers",
+        )
+        _require(
+            shape_fits(tuple(shape), specs[name]),
+            f"warmup.shapes[{name!r}] {shape} does not fit the input's shape {list(specs[name].shape)}",
+        )
+        parsed[name] = tuple(shape)
+    file = value.get("file", "")
+    if not file:
+        _require("sha256" not in value and "size" not in value, "warmup.sha256 and warmup.size need warmup.file")
+        return Warmup(parsed)
+    # A fixed name: a manifest must not point a reader at another path (../../etc/passwd).
+    _require(file == WARMUP_FILE, f"warmup.file must be {WARMUP_FILE!r}")
+    _require(set(parsed) == set(specs), "warmup.shapes must give every input's shape when warmup.file is set")
+    sha, size = value.get("sha256"), value.get("size")
+    _require(isinstance(sha, str) and bool(_SHA256.match(sha)), "warmup.sha256 must be 64 lower-case hex digits")
+    _require(isinstance(size, int) and not isinstance(size, bool) and size > 0, "warmup.size must be positive")
+    return Warmup(parsed, file, sha, size)
 
 
 def parse_manifest(raw: bytes) -> ModelManifest:
@@ -120,18 +219,12 @@ def parse_manifest(raw: bytes) -> ModelManifest:
         "created",
         "description",
         "extra",
+        "warmup",
     }
     unknown = set(data) - known
     _require(not unknown, f"unknown keys {sorted(unknown)}")
     name, version = data.get("name"), data.get("version")
-    _require(
-        isinstance(name, str) and bool(_NAME.match(name)),
-        "name must be 1-63 characters of a-z, 0-9, '.', '_', '-', starting with a letter or digit",
-    )
-    _require(
-        isinstance(version, int) and not isinstance(version, bool) and 0 < version < 2**31,
-        "version must be a positive integer",
-    )
+    check_ref(name, version)
     _require(data.get("platform", "onnx") == "onnx", "platform must be 'onnx'")
     mbs = data.get("max_batch_size", 0)
     _require(
@@ -154,6 +247,7 @@ def parse_manifest(raw: bytes) -> ModelManifest:
         _require(isinstance(data.get(key, ""), str), f"{key} must be a string")
     extra = data.get("extra", {})
     _require(isinstance(extra, dict), "extra must be an object")
+    warmup = _warmup(data["warmup"], inputs) if "warmup" in data else None
     return ModelManifest(
         name=name,
         version=version,
@@ -166,7 +260,17 @@ def parse_manifest(raw: bytes) -> ModelManifest:
         created=data.get("created", ""),
         description=data.get("description", ""),
         extra=extra,
+        warmup=warmup,
     )
+
+
+def write_npz(path: Path, arrays: dict[str, np.ndarray[Any, Any]]) -> None:
+    """numpy's .npz layout (a zip of .npy files), deflated, never pickled; any input name is a valid key
+    (np.savez takes names as keyword arguments, so an input called "file" would collide)."""
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name, array in arrays.items():
+            with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asarray(array), allow_pickle=False)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -188,6 +292,28 @@ class ModelPackage:
     def model_path(self) -> Path:
         return self.directory / MODEL_FILE
 
+    @property
+    def warmup_path(self) -> Path | None:
+        """warmup.npz when the package carries sample inputs."""
+        warmup = self.manifest.warmup
+        return self.directory / warmup.file if warmup is not None and warmup.file else None
+
+    def files(self) -> list[str]:
+        """The package's files, as they are copied and verified."""
+        return [MODEL_FILE, MANIFEST_FILE] + ([WARMUP_FILE] if self.warmup_path is not None else [])
+
+    def model_file(self) -> ModelFile:
+        """What an engine needs to load this package's model."""
+        m = self.manifest
+        return ModelFile(
+            path=self.model_path,
+            ref=m.ref,
+            sha256=m.sha256,
+            inputs=m.inputs,
+            outputs=m.outputs,
+            max_batch_size=m.max_batch_size,
+        )
+
 
 def read_package(directory: Path, *, verify: bool = True) -> ModelPackage:
     """Read a package directory; with `verify`, check the ONNX file's size and sha256 against the manifest."""
@@ -201,19 +327,26 @@ def read_package(directory: Path, *, verify: bool = True) -> ModelPackage:
     model = directory / MODEL_FILE
     if not model.is_file():
         raise PackageError(f"{directory} is not a model package: {MODEL_FILE} is missing")
+    package = ModelPackage(directory=directory, manifest=manifest)
+    warmup = package.warmup_path
+    if warmup is not None and not warmup.is_file():
+        raise PackageError(f"{directory} is not a complete model package: {WARMUP_FILE} is missing")
     if verify:
-        size = model.stat().st_size
-        if size != manifest.size:
-            raise VerificationFailed(
-                f"{manifest.ref}: {MODEL_FILE} is {size} bytes, the manifest says {manifest.size}; refusing it"
-            )
-        actual = sha256_file(model)
-        if actual != manifest.sha256:
-            raise VerificationFailed(
-                f"{manifest.ref}: {MODEL_FILE} sha256 {actual} does not match the manifest's {manifest.sha256}; "
-                "refusing it"
-            )
-    return ModelPackage(directory=directory, manifest=manifest)
+        _verify(manifest.ref, model, manifest.size, manifest.sha256)
+        if warmup is not None and manifest.warmup is not None:
+            _verify(manifest.ref, warmup, manifest.warmup.size, manifest.warmup.sha256)
+    return package
+
+
+def _verify(ref: str, path: Path, expected_size: int, expected_sha256: str) -> None:
+    size = path.stat().st_size
+    if size != expected_size:
+        raise VerificationFailed(f"{ref}: {path.name} is {size} bytes, the manifest says {expected_size}; refusing it")
+    actual = sha256_file(path)
+    if actual != expected_sha256:
+        raise VerificationFailed(
+            f"{ref}: {path.name} sha256 {actual} does not match the manifest's {expected_sha256}; refusing it"
+        )
 
 
 def write_package(
@@ -228,10 +361,24 @@ def write_package(
     labels: list[str] | None = None,
     description: str = "",
     extra: dict[str, Any] | None = None,
+    warmup_shapes: dict[str, tuple[int, ...]] | None = None,
+    warmup_inputs: dict[str, np.ndarray[Any, Any]] | None = None,
 ) -> ModelPackage:
-    """Write model.onnx and a manifest that describes it (sha256, size, created now)."""
+    """Write model.onnx and a manifest that describes it (sha256, size, created now).
+
+    `warmup_inputs` (one request's inputs, by name) are written to warmup.npz and their shapes recorded;
+    `warmup_shapes` records representative shapes alone. Give one or neither.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    if warmup_inputs is not None and warmup_shapes is not None:
+        raise ValueError("give warmup_inputs or warmup_shapes, not both")
+    warmup = Warmup(dict(warmup_shapes)) if warmup_shapes else None
+    if warmup_inputs is not None:
+        target = directory / WARMUP_FILE
+        write_npz(target, warmup_inputs)
+        shapes = {name: tuple(int(d) for d in array.shape) for name, array in warmup_inputs.items()}
+        warmup = Warmup(shapes, WARMUP_FILE, sha256_file(target), target.stat().st_size)
     manifest = ModelManifest(
         name=name,
         version=version,
@@ -244,6 +391,7 @@ def write_package(
         created=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         description=description,
         extra=dict(extra or {}),
+        warmup=warmup,
     )
     parse_manifest(manifest.to_json())  # what we write must be what we accept
     (directory / MODEL_FILE).write_bytes(model_bytes)

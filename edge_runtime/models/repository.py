@@ -1,8 +1,10 @@
 """The model repository: which versions are loaded and active, and the in-process inference API.
 
 Apps embed it directly (`ModelRepository.open(config).infer(...)`); the agent's gRPC server calls the same
-methods, so both paths have the same semantics. A new version becomes active only after it is READY, the
-pointer on disk switches first, and requests already queued on the old version finish there.
+methods, so both paths have the same semantics. A version becomes active only after it loaded, matched its
+manifest and passed warm-up (READY); the pointer on disk switches first, and requests already queued on the
+old version finish there. At start, an active version that fails to load gives way to the previous one,
+and the status, the log and the outbox's events say so.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import concurrent.futures
 import threading
 from concurrent.futures import Future
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -20,7 +23,7 @@ from edge_runtime.inference import keeping
 from edge_runtime.inference.types import InferRequest, InferResponse
 from edge_runtime.models.package import ModelPackage
 from edge_runtime.models.served import LoadContext, ModelState, ServedModel
-from edge_runtime.models.store import ModelStore
+from edge_runtime.models.store import ActivePointer, ModelStore
 from edge_runtime.observability.metrics import AgentMetrics
 
 __all__ = ["ModelRepository", "ModelStatus"]
@@ -32,7 +35,11 @@ KEEP_WAIT_S = 30.0
 
 
 class ModelStatus:
-    """A model version's state as reported: LOADING, READY (and whether active) or FAILED with a reason."""
+    """A model version's state as reported: LOADING, READY (and whether active) or FAILED with a reason.
+
+    A READY version's reason says what an operator should know about how it serves: an engine fallback,
+    warm-up sizes that were guessed, or that it serves because the version meant to be active failed.
+    """
 
     def __init__(
         self,
@@ -60,11 +67,12 @@ class ModelRepository:
         self.store = ModelStore(config.data_dir / "models")
         self._policy = config.inference
         self._served: dict[str, dict[int, ServedModel]] = {}
+        # The version that answers requests naming none (the active one, or the fallback serving for it).
         self._active: dict[str, int] = {}
         self._status: dict[tuple[str, int], ModelStatus] = {}
-        # Models that should be served (an active version was asked for), loaded or not.
-        self._wanted: set[str] = set()
-        self._switch = threading.RLock()  # one load/activate/unload at a time
+        # Models that should be served, and the version asked to be active (loaded or not).
+        self._wanted: dict[str, int] = {}
+        self._switch = threading.RLock()  # one load/activate at a time
         self._closed = False
 
     @classmethod
@@ -77,17 +85,27 @@ class ModelRepository:
     # -- lifecycle --------------------------------------------------------------------------------------
 
     def load_active(self) -> list[ModelStatus]:
+        """Load each model's active version; one that fails gives way to the previous version, if it loads."""
         for name in self.store.names():
             try:
                 pointer = self.store.active(name)
-                if pointer is not None:
-                    self.activate(name, pointer.version)
             except EdgeRuntimeError as exc:
                 log.error("model.load_failed", model=name, reason=str(exc))
+                continue
+            if pointer is None:
+                continue
+            try:
+                self.activate(name, pointer.version)
+            except EdgeRuntimeError as exc:
+                self._fall_back(name, pointer, str(exc))
         return self.status()
 
     def install(self, source: Path, *, activate: bool = True) -> ModelPackage:
-        """Install a package directory into the store (verified) and, by default, make it active."""
+        """Install a package directory into the store (verified) and, by default, make it active.
+
+        Activation loads, checks and warms the version up first: a package that fails stays inactive and
+        the error says why.
+        """
         package = self.store.install(source)
         if activate:
             self.activate(package.manifest.name, package.manifest.version)
@@ -97,15 +115,13 @@ class ModelRepository:
         """Load `version` (unless loaded), and switch to it once READY; the old version drains and unloads."""
         with self._switch:
             self._check_open()
-            self._wanted.add(name)
+            self._wanted[name] = version
             served = self._served.get(name, {}).get(version) or self._load(name, version)
             self.store.set_active(name, version)
-            old = self._active.get(name)
-            self._active[name] = version
-            self._set_status(_ready_status(served, active=True))
-            if old is not None and old != version:
-                self._retire(name, old)
+            old = self._serve(served)
             log.info("model.activated", model=name, version=version, previous=old)
+            if old != version:  # loading what is active again (a second load_active) is no news
+                self._event("model.activated", name, version, previous=old)
             return served
 
     def rollback(self, name: str) -> ServedModel:
@@ -114,13 +130,6 @@ class ModelRepository:
         if pointer is None or pointer.previous is None:
             raise ModelNotFound(f"model {name} has no previous version to roll back to")
         return self.activate(name, pointer.previous)
-
-    def unload(self, name: str) -> None:
-        with self._switch:
-            for version in list(self._served.get(name, {})):
-                self._retire(name, version)
-            self._active.pop(name, None)
-            self._wanted.discard(name)
 
     def apply_policy(self, policy: InferencePolicy) -> None:
         """Apply a new inference policy to every loaded version live, without dropping a request."""
@@ -169,7 +178,10 @@ class ModelRepository:
             return served, served.batcher.submit(served.prepare(request))
 
     def model(self, name: str, version: str = "") -> ServedModel:
-        """The loaded version a request names ("" = active); ModelNotFound / ModelNotReady otherwise."""
+        """The loaded version a request names ("" = active); ModelNotFound / ModelNotReady otherwise.
+
+        ModelNotReady (UNAVAILABLE) carries the reason when the version is loading or failed to load.
+        """
         self._check_open()
         versions = self._served.get(name)
         if version == "":
@@ -186,16 +198,23 @@ class ModelRepository:
         return [s for versions in list(self._served.values()) for s in list(versions.values())]
 
     def active_version(self, name: str) -> int | None:
+        """The version answering requests that name none (the fallback, while the active one failed)."""
         return self._active.get(name)
 
     def status(self) -> list[ModelStatus]:
         return sorted(self._status.values(), key=lambda s: (s.name, s.version))
 
     def ready(self) -> bool:
-        """Every model that should be served has a READY active version, and nothing is loading."""
-        if self._closed or any(s.state is ModelState.LOADING for s in self._status.values()):
+        """ServerReady. Strict (the default, as Triton's): every model that should be served has a READY
+        version serving it, and nothing is loading. Not strict: the repository is open; apps then judge each
+        model by ModelReady."""
+        if self._closed:
             return False
-        return all(self._active.get(name) in self._served.get(name, {}) for name in self._wanted)
+        if not self.config.server.strict_readiness:
+            return True
+        if any(s.state is ModelState.LOADING for s in list(self._status.values())):
+            return False
+        return all(self._active.get(name) in self._served.get(name, {}) for name in list(self._wanted))
 
     # -- internals --------------------------------------------------------------------------------------
 
@@ -218,10 +237,46 @@ class ModelRepository:
         except EdgeRuntimeError as exc:
             self._set_status(ModelStatus(name, version, ModelState.FAILED, reason=str(exc)))
             log.error("model.failed", model=name, version=version, reason=str(exc))
+            self._event("model.failed", name, version, reason=str(exc))
             raise
         self._served.setdefault(name, {})[version] = served
         self._set_status(_ready_status(served, active=False))
         return served
+
+    def _serve(self, served: ServedModel, why: str = "") -> int | None:
+        """Make `served` the version answering its model's requests; retire the one it replaces."""
+        name, version = served.name, served.version
+        old = self._active.get(name)
+        self._active[name] = version
+        self._set_status(_ready_status(served, active=True, why=why))
+        if old is not None and old != version:
+            self._retire(name, old)
+        return old
+
+    def _fall_back(self, name: str, pointer: ActivePointer, reason: str) -> None:
+        """At start: the active version failed to load; serve the previous one, without moving the pointer.
+
+        The pointer stays: the next start tries the active version again (a GPU short of memory at boot is
+        not a broken model), and the cloud or an operator decides about rolling back.
+        """
+        previous = pointer.previous
+        if previous is None or previous not in self.store.versions(name):
+            log.error(
+                "model.unavailable", model=name, version=pointer.version, reason=reason, fallback="no previous version"
+            )
+            return
+        why = f"active version {pointer.version} failed: {reason}; serving version {previous}"
+        with self._switch:
+            if self._closed:
+                return
+            try:
+                served = self._served.get(name, {}).get(previous) or self._load(name, previous)
+            except EdgeRuntimeError as exc:
+                log.error("model.unavailable", model=name, version=pointer.version, reason=reason, fallback=str(exc))
+                return
+            self._serve(served, why)
+        log.error("model.fallback", model=name, version=pointer.version, serving=previous, reason=reason)
+        self._event("model.fallback", name, pointer.version, serving=previous, reason=reason)
 
     def _retire(self, name: str, version: int) -> None:
         served = self._served.get(name, {}).pop(version, None)
@@ -245,13 +300,13 @@ class ModelRepository:
 
     def _missing(self, name: str, version: int | None) -> ServedModel:
         if version is None:
-            version = self._active.get(name)
+            version = self._wanted.get(name)
         status = self._status.get((name, version)) if version is not None else None
         if status is not None and status.state is ModelState.LOADING:
             raise ModelNotReady(f"model {name} version {version} is loading; retry shortly")
         if status is not None and status.state is ModelState.FAILED:
             raise ModelNotReady(f"model {name} version {version} failed to load: {status.reason}")
-        if name not in self._served and not any(s.name == name for s in self._status.values()):
+        if name not in self._served and name not in self._wanted:
             known = sorted(self._served)
             raise ModelNotFound(f"unknown model {name!r}; this device serves {known or 'no models'}")
         loaded = sorted(self._served.get(name, {}))
@@ -260,14 +315,15 @@ class ModelRepository:
     def _set_status(self, status: ModelStatus) -> None:
         self._status[(status.name, status.version)] = status
 
+    def _event(self, event: str, name: str, version: int, **fields: Any) -> None:
+        """Keep a model event in the outbox (priority 50), so the cloud learns of it even after a restart."""
+        if self.keeper is not None:
+            self.keeper.event(event, name, version, **fields)
 
-def _ready_status(served: ServedModel, *, active: bool) -> ModelStatus:
+
+def _ready_status(served: ServedModel, *, active: bool, why: str = "") -> ModelStatus:
     info = served.engine.info
+    reason = "; ".join(part for part in (why, info.fallback_reason, *served.notes) if part)
     return ModelStatus(
-        served.name,
-        served.version,
-        ModelState.READY,
-        reason=info.fallback_reason,
-        active=active,
-        backend=info.description,
+        served.name, served.version, ModelState.READY, reason=reason, active=active, backend=info.description
     )

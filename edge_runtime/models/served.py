@@ -8,24 +8,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import structlog
 
 from edge_runtime.batching.batcher import DynamicBatcher
+from edge_runtime.batching.merge import check_rows, merge_inputs, split_outputs
 from edge_runtime.batching.policy import BatchPlan, ProfilePoint, plan_batching
 from edge_runtime.batching.profiler import ProfileCache, profile_engine
 from edge_runtime.config import EngineSection, InferencePolicy
 from edge_runtime.engines import Engine, load_engine
-from edge_runtime.errors import EngineError, InvalidInput, Overloaded, PackageError
+from edge_runtime.errors import InvalidInput, Overloaded
 from edge_runtime.inference import keeping
 from edge_runtime.inference.stats import ModelStats
-from edge_runtime.inference.synthetic import example_inputs
 from edge_runtime.inference.types import InferRequest, InferResponse, PreparedRequest
 from edge_runtime.inference.validation import Signature
+from edge_runtime.models.checks import check_engine_matches, warm_up
 from edge_runtime.models.package import ModelManifest, ModelPackage
+from edge_runtime.models.warmup import WarmupInputs
 from edge_runtime.observability.metrics import AgentMetrics, ModelSample
 
-__all__ = ["ModelState", "ServedModel", "check_engine_matches"]
+__all__ = ["LoadContext", "ModelState", "ServedModel"]
 
 log = structlog.get_logger(__name__)
 
@@ -49,34 +50,17 @@ class LoadContext:
     keeper: keeping.Keeper | None = None
 
 
-def check_engine_matches(manifest: ModelManifest, engine: Engine) -> None:
-    """The ONNX file must have the inputs and outputs its manifest promises; PackageError says how not."""
-    for kind, promised, actual in (
-        ("input", manifest.inputs, engine.inputs),
-        ("output", manifest.outputs, engine.outputs),
-    ):
-        have = {t.name: t for t in actual}
-        if set(have) != {t.name for t in promised}:
-            raise PackageError(
-                f"{manifest.ref}: manifest {kind}s {sorted(t.name for t in promised)} do not "
-                f"match the model's {sorted(have)}"
-            )
-        for spec in promised:
-            real = have[spec.name]
-            fits = len(real.shape) == len(spec.shape) and all(
-                r == -1 or r == s for r, s in zip(real.shape, spec.shape, strict=True)
-            )
-            if real.datatype != spec.datatype or not fits:
-                raise PackageError(
-                    f"{manifest.ref}: {kind} {spec.name!r} is {real.datatype}{list(real.shape)} "
-                    f"in the model, {spec.datatype}{list(spec.shape)} in the manifest"
-                )
-
-
 class ServedModel:
     """A model version that passed loading and warm-up; `batcher` serves it."""
 
-    def __init__(self, package: ModelPackage, engine: Engine, ctx: LoadContext, profile: list[ProfilePoint]):
+    def __init__(
+        self,
+        package: ModelPackage,
+        engine: Engine,
+        ctx: LoadContext,
+        profile: list[ProfilePoint],
+        notes: tuple[str, ...] = (),
+    ):
         m = package.manifest
         self.package = package
         self.manifest = m
@@ -84,10 +68,13 @@ class ServedModel:
         self.version_str = str(m.version)
         self.engine = engine
         self.profile = profile
+        # What an operator should know about how this version serves (warm-up sizes guessed, no profile).
+        self.notes = notes
         self.loaded_at = time.time()
         self.signature = Signature(m.inputs, m.outputs, m.max_batch_size, ctx.max_request_bytes)
         self._output_names = [o.name for o in m.outputs]
         self._input_names = [i.name for i in m.inputs]
+        self._batched = m.max_batch_size > 0
         self.stats = ModelStats()
         self._metrics = ctx.metrics
         self._keeper = ctx.keeper
@@ -109,28 +96,39 @@ class ServedModel:
         m = package.manifest
         started = time.monotonic()
         cap = min(ctx.policy.max_batch_size, m.max_batch_size) if m.max_batch_size else 1
+        inputs = WarmupInputs.of(package)
         # Engines are built for the model's own limit, so a live policy can raise the batch without a rebuild.
         engine = load_engine(
-            package,
+            package.model_file(),
             ctx.engine,
             ctx.cache_dir,
             max_batch_size=max(m.max_batch_size, 1),
             instances=ctx.policy.instances,
         )
+        adaptive = ctx.policy.adaptive and cap > 1
         try:
             check_engine_matches(m, engine)
-            _warm_up(m, engine, ctx.engine.warmup_inferences)
-            profile = _profile(m, engine, ctx, cap) if ctx.policy.adaptive and cap > 1 else []
+            warm_up(m, engine, inputs, ctx.engine.warmup_inferences)
+            # Never plan batching from a guess: sizes of 1 make batches look cheap that are slow at real sizes.
+            profile = _profile(m, engine, ctx, cap, inputs) if adaptive and inputs.representative else []
         except BaseException:
             engine.close()
             raise
-        served = cls(package, engine, ctx, profile)
+        notes: tuple[str, ...] = ()
+        if inputs.guessed:
+            notes = (
+                f"warm-up guessed size 1 for {', '.join(inputs.guessed)}: the package has no warm-up data"
+                + ("; batch size not profiled, inference.max_batch_size applies as configured" if adaptive else ""),
+            )
+            log.warning("model.warmup_guessed", model=m.name, version=m.version, note=notes[0])
+        served = cls(package, engine, ctx, profile, notes)
         log.info(
             "model.ready",
             model=m.name,
             version=m.version,
             backend=engine.info.description,
             fallback=engine.info.fallback_reason or None,
+            warmup=inputs.source,
             batch=served.batcher.plan.max_batch_size,
             plan=served.batcher.plan.reason,
             seconds=round(time.monotonic() - started, 3),
@@ -140,6 +138,9 @@ class ServedModel:
     def _plan(self, policy: InferencePolicy) -> BatchPlan:
         m = self.manifest
         cap = min(policy.max_batch_size, m.max_batch_size) if m.max_batch_size else 1
+        if m.max_batch_size == 0:
+            # Axis 0 may be time, not batch: one request per run, never concatenated with another's.
+            return BatchPlan(1, 0.0, "batch size 1: the model has no batch axis (max_batch_size 0)")
         return plan_batching(
             self.profile if policy.adaptive else None,
             cap=cap,
@@ -173,17 +174,18 @@ class ServedModel:
         )
 
     def _run_batch(self, requests: list[PreparedRequest]) -> list[InferResponse]:
-        if len(requests) == 1:
-            outputs = self.engine.run(requests[0].inputs)
-            return [self._response(requests[0], outputs)]
-        feed = {n: np.concatenate([r.inputs[n] for r in requests]) for n in self._input_names}
-        outputs = self.engine.run(feed)
-        responses, start = [], 0
-        for r in requests:
-            end = start + r.rows
-            responses.append(self._response(r, {n: a[start:end] for n, a in outputs.items()}))
-            start = end
-        return responses
+        if len(requests) == 1:  # the common case, kept to the engine call and a shape check
+            request = requests[0]
+            outputs = self.engine.run(request.inputs)
+            if self._batched:
+                check_rows(outputs, request.rows, self._output_names)
+            return [self._response(request, outputs)]
+        if not self._batched:
+            # The plan is one request per batch; a model without a batch axis is never merged.
+            return [self._response(r, self.engine.run(r.inputs)) for r in requests]
+        outputs = self.engine.run(merge_inputs([r.inputs for r in requests], self._input_names))
+        split = split_outputs(outputs, [r.rows for r in requests], self._output_names)
+        return [self._response(r, out) for r, out in zip(requests, split, strict=True)]
 
     def _response(self, request: PreparedRequest, outputs: dict[str, Any]) -> InferResponse:
         response = InferResponse(self.name, self.version_str, outputs, id=request.id)
@@ -221,26 +223,14 @@ class ServedModel:
         log.info("model.unloaded", model=self.name, version=self.version)
 
 
-def _warm_up(m: ModelManifest, engine: Engine, runs: int) -> None:
-    for i in range(runs):
-        outputs = engine.run(example_inputs(m.inputs, 1, seed=i))
-        for spec in m.outputs:
-            out = outputs.get(spec.name)
-            if out is None or out.dtype != spec.dtype:
-                raise EngineError(f"{m.ref}: warm-up produced no {spec.datatype} output {spec.name!r}")
-            if m.max_batch_size and (out.ndim == 0 or out.shape[0] != 1):
-                raise EngineError(
-                    f"{m.ref}: warm-up output {spec.name!r} has shape {list(out.shape)}, expected batch 1 first"
-                )
-
-
-def _profile(m: ModelManifest, engine: Engine, ctx: LoadContext, cap: int) -> list[ProfilePoint]:
+def _profile(m: ModelManifest, engine: Engine, ctx: LoadContext, cap: int, inputs: WarmupInputs) -> list[ProfilePoint]:
     cache = ProfileCache(ctx.cache_dir / "profiles")
-    key = ProfileCache.key(m.sha256, engine.info.description, ctx.engine.intra_op_threads, cap)
+    shapes = m.warmup.shapes if m.warmup is not None else None
+    key = ProfileCache.key(m.sha256, engine.info.description, ctx.engine.intra_op_threads, cap, shapes)
     points = cache.load(key)
     if points is None:
         started = time.monotonic()
-        points = profile_engine(engine, cap, ctx.policy.latency_slo_ms / 1e3)
+        points = profile_engine(engine, cap, ctx.policy.latency_slo_ms / 1e3, lambda size: inputs.at(size, seed=size))
         cache.store(key, points)
         log.info(
             "model.profiled",

@@ -1,6 +1,6 @@
 """The device's model store: installed packages under {data_dir}/models/{name}/{version}/ and which is active.
 
-Installation verifies the package (sha256 and size against its manifest) before anything lands, and lands
+Installation verifies the package (sha256 and size of its files against its manifest) before anything lands, and lands
 atomically (copy to a temp dir, fsync, rename). The active-version pointer is a small JSON file replaced
 atomically, so a restart serves exactly what was active. Not for loading or serving: see repository.py.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 import structlog
 
 from edge_runtime.errors import ModelNotFound, PackageError
-from edge_runtime.models.package import MANIFEST_FILE, MODEL_FILE, ModelPackage, read_package
+from edge_runtime.models.package import ModelPackage, read_package
 from edgefleet.durable import fsync_dir, write_atomic
 
 __all__ = ["ActivePointer", "ModelStore"]
@@ -54,7 +54,7 @@ class ModelStore:
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{m.version}.", dir=target.parent))
         try:
-            for name in (MODEL_FILE, MANIFEST_FILE):
+            for name in package.files():
                 shutil.copyfile(source / name, staging / name)
                 with open(staging / name, "rb") as f:
                     os.fsync(f.fileno())

@@ -11,16 +11,20 @@ import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from edge_runtime import __version__
 from edge_runtime.config import field_docs
+from edge_runtime.inference.tensors import TensorSpec
+from edge_runtime.models.package import read_package, write_package
 from edge_runtime.models.store import ModelStore
-from tests.edge_runtime.agent.conftest import run_cli, run_cli_all
+from tests.edge_runtime.agent.conftest import REPO_ROOT, run_cli, run_cli_all
+from tests.models import zoo
 from tests.processes import toml_text
 
-COMMANDS = ["run", "install", "models", "check-config"]
+COMMANDS = ["run", "inspect", "package", "install", "models", "check-config"]
 
 BAD_CONFIGS = {
     "unknown-key": ("[inference]\nmax_batch_sze = 4\n", ["unknown key 'inference.max_batch_sze'"]),
@@ -60,8 +64,34 @@ def _corrupt_copy(package: Path, target: Path) -> Path:
     return target
 
 
+def _packages_that_cannot_serve(root: Path, zoo_packages: dict[str, Path]) -> dict[str, Path]:
+    """Packages whose checksums verify but which must not be installed, each for its own reason."""
+    made: dict[str, Path] = {}
+
+    def rewrite(name: str, source: str, payload: bytes | None = None, **changes: Any) -> None:
+        m = read_package(zoo_packages[source]).manifest
+        fields: dict[str, Any] = {
+            "name": m.name, "version": m.version, "inputs": list(m.inputs), "outputs": list(m.outputs),
+            "max_batch_size": m.max_batch_size, **changes,
+        }  # fmt: skip
+        data = payload if payload is not None else (zoo_packages[source] / "model.onnx").read_bytes()
+        made[name] = write_package(root / name, data, **fields).directory
+
+    rewrite("truncated", "cnn", payload=(zoo_packages["cnn"] / "model.onnx").read_bytes()[:700])
+    rewrite(
+        "zipmap-declared",
+        "tabular",
+        outputs=[TensorSpec("label", "INT64", (-1,)), TensorSpec("probabilities", "FP32", (-1, 3))],
+    )
+    rewrite("lying-manifest", "cnn", inputs=[TensorSpec("pixels", "FP32", (-1, 3, 32, 32))])
+    rewrite("detector-bare", "detector")  # no warm-up shapes: warm-up at 1x1 fails
+    return made
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory, model_packages: dict[str, Path]) -> Runs:
+def runs(
+    tmp_path_factory: pytest.TempPathFactory, model_packages: dict[str, Path], zoo_packages: dict[str, Path]
+) -> Runs:
     root = tmp_path_factory.mktemp("cli")
     argvs: dict[str, list[str | Path]] = {"help": ["--help"], "version": ["--version"]}
     argvs.update({f"help-{command}": [command, "--help"] for command in COMMANDS})
@@ -98,6 +128,34 @@ def runs(tmp_path_factory: pytest.TempPathFactory, model_packages: dict[str, Pat
     shutil.copy(model_packages["digits:1"] / "manifest.json", root / "no-model-file")
     for what in NOT_PACKAGES:
         argvs[f"install-{what}"] = ["install", root / what, "--config", config(what, root / f"{what}-data")]
+    for what, package in _packages_that_cannot_serve(root, zoo_packages).items():
+        argvs[f"install-{what}"] = ["install", package, "--config", config(what, root / f"{what}-data")]
+    (root / "cnn.onnx").write_bytes(zoo.cnn())
+    (root / "detector.onnx").write_bytes(zoo.detector())
+    (root / "not.onnx").write_bytes(b"GIF89a this is a picture")
+    argvs["package-cnn"] = ["package", root / "cnn.onnx", "--name", "cnn", "--version", "3", "--out", root / "cnn-3"]
+    argvs["package-not-onnx"] = ["package", root / "not.onnx", "--name", "x", "--version", "1", "--out", root / "x"]
+    argvs["package-bad-shape"] = [
+        "package", root / "detector.onnx", "--name", "d", "--version", "1", "--shape", "images=1x3xHxW",
+    ]  # fmt: skip
+    argvs["package-no-sizes"] = [
+        "package",
+        root / "detector.onnx",
+        "--name",
+        "d",
+        "--version",
+        "1",
+        "--out",
+        root / "d",
+    ]
+    (root / "timeline.onnx").write_bytes(zoo.timeline())
+    (root / "inspect").mkdir()
+    (root / "inspect" / "detector.onnx").write_bytes(zoo.detector())
+    argvs["inspect-detector"] = ["inspect", root / "inspect" / "detector.onnx", "--shape", "images=1x3x64x64"]
+    argvs["inspect-timeline"] = ["inspect", root / "timeline.onnx"]
+    argvs["package-two-batchings"] = [
+        "package", root / "cnn.onnx", "--name", "c", "--version", "1", "--no-batching", "--max-batch-size", "4",
+    ]  # fmt: skip
     (root / "a-file").write_text("")
     # As root, permission bits stop nothing: a data dir under a plain file fails for everyone.
     argvs["install-unwritable"] = [
@@ -217,3 +275,75 @@ def test_install_activates_and_models_lists_it(
     assert _models(config) == [["digits", "1", "active"], ["digits", "2", ""]]
     pointer = ModelStore(tmp_path / "data" / "models").active("digits")
     assert pointer is not None and pointer.version == 1
+
+
+def test_package_writes_a_package_and_says_what_it_found(runs: Runs) -> None:
+    result = runs["package-cnn"]
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"reading {runs.root / 'cnn.onnx'} (1.7 KiB)"
+    assert "input   image  FP32  [-1, 3, 32, 32]" in lines
+    assert "output  probabilities  FP32  [-1, 10]" in lines
+    assert any(line.startswith("batching: yes, max_batch_size 32: ") for line in lines)
+    assert lines[-1] == f"cnn:3 packaged: install it with `edge-agent install {runs.root / 'cnn-3'}`"
+    assert read_package(runs.root / "cnn-3").manifest.ref == "cnn:3"
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("package-not-onnx", "not.onnx is not an ONNX model"),
+        ("package-bad-shape", "--shape 'images=1x3xHxW': '1x3xHxW' is not sizes joined by 'x'"),
+        (
+            "package-no-sizes",
+            "no representative size for 'images' axes [2, 3] of [-1, 3, -1, -1]: give one with --shape",
+        ),
+        ("package-two-batchings", "argument --max-batch-size: not allowed with argument --no-batching"),
+    ],
+)
+def test_package_refuses_bad_input_with_exit_2(runs: Runs, name: str, message: str) -> None:
+    result = runs[name]
+    assert result.returncode == 2, result.stdout
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("what", "message"),
+    [
+        ("truncated", "cnn:1 was not installed: cnn:1: onnxruntime cannot load the model"),
+        ("zipmap-declared", "output 'probabilities' is seq(map(int64,tensor(float))) in the model, not a tensor"),
+        ("lying-manifest", "manifest inputs ['pixels'] do not match the model's ['image']"),
+        ("detector-bare", "the sizes of 'images' axes [2, 3] were guessed (1) because the package has no warm-up data"),
+    ],
+)
+def test_install_refuses_a_package_that_cannot_serve_and_installs_nothing(runs: Runs, what: str, message: str) -> None:
+    # Caught a bug: install only checked checksums, so these became "active" and then served nothing.
+    result = runs[f"install-{what}"]
+    assert result.returncode == 2, result.stdout
+    assert result.stderr.startswith("edge-agent: error: ")
+    assert message in result.stderr
+    assert _installed(runs.root / f"{what}-data") == []
+
+
+def test_inspect_says_what_package_would_write_and_writes_nothing(runs: Runs) -> None:
+    result = runs["inspect-detector"]
+    assert result.returncode == 0, result.stderr
+    assert "input   images  FP32  [-1, 3, -1, -1]" in result.stdout
+    assert "output  boxes  FP32  [-1, -1, 6]" in result.stdout
+    assert result.stdout.splitlines()[-1] == "`edge-agent package` would write max_batch_size 32 (writing nothing now)"
+    assert [p.name for p in (runs.root / "inspect").iterdir()] == ["detector.onnx"]
+    assert not (REPO_ROOT / "manifest.json").exists()  # the command's working directory
+
+
+def test_inspect_names_what_a_model_whose_axis_0_is_time_still_needs(runs: Runs) -> None:
+    result = runs["inspect-timeline"]
+    assert result.returncode == 2
+    assert "axis 0 is not a batch axis (row 1 of output 'running' at batch 2 differs" in result.stderr
+    assert "'frames' axes [0] of [-1, 4]; give it with --shape" in result.stderr
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_a_row_in_the_docs(command: str) -> None:
+    table = (REPO_ROOT / "docs" / "edge-agent.md").read_text().split("## Commands", 1)[1].split("\n## ", 1)[0]
+    assert f"| `edge-agent {command} " in table

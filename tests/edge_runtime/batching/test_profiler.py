@@ -18,7 +18,7 @@ from edge_runtime.models.package import read_package
 
 
 def test_a_real_engine_is_profiled_from_batch_one_up(model_packages: dict[str, Path]) -> None:
-    engine = OnnxRuntimeEngine.load(read_package(model_packages["digits:1"]), intra_op_threads=1)
+    engine = OnnxRuntimeEngine.load(read_package(model_packages["digits:1"]).model_file(), intra_op_threads=1)
     try:
         points = profile_engine(engine, cap=8, slo_s=0.0)
     finally:

@@ -321,7 +321,9 @@ def test_without_tensorrt_load_names_the_extra(tmp_path: Path, monkeypatch: pyte
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # makes `import tensorrt` fail, as on a CPU box
     package = _identity_package(tmp_path / "pkg")
     with pytest.raises(EngineError, match=r"pip install 'edgefleet\[tensorrt\]'"):
-        trt_backend.TensorRTEngine.load(package, EngineSection(), tmp_path / "cache", max_batch_size=4, instances=1)
+        trt_backend.TensorRTEngine.load(
+            package.model_file(), EngineSection(), tmp_path / "cache", max_batch_size=4, instances=1
+        )
     assert not (tmp_path / "cache").exists()
 
 

@@ -78,14 +78,16 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def engine(package: ModelPackage, cache_dir: Path) -> Iterator[TensorRTEngine]:
     # Fewer slots than the concurrency test's threads, so callers also wait for a free slot.
-    loaded = TensorRTEngine.load(package, EngineSection(), cache_dir, max_batch_size=MAX_BATCH, instances=2)
+    loaded = TensorRTEngine.load(
+        package.model_file(), EngineSection(), cache_dir, max_batch_size=MAX_BATCH, instances=2
+    )
     yield loaded
     loaded.close()
 
 
 def _load(package: ModelPackage, cache_dir: Path, **kwargs: Any) -> TensorRTEngine:
     config = kwargs.pop("config", EngineSection())
-    return TensorRTEngine.load(package, config, cache_dir, max_batch_size=MAX_BATCH, instances=1, **kwargs)
+    return TensorRTEngine.load(package.model_file(), config, cache_dir, max_batch_size=MAX_BATCH, instances=1, **kwargs)
 
 
 def _events(logs: Sequence[Mapping[str, Any]]) -> list[str]:
