@@ -1,10 +1,11 @@
 """Outbox append throughput against raw sqlite3 executemany on the same schema and pragmas.
 
 Ours: `Outbox.append` from one thread in a tight loop, 200-byte payloads, waiting only for the last future
-(the writer group-commits). Raw: `executemany` of 1000 rows per transaction on a connection with the same
-pragmas (WAL, synchronous=FULL) into the same schema (made by the outbox's own migration). Both start from
-an empty file each repetition, interleaved. Target: ours >= 0.3x raw. Also reported: appends where every
-caller waits for its record to be durable (1 thread; 16 threads sharing group commits).
+(the writer checks, checksums and group-commits). Raw: `executemany` of 1000 rows per transaction on a
+connection with the same pragmas (WAL, synchronous=FULL) into the same schema (made by the outbox's own
+migrations), with a constant checksum. Both start from an empty file each repetition, interleaved. Target:
+ours >= 0.3x raw. Also reported: appends where every caller waits for its record to be durable (1 thread; 16
+threads sharing group commits).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ PAYLOAD = os.urandom(200)
 ROWS_PER_TXN = 1000
 INSERT = (
     "INSERT INTO records (seq, created_at_ms, model, version, priority, kind, payload_type, payload, "
-    "request_id, size) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "request_id, size, checksum) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0)"
 )
 KIND = results_pb2.RECORD_KIND_RESULT
 TYPE = "inference.ModelInferResponse"
@@ -139,7 +140,7 @@ def run(options: Options) -> Report:
             "ours": "Outbox.append in a loop on one thread, waiting for the last future only "
             "(Outbox.open defaults: commit_interval 2 ms, max_group 1000, max_pending 20000)",
             "raw_baseline": f"sqlite3 executemany, {ROWS_PER_TXN} rows per transaction, WAL + synchronous=FULL, "
-            "same schema (two indexes)",
+            "same schema (two indexes), a constant checksum",
             "durable": f"every caller waits for its record: 1 and 16 threads x {durable_per_thread} appends",
             "statistic": "median over interleaved repetitions of the median burst, each burst on a fresh file",
             "sqlite": sqlite3.sqlite_version,
@@ -185,7 +186,7 @@ def run(options: Options) -> Report:
             "higher",
             how="median records/s of each over interleaved repetitions, each on a fresh file",
             reason="per record the writer adds a Future (create + resolve), a queue hand-off between two "
-            "threads under the GIL and the record checks",
+            "threads under the GIL, the record checks and its CRC-32 checksum (~0.5 us)",
         )
     )
     return report

@@ -163,7 +163,8 @@ def run(options: Options) -> Report:
             "higher",
             how=f"{n} records of {len(PAYLOAD)} B, batches of {BATCH}, real Uploader and cloud-sync process",
             reason="bounded by the cloud store's single-writer SQLite ingest (~100k records/s alone on this box) "
-            "and the device's in-doubt marks and acks, which share the two cores with the cloud",
+            "and the device's in-doubt marks and acks, which share the two cores with the cloud; each record's "
+            "checksum is verified twice (read for upload, ingest), ~0.6 us a side",
         )
     )
     report.write()

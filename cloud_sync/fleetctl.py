@@ -139,6 +139,18 @@ def _when(ms: int | None) -> str:
     return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
 
 
+def _duration(ms: int) -> str:
+    """A clock skew for a human: "8 d 0 h", "3 h 12 min", "4.2 s"."""
+    seconds = ms // 1000
+    if seconds >= 86400:
+        return f"{seconds // 86400} d {seconds % 86400 // 3600} h"
+    if seconds >= 3600:
+        return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+    if seconds >= 60:
+        return f"{seconds // 60} min {seconds % 60} s"
+    return f"{ms / 1000:.1f} s"
+
+
 DeviceIdArgument = Annotated[str, typer.Argument(help="the device's id, e.g. cam-17")]
 
 
@@ -187,7 +199,7 @@ def devices_add(
 
 @devices_app.command("show")
 def devices_show(ctx: typer.Context, device_id: DeviceIdArgument) -> None:
-    """A device, its labels and its upload counters (stored + evicted = produced)."""
+    """A device, its labels and its upload counters (stored + evicted + rejected = produced)."""
     s = session(ctx)
     device = s.call("GET", f"/v1/devices/{segment(device_id)}")
     if s.as_json:
@@ -199,10 +211,16 @@ def devices_show(ctx: typer.Context, device_id: DeviceIdArgument) -> None:
     heading.append(f" {labels}" + (" REVOKED" if device["revoked"] else ""))
     out.print(heading)
     out.print(
-        f"acked seq {up['acked_seq']}: stored {up['stored']}, evicted {up['evicted']} "
-        f"(device reports produced {up['device_produced']}, evicted {up['device_evicted']}); "
-        f"duplicates ignored {up['duplicates_total']}; last upload {_when(up['last_upload_at_ms'])}"
+        f"acked seq {up['acked_seq']}: stored {up['stored']}, evicted {up['evicted']}, rejected {up['rejected']} "
+        f"(device reports produced {up['device_produced']}, evicted {up['device_evicted']}, rejected "
+        f"{up['device_rejected']}); duplicates ignored {up['duplicates_total']}; "
+        f"last upload {_when(up['last_upload_at_ms'])}"
     )
+    if up["clock_skewed_total"]:
+        out.print(
+            f"clock: {up['clock_skewed_total']} records stamped ahead of the cloud's clock, by up to "
+            f"{_duration(up['max_clock_skew_ms'])} (stored as stamped; check the device's time sync)"
+        )
     if device.get("online") is not None:
         out.print(f"{'online' if device['online'] else 'offline'}, last seen {_when(device['last_seen_ms'])}")
     telemetry = device.get("telemetry")

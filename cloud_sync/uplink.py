@@ -2,7 +2,8 @@
 
 The device's identity comes from its token in the call's metadata, never from the message. Each batch is
 stored (idempotently, committed) on an ingest thread before the next is read; the final ack names the
-highest seq up to which everything is stored or was declared evicted, and the device deletes up to it.
+highest seq up to which everything is stored, declared evicted or rejected, and the seqs of the stream's
+range the cloud counts as rejected; the device deletes up to it.
 """
 
 from __future__ import annotations
@@ -102,6 +103,12 @@ class UplinkServicer:
         m.records.labels("stored").inc(outcome.stored)
         m.records.labels("duplicate").inc(outcome.duplicates)
         m.records.labels("evicted").inc(outcome.evicted)
+        m.records.labels("rejected").inc(outcome.rejected)
+        if outcome.quarantined:  # rare: one line per batch, naming the first
+            seq, reason = outcome.quarantined[0]
+            log.warning(
+                "uplink.quarantined", device=device_id, records=len(outcome.quarantined), seq=seq, reason=reason
+            )
         return outcome
 
     async def Upload(
@@ -109,6 +116,7 @@ class UplinkServicer:
     ) -> results_pb2.UploadAck:
         loop = asyncio.get_running_loop()
         ack = results_pb2.UploadAck()
+        rejected_seqs: set[int] = set()
         device_id = "?"
         try:
             token = bearer_token(context.invocation_metadata())
@@ -120,6 +128,8 @@ class UplinkServicer:
                 ack.stored += outcome.stored
                 ack.duplicates += outcome.duplicates
                 ack.evicted += outcome.evicted
+                ack.rejected += outcome.rejected
+                rejected_seqs.update(outcome.rejected_seqs)
         except CloudSyncError as exc:
             log.warning(
                 "uplink.refused",
@@ -136,7 +146,9 @@ class UplinkServicer:
             # Else grpc answers UNKNOWN with the exception's text and logs the traceback with its locals.
             log.error("uplink.internal_error", device=device_id, **unexpected_error_fields(exc))
             await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
-        if ack.stored or ack.duplicates or ack.evicted:
+        # Up to the final ack only: a seq past it is not the device's to count yet (a batch past a gap).
+        ack.rejected_seqs.extend(sorted(seq for seq in rejected_seqs if seq <= ack.acked_seq))
+        if ack.stored or ack.duplicates or ack.evicted or ack.rejected:
             log.debug(
                 "uplink.stored",
                 device=device_id,
@@ -144,5 +156,6 @@ class UplinkServicer:
                 stored=ack.stored,
                 duplicates=ack.duplicates,
                 evicted=ack.evicted,
+                rejected=ack.rejected,
             )
         return ack

@@ -12,7 +12,7 @@ from __future__ import annotations
 from cloud_sync.store.batches import IngestLimits
 from cloud_sync.store.database import Database, open_database
 from cloud_sync.store.devices import Device, DeviceRegistry
-from cloud_sync.store.results import IngestOutcome, Reconciliation, ResultStore, StoredResult
+from cloud_sync.store.results import IngestOutcome, QuarantineEntry, Reconciliation, ResultStore, StoredResult
 
 # Imported here so its tables are on the schema's metadata before open_database creates the schema.
 from cloud_sync.store.telemetry import TelemetryStore
@@ -23,6 +23,7 @@ __all__ = [
     "DeviceRegistry",
     "IngestLimits",
     "IngestOutcome",
+    "QuarantineEntry",
     "Reconciliation",
     "ResultStore",
     "StoredResult",

@@ -2,6 +2,7 @@
 
 Every transaction goes through `Database.read` or `Database.write`, which turn driver errors into
 `StoreUnavailable` and retry once when the connection was lost (a PostgreSQL restart). Not an ORM session.
+A database at an older schema version is migrated in place when opened (migrations.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from sqlalchemy import exc as sa_exc
 
 from cloud_sync.errors import InvalidArgument, SchemaMismatch, StoreUnavailable
 from cloud_sync.store.group_commit import GroupCommit, PendingWrite
+from cloud_sync.store.migrations import MIGRATIONS, migrate
 from cloud_sync.store.schema import SCHEMA_VERSION, metadata, schema_version
 
 __all__ = ["Database", "open_database"]
@@ -225,11 +227,22 @@ def _ensure_schema(conn: sa.Connection, backend: Backend, *, create: bool) -> No
         conn.execute(schema_version.insert().values(version=SCHEMA_VERSION, applied_at_ms=now_ms()))
         return
     found = conn.execute(sa.select(sa.func.max(schema_version.c.version))).scalar_one_or_none()
-    if found != SCHEMA_VERSION:
+    if found is None or found > SCHEMA_VERSION or (found < SCHEMA_VERSION and found not in MIGRATIONS):
         raise SchemaMismatch(
             f"the database is at schema version {found}, this cloud-sync uses {SCHEMA_VERSION}: "
-            "run the cloud-sync release that matches it, or migrate"
+            "run the cloud-sync release that matches it (a newer database cannot be migrated back)"
         )
+    if found < SCHEMA_VERSION:
+        # Under the lock taken above (SQLite: this transaction's write lock), so one replica migrates.
+        try:
+            migrate(conn, found, now_ms())
+        except (sa_exc.ProgrammingError, sa_exc.IntegrityError, sa_exc.OperationalError) as exc:
+            if exc.connection_invalidated:
+                raise
+            raise SchemaMismatch(
+                f"migrating the database from schema version {found} to {SCHEMA_VERSION} failed "
+                f"({_first_line(exc.orig)}); it was left at version {found}"
+            ) from exc
     # Tables declared on `metadata` by a store module imported after the database was first created (the
     # telemetry tables) are created now; existing tables are left as they are.
     metadata.create_all(conn)

@@ -6,29 +6,21 @@ design: the gRPC servicer calls it from a thread pool, never on the event loop.
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from cloud_sync.errors import DeviceRevoked, InvalidArgument, NotFound
-from cloud_sync.store.batches import (
-    ROW_COLUMNS,
-    IngestLimits,
-    Placement,
-    ValidBatch,
-    missing_ranges,
-    place,
-    validate_batch,
-)
+from cloud_sync.store.batches import ROW_COLUMNS, IngestLimits, QuarantinedRecord, ValidBatch, validate_batch
 from cloud_sync.store.database import Database, now_ms
-from cloud_sync.store.schema import device_uplink, devices, evictions, results
+from cloud_sync.store.ledger import DeviceLedger, Placement, check_ledger, place, plan_ingest
+from cloud_sync.store.schema import device_uplink, devices, evictions, quarantine, results
 from edgefleet.proto.edgefleet.v1 import results_pb2
 
-__all__ = ["MAX_PAGE", "IngestOutcome", "Reconciliation", "ResultStore", "StoredResult"]
+__all__ = ["MAX_PAGE", "IngestOutcome", "QuarantineEntry", "Reconciliation", "ResultStore", "StoredResult"]
 
 # The most rows one `results()` call returns.
 MAX_PAGE = 10_000
@@ -45,11 +37,18 @@ class IngestOutcome:
     duplicates: int
     # Seqs this batch declared evicted that the cloud newly counted.
     evicted: int
+    # Seqs newly counted as rejected: records of this batch quarantined here, rejections the device declared.
+    rejected: int = 0
+    # Every seq of (after_seq, min(acked_seq, through_seq)] the cloud counts as rejected, ascending: the device
+    # counts those as rejected when it deletes them, even if the ack that first named them was lost.
+    rejected_seqs: tuple[int, ...] = ()
+    # (seq, reason) of the records quarantined here by this batch, for the log.
+    quarantined: tuple[tuple[int, str], ...] = ()
 
 
 @dataclass(frozen=True)
 class Reconciliation:
-    """One device's upload counters, so an operator can check stored + evicted = produced."""
+    """One device's upload counters, so an operator can check stored + evicted + rejected = produced."""
 
     stored: int
     evicted: int
@@ -58,9 +57,30 @@ class Reconciliation:
     device_evicted: int
     acked_seq: int
     duplicates_total: int
-    # Above acked_seq only while records stored past a gap wait for the seqs before them.
+    # Above acked_seq only while records stored (or quarantined) past a gap wait for the seqs before them.
     max_stored_seq: int
     last_upload_at_ms: int | None
+    # Seqs in the quarantine: records rejected here, and those the device declared it quarantined.
+    rejected: int = 0
+    device_rejected: int = 0
+    # Stored records stamped more than the clock tolerance ahead of the cloud's clock (the device's clock is
+    # fast), and the largest such skew seen; their timestamps are stored as the device reported them.
+    clock_skewed_total: int = 0
+    max_clock_skew_ms: int = 0
+
+
+@dataclass(frozen=True)
+class QuarantineEntry:
+    """A seq the cloud counts as rejected: why, and what it kept of the record (none for a declared one)."""
+
+    device_id: str
+    seq: int
+    reason: str
+    source: str  # "cloud" (failed here) or "device" (the device quarantined it)
+    created_at_ms: int | None
+    received_at_ms: int
+    record: bytes | None  # the first bytes of the serialized ResultRecord
+    record_size: int
 
 
 @dataclass(frozen=True)
@@ -79,6 +99,7 @@ class StoredResult:
     payload: bytes
     request_id: str
     received_at_ms: int
+    checksum: int | None = None  # RECORD_CHECKSUM_CRC32, verified at ingest; None from agents that send none
 
 
 # Locks the device's uplink row for the rest of the transaction (FOR UPDATE renders to nothing on SQLite, where
@@ -117,51 +138,72 @@ class ResultStore:
             raise NotFound(f"no device {device_id!r} is registered")
         if uplink.revoked_at_ms is not None:
             raise DeviceRevoked(f"device {device_id!r} was revoked; its uploads are refused")
-        watermark = uplink.acked_seq
-        received = len(batch.seqs)
+        before = _ledger(uplink)
+        watermark = before.acked_seq
         placement = place(batch.after_seq, batch.through_seq, watermark)
         if placement is Placement.REPLAY:
+            check_ledger(batch, before, before)
             conn.execute(
                 _UPDATE_UPLINK,
                 {
                     "key": device_id,
-                    "duplicates_total": uplink.duplicates_total + received,
+                    "duplicates_total": uplink.duplicates_total + batch.received,
                     "last_upload_at_ms": received_at_ms,
                 },
             )
-            return IngestOutcome(acked_seq=watermark, stored=0, duplicates=received, evicted=0)
+            return IngestOutcome(
+                acked_seq=watermark,
+                stored=0,
+                duplicates=batch.received,
+                evicted=0,
+                rejected_seqs=_rejected_seqs(conn, device_id, batch.after_seq, batch.through_seq, before.rejected),
+            )
 
-        # Records at or below the watermark are stored already or were declared evicted: never insert them.
-        start = bisect.bisect_right(batch.seqs, watermark)
-        stored = self._insert_rows(conn, batch.rows[start:]) if start < received else 0
-        max_stored_seq = max(uplink.max_stored_seq, batch.seqs[-1]) if start < received else uplink.max_stored_seq
-        acked_seq, evicted = watermark, 0
-        if placement is Placement.ADVANCES:
-            acked_seq = batch.through_seq
-            if uplink.max_stored_seq > watermark:
-                # An earlier batch past a gap stored seqs in this range: ask the table what is there.
-                present: Sequence[int] = _stored_seqs(conn, device_id, watermark, acked_seq)
-            else:
-                present = batch.seqs[start:]
-            ranges = missing_ranges(watermark, acked_seq, present)
-            if ranges:
-                evicted = _record_evictions(conn, device_id, ranges, received_at_ms)
+        # Seqs of this range an earlier batch past a gap stored or quarantined (none in the usual case).
+        accounted = (
+            _accounted_seqs(conn, device_id, watermark, batch.through_seq) if before.max_stored_seq > watermark else []
+        )
+        plan = plan_ingest(batch, before, placement, accounted)
+        after = plan.after
+        check_ledger(batch, before, after)
+
+        stored = self._insert_rows(conn, plan.rows) if plan.rows else 0
+        rejected_new = _quarantine(conn, device_id, plan.quarantined, received_at_ms)
+        declared_new = _quarantine(conn, device_id, plan.declared, received_at_ms)
+        if plan.evictions:
+            _record_evictions(conn, device_id, plan.evictions, received_at_ms)
+        skews = plan.skews
         conn.execute(
             _UPDATE_UPLINK,
             {
                 "key": device_id,
-                "acked_seq": acked_seq,
-                "max_stored_seq": max_stored_seq,
-                "stored_total": uplink.stored_total + stored,
-                "duplicates_total": uplink.duplicates_total + received - stored,
-                "evicted_total": uplink.evicted_total + evicted,
-                # Counters only grow on the device: an older batch arriving after a newer one must not lower them.
-                "device_produced_total": max(uplink.device_produced_total, batch.device_produced_total),
-                "device_evicted_total": max(uplink.device_evicted_total, batch.device_evicted_total),
+                "acked_seq": after.acked_seq,
+                "max_stored_seq": after.max_stored_seq,
+                "stored_total": before.stored + stored,
+                "duplicates_total": uplink.duplicates_total + batch.received - stored - rejected_new,
+                "evicted_total": after.evicted,
+                "rejected_total": before.rejected + rejected_new + declared_new,
+                "rejected_on_device_total": before.rejected_on_device + declared_new,
+                "device_produced_total": after.device_produced,
+                "device_evicted_total": after.device_evicted,
+                "device_rejected_total": after.device_rejected,
+                "clock_skewed_total": uplink.clock_skewed_total + len(skews),
+                "max_clock_skew_ms": max(uplink.max_clock_skew_ms, *skews) if skews else uplink.max_clock_skew_ms,
                 "last_upload_at_ms": received_at_ms,
             },
         )
-        return IngestOutcome(acked_seq=acked_seq, stored=stored, duplicates=received - stored, evicted=evicted)
+        rejected_total = before.rejected + rejected_new + declared_new
+        return IngestOutcome(
+            acked_seq=after.acked_seq,
+            stored=stored,
+            duplicates=batch.received - stored - rejected_new,
+            evicted=after.evicted - before.evicted,
+            rejected=rejected_new + declared_new,
+            rejected_seqs=_rejected_seqs(
+                conn, device_id, batch.after_seq, min(after.acked_seq, batch.through_seq), rejected_total
+            ),
+            quarantined=tuple((q.seq, q.reason) for q in plan.quarantined),
+        )
 
     def results(
         self, device_id: str | None = None, after_id: int = 0, limit: int = 100, *, received_before_ms: int = 0
@@ -218,7 +260,24 @@ class ResultStore:
             duplicates_total=row.duplicates_total,
             max_stored_seq=row.max_stored_seq,
             last_upload_at_ms=row.last_upload_at_ms,
+            rejected=row.rejected_total,
+            device_rejected=row.device_rejected_total,
+            clock_skewed_total=row.clock_skewed_total,
+            max_clock_skew_ms=row.max_clock_skew_ms,
         )
+
+    def quarantine(self, device_id: str, after_seq: int = 0, limit: int = 100) -> list[QuarantineEntry]:
+        """The device's seqs counted as rejected with seq > after_seq, ascending, at most `limit`."""
+        if not 1 <= limit <= MAX_PAGE:
+            raise InvalidArgument(f"limit must be 1..{MAX_PAGE}, not {limit}")
+        query = (
+            sa.select(quarantine)
+            .where(quarantine.c.device_id == device_id, quarantine.c.seq > after_seq)
+            .order_by(quarantine.c.seq)
+            .limit(limit)
+        )
+        rows = self._db.read(lambda conn: conn.execute(query).all())
+        return [QuarantineEntry(**{k: v for k, v in row._mapping.items() if k != "id"}) for row in rows]
 
     def seqs(self, device_id: str) -> list[int]:
         """Every stored seq of the device, ascending (for tests and audits; not for large devices)."""
@@ -235,16 +294,69 @@ class ResultStore:
         return self._db.read(lambda conn: [(row.from_seq, row.to_seq) for row in conn.execute(query)])
 
 
-def _stored_seqs(conn: sa.Connection, device_id: str, after_seq: int, through_seq: int) -> list[int]:
-    query = (
-        sa.select(results.c.seq)
-        .where(results.c.device_id == device_id, results.c.seq > after_seq, results.c.seq <= through_seq)
-        .order_by(results.c.seq)
+def _ledger(uplink: Any) -> DeviceLedger:
+    return DeviceLedger(
+        acked_seq=uplink.acked_seq,
+        max_stored_seq=uplink.max_stored_seq,
+        stored=uplink.stored_total,
+        evicted=uplink.evicted_total,
+        rejected=uplink.rejected_total,
+        rejected_on_device=uplink.rejected_on_device_total,
+        device_produced=uplink.device_produced_total,
+        device_evicted=uplink.device_evicted_total,
+        device_rejected=uplink.device_rejected_total,
     )
-    return list(conn.execute(query).scalars())
 
 
-def _record_evictions(conn: sa.Connection, device_id: str, ranges: list[tuple[int, int]], recorded_at_ms: int) -> int:
+def _accounted_seqs(conn: sa.Connection, device_id: str, after_seq: int, through_seq: int) -> list[int]:
+    """Seqs of (after_seq, through_seq] stored or quarantined, ascending."""
+    stored = sa.select(results.c.seq).where(
+        results.c.device_id == device_id, results.c.seq > after_seq, results.c.seq <= through_seq
+    )
+    held = sa.select(quarantine.c.seq).where(
+        quarantine.c.device_id == device_id, quarantine.c.seq > after_seq, quarantine.c.seq <= through_seq
+    )
+    return sorted(set(conn.execute(stored).scalars()).union(conn.execute(held).scalars()))
+
+
+def _rejected_seqs(
+    conn: sa.Connection, device_id: str, after_seq: int, through_seq: int, rejected: int
+) -> tuple[int, ...]:
+    """Quarantined seqs of (after_seq, through_seq]; no query for a device that never had one rejected."""
+    if not rejected or through_seq <= after_seq:
+        return ()
+    query = (
+        sa.select(quarantine.c.seq)
+        .where(quarantine.c.device_id == device_id, quarantine.c.seq > after_seq, quarantine.c.seq <= through_seq)
+        .order_by(quarantine.c.seq)
+    )
+    return tuple(conn.execute(query).scalars())
+
+
+def _quarantine(conn: sa.Connection, device_id: str, records: Sequence[QuarantinedRecord], received_at_ms: int) -> int:
+    """Insert quarantine rows (idempotent on (device_id, seq)); returns how many are new."""
+    if not records:
+        return 0
+    insert = (
+        sqlite.insert(quarantine) if conn.dialect.name == "sqlite" else postgresql.insert(quarantine)
+    ).on_conflict_do_nothing(index_elements=["device_id", "seq"])
+    rows = [
+        {
+            "device_id": device_id,
+            "seq": q.seq,
+            "reason": q.reason,
+            "source": q.source,
+            "created_at_ms": q.created_at_ms,
+            "received_at_ms": received_at_ms,
+            "record": q.record,
+            "record_size": q.record_size,
+        }
+        for q in records
+    ]
+    return sum(_checked_count(conn.execute(insert, row, execution_options=_COUNT_ROWS).rowcount, [row]) for row in rows)
+
+
+def _record_evictions(conn: sa.Connection, device_id: str, ranges: list[tuple[int, int]], recorded_at_ms: int) -> None:
     conn.execute(
         evictions.insert(),
         [
@@ -252,7 +364,6 @@ def _record_evictions(conn: sa.Connection, device_id: str, ranges: list[tuple[in
             for low, high in ranges
         ],
     )
-    return sum(high - low + 1 for low, high in ranges)
 
 
 # SQLAlchemy 2 reports rowcount for INSERT only when asked to keep it.

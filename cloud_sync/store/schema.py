@@ -14,12 +14,13 @@ __all__ = [
     "devices",
     "evictions",
     "metadata",
+    "quarantine",
     "results",
     "schema_version",
 ]
 
-# Bump with a migration in database.py whenever a table below changes.
-SCHEMA_VERSION = 1
+# Bump with a migration in migrations.py whenever a table below changes.
+SCHEMA_VERSION = 2
 
 metadata = sa.MetaData(
     naming_convention={
@@ -69,6 +70,15 @@ device_uplink = sa.Table(
     sa.Column("device_produced_total", sa.BigInteger, nullable=False),
     sa.Column("device_evicted_total", sa.BigInteger, nullable=False),
     sa.Column("last_upload_at_ms", sa.BigInteger, nullable=True),
+    # Since schema version 2. Seqs in the quarantine: rejected here, or declared rejected by the device.
+    sa.Column("rejected_total", sa.BigInteger, nullable=False, server_default="0"),
+    # Of those, the ones the device declared (bounded by the device's own rejected_total).
+    sa.Column("rejected_on_device_total", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("device_rejected_total", sa.BigInteger, nullable=False, server_default="0"),
+    # Stored records stamped more than IngestLimits.clock_skew_tolerance_ms ahead of the cloud's clock, and
+    # the largest such skew: a device whose clock runs fast.
+    sa.Column("clock_skewed_total", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("max_clock_skew_ms", sa.BigInteger, nullable=False, server_default="0"),
 )
 
 results = sa.Table(
@@ -89,6 +99,9 @@ results = sa.Table(
     sa.Column("payload", sa.LargeBinary, nullable=False),
     sa.Column("request_id", sa.Text, nullable=False),
     sa.Column("received_at_ms", sa.BigInteger, nullable=False),
+    # RECORD_CHECKSUM_CRC32 of the stored values, checked at ingest; NULL from agents that send none (and for
+    # rows stored before schema version 2).
+    sa.Column("checksum", sa.BigInteger, nullable=True),
     # The idempotency key of the upload protocol.
     sa.UniqueConstraint("device_id", "seq"),
     # `results(device_id=..., after_id=...)` for one device without scanning the others.
@@ -106,4 +119,25 @@ evictions = sa.Table(
     sa.Column("recorded_at_ms", sa.BigInteger, nullable=False),
     sa.CheckConstraint("from_seq <= to_seq", name="ck_evictions_range"),
     sa.Index(None, "device_id", "from_seq"),
+)
+
+# Records the cloud will never store as results, one row per (device, seq), kept for the operator: those that
+# failed here (a bounded copy of the record beside the reason) and those the device declared it quarantined.
+# Each counts as rejected in device_uplink; its seq is acknowledged like a stored one.
+quarantine = sa.Table(
+    "quarantine",
+    metadata,
+    sa.Column("id", _RowId, primary_key=True, autoincrement=True),
+    sa.Column("device_id", sa.Text, sa.ForeignKey("devices.device_id"), nullable=False),
+    sa.Column("seq", sa.BigInteger, nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    # "cloud" or "device".
+    sa.Column("source", sa.Text, nullable=False),
+    # The device's timestamp, as reported (NULL for a declared rejection: the cloud never saw the record).
+    sa.Column("created_at_ms", sa.BigInteger, nullable=True),
+    sa.Column("received_at_ms", sa.BigInteger, nullable=False),
+    # The first IngestLimits.max_quarantined_bytes of the serialized ResultRecord, and its full size.
+    sa.Column("record", sa.LargeBinary, nullable=True),
+    sa.Column("record_size", sa.BigInteger, nullable=False),
+    sa.UniqueConstraint("device_id", "seq"),
 )

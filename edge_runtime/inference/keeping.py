@@ -2,7 +2,8 @@
 
 A result is kept when its request asks (`edgefleet.keep`), a share of the others is sampled with their
 inputs (`upload.sample_rate`), and events (model failures, activations) are kept too. Encoding to protobuf
-happens in the outbox's writer thread: the record carries a closure, not bytes.
+happens in the outbox's writer thread: the record carries a DeferredPayload (a closure and the bytes of the
+arrays it holds, which the outbox's queue counts against its byte bound), not bytes.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from concurrent.futures import Future
 from typing import Any, Protocol
 
@@ -19,7 +20,7 @@ import structlog
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.inference.types import InferResponse
 from edge_runtime.kserve.codec import KEEP_PARAMETER, build_request, encode_response
-from edge_runtime.outbox import OutboxRecord
+from edge_runtime.outbox import DeferredPayload, OutboxRecord
 from edgefleet.proto.edgefleet.v1 import results_pb2
 
 __all__ = [
@@ -48,6 +49,9 @@ PRIORITY_SAMPLE = 10
 MAX_PRIORITY = 1000
 
 NONE, RESULT, SAMPLE = 0, results_pb2.RECORD_KIND_RESULT, results_pb2.RECORD_KIND_SAMPLED_INPUT
+# What an encoded message adds to its tensors' bytes: names, datatypes, shapes, parameters (an estimate; the
+# outbox checks the encoded size exactly).
+_MESSAGE_OVERHEAD_BYTES = 512
 
 
 class RecordSink(Protocol):
@@ -93,7 +97,9 @@ class Keeper:
     ) -> Future[int] | None:
         """Append one result (kind RESULT) or sampled input+result (kind SAMPLE); called on an engine thread.
 
-        The future resolves once the record is committed; None when the outbox refused it (counted).
+        The future resolves once the record is committed. When the outbox refuses the record at once
+        (counted in `dropped`): a failed future carrying why, so the app's answer says it (kept=false and
+        keep_error); None for a sample or an `edgefleet.keep_async` request, whose answer does not wait.
         """
         if kind == SAMPLE:
 
@@ -105,24 +111,33 @@ class Keeper:
                 return message.SerializeToString()
 
             payload_type = "edgefleet.v1.SampledInference"
+            size = _nbytes(inputs.values()) + _nbytes(response.outputs.values())
         else:
 
             def payload() -> bytes:
                 return encode_response(response).SerializeToString()
 
             payload_type = "inference.ModelInferResponse"
-        return self._append(
-            OutboxRecord(
-                int(time.time() * 1000),
-                response.model_name,
-                version,
-                keep_priority(parameters, kind),
-                kind,
-                payload_type,
-                payload,
-                response.id,
-            )
+            size = _nbytes(response.outputs.values())
+        record = OutboxRecord(
+            int(time.time() * 1000),
+            response.model_name,
+            version,
+            keep_priority(parameters, kind),
+            kind,
+            payload_type,
+            DeferredPayload(payload, size + _MESSAGE_OVERHEAD_BYTES),
+            response.id,
         )
+        try:
+            return self._sink.append(record)
+        except EdgeRuntimeError as exc:
+            self._dropped(exc)
+            if kind != RESULT or parameters.get(KEEP_ASYNC_PARAMETER) is True:
+                return None
+            refused: Future[int] = Future()
+            refused.set_exception(exc)
+            return refused
 
     def event(self, event: str, model: str = "", version: int = 0, **fields: Any) -> None:
         detail = json.dumps(fields, default=str, sort_keys=True)
@@ -143,10 +158,23 @@ class Keeper:
         try:
             return self._sink.append(record)
         except EdgeRuntimeError as exc:
-            self.dropped += 1
-            if self.dropped == 1 or self.dropped % 1000 == 0:
-                log.warning("outbox.append_refused", dropped_total=self.dropped, reason=str(exc))
+            self._dropped(exc)
             return None
+
+    def _dropped(self, exc: EdgeRuntimeError) -> None:
+        self.dropped += 1
+        if self.dropped == 1 or self.dropped % 1000 == 0:
+            log.warning("outbox.append_refused", dropped_total=self.dropped, reason=str(exc))
+
+
+def _nbytes(arrays: Iterable[Any]) -> int:
+    """The bytes numpy arrays hold, the strings of a BYTES tensor (an object array) included."""
+    total = 0
+    for array in arrays:
+        total += int(getattr(array, "nbytes", 0))
+        if getattr(getattr(array, "dtype", None), "kind", "") == "O":
+            total += sum(len(item) for item in array.flat if isinstance(item, (bytes, str)))
+    return total
 
 
 def settle_kept(response: InferResponse, error: BaseException | None) -> InferResponse:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from concurrent.futures import Future
 from pathlib import Path
 from types import TracebackType
@@ -10,8 +11,9 @@ from types import TracebackType
 import structlog
 
 from edge_runtime.errors import ConfigError
-from edge_runtime.outbox._queue import Ack, AppendQueue, Flush, MarkInDoubt, SetLimits
+from edge_runtime.outbox._queue import Ack, AppendQueue, Flush, MarkInDoubt, Quarantine, SetLimits
 from edge_runtime.outbox._reader import Reader
+from edge_runtime.outbox._record import MAX_RECORD_PAYLOAD_BYTES
 from edge_runtime.outbox._recovery import open_checked
 from edge_runtime.outbox._types import OutboxCounters, OutboxRecord, OutboxUnusable, UploadBatch
 from edge_runtime.outbox._writer import Writer
@@ -20,6 +22,11 @@ from edgefleet.durable import hold_lock
 __all__ = ["Outbox"]
 
 log = structlog.get_logger(__name__)
+
+# Reads that found unfit records and quarantined them before one read comes back clean. Each round moves
+# what it found out of the range, so a second is already rare.
+_QUARANTINE_ROUNDS = 10
+_CONTROL_TIMEOUT_S = 30.0
 
 
 class Outbox:
@@ -49,21 +56,25 @@ class Outbox:
         max_pending: int = 20_000,
         max_pending_bytes: int = 64 * 1024 * 1024,
         max_file_bytes: int | None = None,
+        max_record_bytes: int = MAX_RECORD_PAYLOAD_BYTES,
     ) -> Outbox:
         """Open (or create) the outbox at `path` and start its writer thread.
 
         max_bytes / max_age_s: the eviction bounds (buffer.max_bytes, buffer.max_age_s; 0: no age limit).
         commit_interval_s / max_group: a group commit gathers appends for up to this long or this many.
-        max_pending / max_pending_bytes: the append queue's bound (payloads given as callables count 0
-        bytes until encoded); past it `append` raises Overloaded instead of growing memory.
+        max_pending / max_pending_bytes: the append queue's bound (a DeferredPayload counts its declared
+        size until encoded); past it `append` raises Overloaded instead of growing memory.
         max_file_bytes: a hard ceiling on the database file (PRAGMA max_page_count); past it commits
         fail as on a full disk. None: only the disk limits it.
+        max_record_bytes: the largest payload one record may hold (cloud-sync's per-record limit).
         Raises OutboxUnusable when the file is in use by another process, newer than this code, or damaged
         past salvage (a damaged file is otherwise moved aside and salvaged: see _recovery.py).
         """
         _check_limits(max_bytes, max_age_s)
-        if commit_interval_s < 0 or max_group < 1 or max_pending < 1 or max_pending_bytes < 1:
-            raise ConfigError("outbox: commit_interval_s must be >= 0, max_group/max_pending(_bytes) >= 1")
+        if commit_interval_s < 0 or min(max_group, max_pending, max_pending_bytes, max_record_bytes) < 1:
+            raise ConfigError(
+                "outbox: commit_interval_s must be >= 0, max_group/max_pending(_bytes)/max_record_bytes >= 1"
+            )
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         lock_fd = _lock(path)
@@ -74,6 +85,7 @@ class Outbox:
                 max_pending_bytes=max_pending_bytes,
                 max_group=max_group,
                 commit_interval_s=commit_interval_s,
+                max_record_bytes=max_record_bytes,
             )
             try:
                 writer = Writer(conn, str(path), queue, max_bytes=max_bytes, max_age_s=max_age_s)
@@ -84,7 +96,7 @@ class Outbox:
             os.close(lock_fd)
             raise
         writer.start()
-        outbox = cls(path, lock_fd, queue, writer, Reader(path))
+        outbox = cls(path, lock_fd, queue, writer, Reader(path, max_record_bytes=max_record_bytes))
         c = writer.snapshot
         log.info("outbox.opened", path=str(path), depth=c.depth, last_seq=c.last_seq, acked_seq=c.acked_seq)
         return outbox
@@ -97,8 +109,10 @@ class Outbox:
         """Queue a record; the future resolves with its seq once committed (wait on it only for durability).
 
         No SQLite work happens here. Raises Overloaded when the queue is full (the disk is not keeping
-        up), ShuttingDown after close. A record refused by the writer (fields that cannot be uploaded, a
-        payload callable that fails) or a failed commit (disk full: Overloaded) fails its future.
+        up), ShuttingDown after close, InvalidInput for a payload that is neither bytes nor a
+        DeferredPayload, RequestTooLarge for one past max_record_bytes. A record refused by the writer
+        (fields the cloud would not accept, an encoder that fails, an encoded payload past the limit) or a
+        failed commit (disk full: Overloaded) fails its future.
         """
         return self._queue.put(record)
 
@@ -108,12 +122,16 @@ class Outbox:
         self._queue.put_control(Flush(self._queue.flush_ticket(), future))
         return future
 
-    def read_batch(self, max_records: int, max_bytes: int, *, after_seq: int | None = None) -> UploadBatch:
-        """The next records to upload after `after_seq` (default: acked_seq), on this thread.
+    def read_batch(
+        self, max_records: int, max_bytes: int, *, after_seq: int | None = None, timeout: float | None = None
+    ) -> UploadBatch:
+        """The next records to upload after `after_seq` (default: acked_seq), checked against their checksums.
 
-        Before sending, persist the range with mark_in_doubt (or use next_batch, which does both).
+        Records found unfit (damaged, past the per-record limit) are quarantined first, which waits for the
+        writer thread, then the range is read again: the batch declares them as rejected instead. Before
+        sending, persist the range with mark_in_doubt (or use next_batch, which does both).
         """
-        return self._reader.read_batch(max_records, max_bytes, after_seq=after_seq)
+        return self._read_fit(max_records, max_bytes, after_seq, None, timeout)
 
     def mark_in_doubt(self, through_seq: int, *, after_seq: int | None = None) -> Future[int]:
         """Persist that records up to through_seq are being sent: eviction spares them until acked.
@@ -130,7 +148,7 @@ class Outbox:
         self, max_records: int, max_bytes: int, *, after_seq: int | None = None, timeout: float | None = None
     ) -> UploadBatch:
         """read_batch + mark_in_doubt: a batch safe to send, its range persisted as in doubt."""
-        batch = self._reader.read_batch(max_records, max_bytes, after_seq=after_seq)
+        batch = self._read_fit(max_records, max_bytes, after_seq, None, timeout)
         if batch.empty:
             return batch
         held = self.mark_in_doubt(batch.through_seq, after_seq=batch.after_seq).result(timeout)
@@ -138,9 +156,7 @@ class Outbox:
             return batch
         # Eviction took records of this range after the read; the range is protected now, so this read
         # is final (and declares them evicted).
-        return self._reader.read_batch(
-            max_records, max_bytes, after_seq=batch.after_seq, through_limit=batch.through_seq
-        )
+        return self._read_fit(max_records, max_bytes, batch.after_seq, batch.through_seq, timeout)
 
     def next_batches(
         self,
@@ -156,7 +172,7 @@ class Outbox:
         One in-doubt commit (one fsync) per upload stream instead of one per batch: measured, the per-batch
         marks bounded the uplink at ~30k records/s here.
         """
-        batches = self._read_run(count, max_records, max_bytes, after_seq, None)
+        batches = self._read_run(count, max_records, max_bytes, after_seq, None, timeout)
         if not batches:
             return batches
         first, through = batches[0].after_seq, batches[-1].through_seq
@@ -164,14 +180,20 @@ class Outbox:
         if held == sum(len(b.records) for b in batches):
             return batches
         # Eviction took records of this range after the read; it is protected now, so read it again, final.
-        return self._read_run(count, max_records, max_bytes, first, through)
+        return self._read_run(count, max_records, max_bytes, first, through, timeout)
 
     def _read_run(
-        self, count: int, max_records: int, max_bytes: int, after_seq: int | None, through_limit: int | None
+        self,
+        count: int,
+        max_records: int,
+        max_bytes: int,
+        after_seq: int | None,
+        through_limit: int | None,
+        timeout: float | None,
     ) -> list[UploadBatch]:
         batches: list[UploadBatch] = []
         while len(batches) < count:
-            batch = self._reader.read_batch(max_records, max_bytes, after_seq=after_seq, through_limit=through_limit)
+            batch = self._read_fit(max_records, max_bytes, after_seq, through_limit, timeout)
             if batch.empty:
                 break
             batches.append(batch)
@@ -180,14 +202,37 @@ class Outbox:
                 break
         return batches
 
-    def ack(self, acked_seq: int) -> Future[int]:
-        """The cloud stored everything up to acked_seq: delete those records. Resolves with acked_seq.
+    def _read_fit(
+        self,
+        max_records: int,
+        max_bytes: int,
+        after_seq: int | None,
+        through_limit: int | None,
+        timeout: float | None,
+    ) -> UploadBatch:
+        """A read whose records all verify: unfit ones are quarantined (on the writer thread), then read again."""
+        for _ in range(_QUARANTINE_ROUNDS):
+            batch = self._reader.read_batch(max_records, max_bytes, after_seq=after_seq, through_limit=through_limit)
+            if not batch.unfit:
+                return batch
+            future: Future[int] = Future()
+            self._queue.put_control(Quarantine(batch.unfit, future))
+            future.result(_CONTROL_TIMEOUT_S if timeout is None else timeout)
+        raise OutboxUnusable(
+            f"outbox {self._path}: records after seq {batch.after_seq} still fail their checks after "
+            f"{_QUARANTINE_ROUNDS} quarantines; the file may be failing: check the disk"
+        )
 
-        Acks never move backwards (an older ack resolves with the current one); an ack past last_seq
-        fails with InvalidInput and changes nothing.
+    def ack(self, acked_seq: int, rejected: Iterable[int] = ()) -> Future[int]:
+        """The cloud accounted for everything up to acked_seq: delete those records. Resolves with acked_seq.
+
+        `rejected`: the seqs the cloud counts as rejected (UploadAck.rejected_seqs); those records are
+        counted as rejected, the others as delivered, each once, by the ack that deletes it. Records
+        quarantined here settle the same way. Acks never move backwards (an older ack resolves with the
+        current one); an ack past last_seq fails with InvalidInput and changes nothing.
         """
         future: Future[int] = Future()
-        self._queue.put_control(Ack(acked_seq, future))
+        self._queue.put_control(Ack(acked_seq, frozenset(rejected), future))
         return future
 
     def set_limits(self, max_bytes: int, max_age_s: float) -> Future[None]:

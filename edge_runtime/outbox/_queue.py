@@ -13,20 +13,28 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TypeAlias
 
-from edge_runtime.errors import Overloaded, ShuttingDown
-from edge_runtime.outbox._types import OutboxRecord
+from edge_runtime.errors import InvalidInput, Overloaded, RequestTooLarge, ShuttingDown
+from edge_runtime.outbox._types import DeferredPayload, OutboxRecord, QuarantineEntry
 
-__all__ = ["Ack", "AppendQueue", "Control", "Flush", "Item", "MarkInDoubt", "SetLimits"]
+__all__ = ["Ack", "AppendQueue", "Control", "Flush", "Item", "MarkInDoubt", "Quarantine", "SetLimits"]
 
 _NEVER = sys.maxsize
 
-# An append: the record, its future, the payload bytes it holds against max_pending_bytes.
+# An append: the record, its future, the payload bytes it holds against max_pending_bytes (a deferred
+# payload's declared size until the writer encodes it).
 Item = tuple[OutboxRecord, "Future[int]", int]
 
 
 @dataclass(frozen=True)
 class Ack:
     seq: int
+    rejected: frozenset[int]  # seqs up to `seq` the cloud counts as rejected, not stored
+    future: Future[int]
+
+
+@dataclass(frozen=True)
+class Quarantine:
+    entries: tuple[QuarantineEntry, ...]
     future: Future[int]
 
 
@@ -50,13 +58,22 @@ class Flush:
     future: Future[None]
 
 
-Control: TypeAlias = Ack | MarkInDoubt | SetLimits | Flush
+Control: TypeAlias = Ack | MarkInDoubt | Quarantine | SetLimits | Flush
 
 
 class AppendQueue:
-    def __init__(self, *, max_pending: int, max_pending_bytes: int, max_group: int, commit_interval_s: float) -> None:
+    def __init__(
+        self,
+        *,
+        max_pending: int,
+        max_pending_bytes: int,
+        max_group: int,
+        commit_interval_s: float,
+        max_record_bytes: int,
+    ) -> None:
         self.max_pending = max_pending
         self.max_pending_bytes = max_pending_bytes
+        self.max_record_bytes = max_record_bytes
         self.max_group = max_group
         self.commit_interval_s = commit_interval_s
         self._cond = threading.Condition(threading.Lock())
@@ -66,22 +83,36 @@ class AppendQueue:
         self._enqueued = 0
         self._wake_at = _NEVER  # queue length at which an append wakes the writer
         self._closing = False
-        self.rejected_total = 0
+        self.refused_total = 0
 
     @property
     def pending(self) -> int:
         return len(self._appends)
 
     def put(self, record: OutboxRecord) -> Future[int]:
-        future: Future[int] = Future()
         payload = record.payload
-        size = len(payload) if type(payload) is bytes else 0
+        if type(payload) is bytes:
+            size = len(payload)
+        elif type(payload) is DeferredPayload and type(payload.size) is int and payload.size >= 0:
+            size = payload.size
+        else:
+            raise InvalidInput(
+                "outbox record refused: its payload must be bytes or a DeferredPayload(encode, size), "
+                f"not {type(payload).__name__} (the queue bounds the bytes it holds, so a deferred payload "
+                "says how many)"
+            )
+        if size > self.max_record_bytes:
+            raise RequestTooLarge(
+                f"outbox record refused: its payload of {size} bytes is past the limit of {self.max_record_bytes} "
+                "bytes per record that cloud-sync accepts"
+            )
+        future: Future[int] = Future()
         with self._cond:
             if self._closing:
                 raise ShuttingDown("the outbox is closed and takes no new records")
             n = len(self._appends)
             if n >= self.max_pending or (n and self._pending_bytes + size > self.max_pending_bytes):
-                self.rejected_total += 1
+                self.refused_total += 1
                 raise Overloaded(
                     f"outbox append queue is full ({n} records, {self._pending_bytes} payload bytes waiting; "
                     f"limits {self.max_pending} records, {self.max_pending_bytes} bytes): the disk is not keeping up"

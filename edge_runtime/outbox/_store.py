@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -17,16 +17,17 @@ import structlog
 from edge_runtime.errors import InvalidInput
 from edge_runtime.outbox._policy import BYTES_SQL, eviction_goal
 from edge_runtime.outbox._schema import read_counters, write_counters
+from edge_runtime.outbox._types import QuarantineEntry
 
 __all__ = ["COLUMNS", "RecordStore"]
 
 log = structlog.get_logger(__name__)
 
-COLUMNS = 10  # values per row in RecordStore.insert's params
-_CHUNK = 64  # rows per INSERT: 640 parameters, within the 999 of SQLite builds before 3.32
+COLUMNS = 11  # values per row in RecordStore.insert's params
+_CHUNK = 64  # rows per INSERT: 704 parameters, within the 999 of SQLite builds before 3.32
 _INSERTS = {
     rows: "INSERT INTO records (seq, created_at_ms, model, version, priority, kind, payload_type, payload, "
-    "request_id, size) VALUES " + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"] * rows)
+    "request_id, size, checksum) VALUES " + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"] * rows)
     for rows in (64, 32, 16, 8, 4, 2, 1)
 }
 # INDEXED BY: without ANALYZE statistics the planner may sort the whole table instead of walking the index.
@@ -37,6 +38,10 @@ _AGE_HINT = (
 )
 # Rows per eviction transaction: bounds the writer's memory and the time appends wait behind an eviction.
 _EVICT_CHUNK = 10_000
+# Settled quarantine rows (the cloud acknowledged them) kept for the operator; older ones are deleted.
+QUARANTINE_KEEP = 100
+# Seqs per `IN (...)` list, within the 999 parameters of SQLite builds before 3.32.
+_IN_CHUNK = 500
 
 
 def now_ms() -> int:
@@ -69,29 +74,96 @@ class RecordStore:
         self.age_hint = oldest if self.age_hint is None else min(self.age_hint, oldest)
         return new["last_seq"] - n + 1
 
-    def ack(self, seq: int) -> int:
-        """Delete records up to seq (the cloud stored them); acks never move backwards. Returns acked_seq."""
+    def ack(self, seq: int, rejected: frozenset[int] = frozenset()) -> int:
+        """Delete records up to seq (the cloud stored them, or counts those in `rejected` as rejected) and
+        settle the quarantined ones up to it; acks never move backwards. Returns acked_seq.
+
+        Each record is counted once, as delivered or rejected, by the ack that deletes it: a repeated ack
+        (its first answer was lost, the stream was sent again) finds nothing left to count.
+        """
         c = self.counters
         if seq <= c["acked_seq"]:
             return c["acked_seq"]  # a late or repeated ack
         if seq > c["last_seq"]:
             raise InvalidInput(f"ack of seq {seq} refused: the outbox's last seq is {c['last_seq']}")
+        named = sorted(s for s in rejected if c["acked_seq"] < s <= seq)
         with self._transaction():
             count, size = self._conn.execute(
                 f"SELECT count(*), coalesce(sum({BYTES_SQL}), 0) FROM records WHERE seq <= ?", (seq,)
             ).fetchone()
+            rejected_held = _count_in(self._conn, "records", named) if named else 0
+            settled: list[int] = []
+            if c["quarantined"]:
+                rows = self._conn.execute(
+                    "SELECT seq FROM quarantine WHERE seq > ? AND seq <= ?", (c["acked_seq"], seq)
+                ).fetchall()
+                settled = [int(row[0]) for row in rows]
+            # A record quarantined here that the cloud does not name was stored by it before (sent, then its
+            # page went bad before the ack came): delivered after all.
+            settled_rejected = len(set(settled).intersection(named))
             self._conn.execute("DELETE FROM records WHERE seq <= ?", (seq,))
             new = {
                 "acked_seq": seq,
                 "in_doubt_seq": max(c["in_doubt_seq"], seq),
                 "depth": c["depth"] - count,
                 "bytes": c["bytes"] - size,
-                "delivered_total": c["delivered_total"] + count,
+                "delivered_total": c["delivered_total"] + count - rejected_held + len(settled) - settled_rejected,
+                "rejected_total": c["rejected_total"] + rejected_held + settled_rejected,
+                "quarantined": c["quarantined"] - len(settled),
             }
+            write_counters(self._conn, new)
+            if settled:
+                self._trim_quarantine(seq)
+        c.update(new)
+        self._refresh_hints()
+        if rejected_held or settled:
+            log.warning(
+                "outbox.rejected",
+                acked_seq=seq,
+                rejected_by_cloud=rejected_held,
+                quarantined_settled=len(settled),
+                delivered_after_all=len(settled) - settled_rejected,
+                rejected_total=new["rejected_total"],
+            )
+        return seq
+
+    def quarantine(self, entries: Sequence[QuarantineEntry]) -> int:
+        """Move records found unfit to upload into the quarantine table; returns how many moved.
+
+        Only records still held past acked_seq move (an eviction or an ack may have taken one since it was
+        read). The accounted bytes are summed again over the table: a damaged row's `size` may be wrong.
+        """
+        c = self.counters
+        moved = []
+        with self._transaction():
+            for entry in entries:
+                if entry.seq <= c["acked_seq"]:
+                    continue
+                if self._conn.execute("DELETE FROM records WHERE seq = ?", (entry.seq,)).rowcount != 1:
+                    continue
+                self._conn.execute(
+                    "INSERT OR REPLACE INTO quarantine (seq, reason, quarantined_at_ms, fields, payload_head, "
+                    "payload_size) VALUES (?, ?, ?, ?, ?, ?)",
+                    (entry.seq, entry.reason, now_ms(), entry.fields, entry.payload_head, entry.payload_size),
+                )
+                moved.append(entry)
+            if not moved:
+                return 0
+            held = self._conn.execute(f"SELECT coalesce(sum({BYTES_SQL}), 0) FROM records").fetchone()[0]
+            new = {"depth": c["depth"] - len(moved), "bytes": int(held), "quarantined": c["quarantined"] + len(moved)}
             write_counters(self._conn, new)
         c.update(new)
         self._refresh_hints()
-        return seq
+        for entry in moved:  # rare: a damaged disk or a bug; each one is worth a line
+            log.error("outbox.quarantined", seq=entry.seq, reason=entry.reason, payload_size=entry.payload_size)
+        return len(moved)
+
+    def _trim_quarantine(self, acked_seq: int) -> None:
+        self._conn.execute(
+            "DELETE FROM quarantine WHERE seq <= ? AND seq NOT IN "
+            "(SELECT seq FROM quarantine WHERE seq <= ? ORDER BY seq DESC LIMIT ?)",
+            (acked_seq, acked_seq, QUARANTINE_KEEP),
+        )
 
     def mark_in_doubt(self, through_seq: int, after_seq: int | None) -> int:
         """Persist that records up to through_seq are being sent; returns those held in (after_seq, through_seq]."""
@@ -198,6 +270,16 @@ def _insert(conn: sqlite3.Connection, params: list[Any]) -> None:
         end = start + size * COLUMNS
         conn.execute(_INSERTS[size], params[start:end])
         start = end
+
+
+def _count_in(conn: sqlite3.Connection, table: str, seqs: Sequence[int]) -> int:
+    """How many of `seqs` are rows of `table`."""
+    found = 0
+    for start in range(0, len(seqs), _IN_CHUNK):
+        chunk = seqs[start : start + _IN_CHUNK]
+        query = f"SELECT count(*) FROM {table} WHERE seq IN ({', '.join('?' * len(chunk))})"
+        found += int(conn.execute(query, chunk).fetchone()[0])
+    return found
 
 
 def _chunks(rows: int) -> Iterator[int]:

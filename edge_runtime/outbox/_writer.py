@@ -1,8 +1,9 @@
 """The outbox's one writer thread: group commit of appends, then acks, in-doubt marks and eviction.
 
-Each iteration runs the control operations (acks free space first), commits the group of appends in one
-transaction with the counters, resolves their futures, evicts, and only then resolves the control
-operations' futures, so a caller of ack, set_limits or flush sees their effects done.
+Each iteration runs the control operations (acks free space first; quarantines), checks, encodes and
+checksums the group of appends and commits it in one transaction with the counters, resolves their futures,
+evicts, and only then resolves the control operations' futures, so a caller of ack, set_limits or flush sees
+their effects done.
 """
 
 from __future__ import annotations
@@ -11,17 +12,19 @@ import contextlib
 import dataclasses
 import sqlite3
 import threading
+import zlib
 from collections.abc import Sequence
 from concurrent.futures import Future, InvalidStateError
 from typing import Any
 
 import structlog
 
-from edge_runtime.errors import InvalidInput
-from edge_runtime.outbox._policy import ROW_OVERHEAD_BYTES, record_fields_ok, record_problem, storage_failure
-from edge_runtime.outbox._queue import Ack, AppendQueue, Control, Flush, Item, MarkInDoubt, SetLimits
+from edge_runtime.errors import InvalidInput, RequestTooLarge
+from edge_runtime.outbox._policy import ROW_OVERHEAD_BYTES, storage_failure
+from edge_runtime.outbox._queue import Ack, AppendQueue, Control, Flush, Item, MarkInDoubt, Quarantine, SetLimits
+from edge_runtime.outbox._record import CHECKSUM_HEADER, fields_ok, record_problem, strings_problem
 from edge_runtime.outbox._store import RecordStore, now_ms
-from edge_runtime.outbox._types import OutboxCounters
+from edge_runtime.outbox._types import DeferredPayload, OutboxCounters
 
 __all__ = ["Writer"]
 
@@ -29,6 +32,8 @@ log = structlog.get_logger(__name__)
 
 _MAX_IDLE_S = 60.0
 _I64_MAX = 2**63 - 1
+_UNSEEN = object()
+_JOIN_BELOW = 4096
 
 
 class Writer:
@@ -57,9 +62,7 @@ class Writer:
         return not self._thread.is_alive()
 
     def counters(self) -> OutboxCounters:
-        return dataclasses.replace(
-            self.snapshot, pending=self._queue.pending, rejected_total=self._queue.rejected_total
-        )
+        return dataclasses.replace(self.snapshot, pending=self._queue.pending, refused_total=self._queue.refused_total)
 
     def _run(self) -> None:
         try:
@@ -105,11 +108,13 @@ class Writer:
         for flush in done:
             _resolve(flush.future, None)
 
-    def _control(self, control: Ack | MarkInDoubt | SetLimits) -> Any:
+    def _control(self, control: Ack | MarkInDoubt | Quarantine | SetLimits) -> Any:
         if isinstance(control, Ack):
-            return self._store.ack(control.seq)
+            return self._store.ack(control.seq, control.rejected)
         if isinstance(control, MarkInDoubt):
             return self._store.mark_in_doubt(control.through_seq, control.after_seq)
+        if isinstance(control, Quarantine):
+            return self._store.quarantine(control.entries)
         self._max_bytes = control.max_bytes
         self._max_age_ms = int(control.max_age_s * 1000)
         return None
@@ -146,31 +151,68 @@ class Writer:
                 pass
 
     def _prepare(self, group: list[Item], last_seq: int) -> tuple[list[Any], list[Future[int]], int, int]:
-        """Check and encode a group: (flat row parameters, futures of rows, their bytes, oldest created_at)."""
+        """Check, encode and checksum a group: (flat row parameters, futures of rows, their bytes, oldest
+        created_at). The hot loop of append: each field read once, strings that repeat checked once."""
         params: list[Any] = []
         futures: list[Future[int]] = []
         added = released = 0
         oldest = _I64_MAX
         seq = last_seq
+        max_payload = self._queue.max_record_bytes
+        # _record.checksum, inlined: a call per record costs what the checksum itself does.
+        pack, crc32 = CHECKSUM_HEADER.pack, zlib.crc32
+        # Records of a group nearly always share model and payload_type: check and encode those once.
+        seen_model: object = _UNSEEN
+        seen_type: object = _UNSEEN
+        strings_b = b""
+        model_len = type_len = fixed = 0
         for record, future, counted in group:
             released += counted
             created, model, version, priority, kind, payload_type, payload, request_id = record
-            if not record_fields_ok(created, model, version, priority, kind, payload_type, request_id):
-                problem = record_problem(created, model, version, priority, kind, payload_type, request_id)
+            if (
+                type(model) is not str
+                or type(payload_type) is not str
+                or model != seen_model
+                or payload_type != seen_type
+            ):
+                problem = strings_problem(model, payload_type)
                 if problem is not None:
                     _settle(future, error=InvalidInput(f"outbox record refused: {problem}"))
                     continue
+                seen_model, seen_type = model, payload_type
+                model_b, type_b = model.encode(), payload_type.encode()
+                strings_b, model_len, type_len = model_b + type_b, len(model_b), len(type_b)
+                fixed = len(model) + len(payload_type) + ROW_OVERHEAD_BYTES
+            if not fields_ok(created, version, priority, kind, request_id):
+                problem = record_problem(created, model, version, priority, kind, payload_type, request_id)
+                _settle(future, error=InvalidInput(f"outbox record refused: {problem}"))
+                continue
+            try:
+                request_b = request_id.encode()
+            except UnicodeEncodeError:  # SQLite would refuse it too, and fail the whole group with it
+                _settle(future, error=InvalidInput("outbox record refused: request_id holds a lone surrogate"))
+                continue
             if type(payload) is not bytes:
                 try:
                     payload = _encode(payload)
                 except Exception as exc:  # the caller's encoder failed: its own error, on its own future
                     _settle(future, error=exc)
                     continue
-            seq += 1
             size = len(payload)
-            params += (seq, created, model, version, priority, kind, payload_type, payload, request_id, size)
+            if size > max_payload:  # a deferred payload's declared size was an estimate; this is exact
+                _settle(future, error=_too_large(size, max_payload))
+                continue
+            seq += 1
+            header = pack(seq, created, version, priority, kind, model_len, type_len, len(request_b))
+            # One crc32 over a joined copy is cheaper than chaining two, for all but large payloads.
+            check = (
+                crc32(header + strings_b + request_b + payload)
+                if size < _JOIN_BELOW
+                else crc32(payload, crc32(header + strings_b + request_b))
+            )
+            params += (seq, created, model, version, priority, kind, payload_type, payload, request_id, size, check)
             futures.append(future)
-            added += size + len(model) + len(payload_type) + len(request_id) + ROW_OVERHEAD_BYTES
+            added += size + fixed + len(request_id)
             if created < oldest:
                 oldest = created
         self._queue.release(released)
@@ -184,23 +226,32 @@ class Writer:
             produced_total=c["produced_total"],
             evicted_total=c["evicted_total"],
             delivered_total=c["delivered_total"],
+            rejected_total=c["rejected_total"],
+            quarantined=c["quarantined"],
             acked_seq=c["acked_seq"],
             last_seq=c["last_seq"],
             in_doubt_seq=c["in_doubt_seq"],
             oldest_created_at_ms=self._store.oldest,
             pending=0,
-            rejected_total=0,
+            refused_total=0,
             failed_total=self._failed_total,
             recoveries_total=c["recoveries_total"],
         )
 
 
 def _encode(payload: object) -> bytes:
-    if callable(payload):
-        payload = payload()
+    if type(payload) is DeferredPayload:
+        payload = payload.encode()
     if isinstance(payload, (bytes, bytearray, memoryview)):
         return bytes(payload)
     raise InvalidInput(f"outbox record refused: payload must be bytes or return bytes, got {type(payload).__name__}")
+
+
+def _too_large(size: int, limit: int) -> RequestTooLarge:
+    return RequestTooLarge(
+        f"outbox record refused: its payload of {size} bytes is past the limit of {limit} bytes per record "
+        "that cloud-sync accepts"
+    )
 
 
 def _settle(future: Future[Any], *, error: BaseException) -> None:

@@ -259,7 +259,14 @@ class Uploader:
                 hint="cloud-sync's store lost data the device already deleted; check its backups",
             )
             raise _CloudBehind(f"cloud-sync acknowledged seq {ack.acked_seq}, below the {first_after} it had")
-        acked = loop.run_in_executor(self._io, self._ack, min(ack.acked_seq, through))
+        if ack.rejected_seqs:
+            log.warning(
+                "uplink.rejected",
+                rejected=ack.rejected,
+                seqs=list(ack.rejected_seqs[:10]),
+                hint="these records were quarantined (by cloud-sync, or here when damaged) and count as rejected",
+            )
+        acked = loop.run_in_executor(self._io, self._ack, min(ack.acked_seq, through), frozenset(ack.rejected_seqs))
         if ack.acked_seq >= through:
             # The I/O thread runs the ack first, then this read: the next stream starts after the acked range.
             self._pending_ack = acked
@@ -275,8 +282,8 @@ class Uploader:
             BATCHES_PER_STREAM, self.policy.batch_max_records, MAX_BATCH_BYTES, after_seq=after_seq, timeout=30
         )
 
-    def _ack(self, seq: int) -> int:
-        return self._outbox.ack(seq).result(timeout=30)
+    def _ack(self, seq: int, rejected: frozenset[int]) -> int:
+        return self._outbox.ack(seq, rejected).result(timeout=30)
 
     async def _pace(self, batch: UploadBatch) -> None:
         delay = self._pacer.delay_for(batch.message.ByteSize(), time.monotonic())

@@ -96,15 +96,32 @@ def test_devices_list(cloud_sync: RunningCloudSync) -> None:
 
 def test_devices_show(cloud_sync: RunningCloudSync) -> None:
     device_id, token = cloud_sync.new_device("ctl", {"site": "lab"})
-    cloud_sync.upload(token, [batch(0, 4, [1, 2, 4])])
+    upload = batch(0, 5, records=[record(1), record(2), record(4, kind=99), record(5)])  # 3 evicted, 4 rejected
+    upload.produced_total, upload.evicted_total = 5, 1
+    cloud_sync.upload(token, [upload])
 
     text = ok(fleetctl(cloud_sync, "devices", "show", device_id))
     assert device_id in text and "site" in text
-    assert "acked seq 4: stored 3, evicted 1" in text
+    assert "acked seq 5: stored 3, evicted 1, rejected 1 (device reports produced 5, evicted 1, rejected 0)" in text
+    assert "clock:" not in text  # nothing stamped ahead
 
     shown = json.loads(ok(fleetctl(cloud_sync, "--json", "devices", "show", device_id)))
     assert shown["device_id"] == device_id
-    assert (shown["uplink"]["acked_seq"], shown["uplink"]["stored"], shown["uplink"]["evicted"]) == (4, 3, 1)
+    uplink = shown["uplink"]
+    assert (uplink["acked_seq"], uplink["stored"], uplink["evicted"], uplink["rejected"]) == (5, 3, 1, 1)
+
+
+def test_devices_show_flags_a_fast_clock(cloud_sync: RunningCloudSync) -> None:
+    device_id, token = cloud_sync.new_device("ctl")
+    ahead = record(2)
+    ahead.created_at_ms += 8 * 24 * 3600 * 1000 + 3 * 3600 * 1000 + 1800 * 1000  # 8 d 3.5 h
+    cloud_sync.upload(token, [batch(0, 2, records=[record(1), ahead])])
+
+    text = ok(fleetctl(cloud_sync, "devices", "show", device_id))
+    assert "clock: 1 records stamped ahead of the cloud's clock, by up to 8 d 3 h" in text
+    shown = json.loads(ok(fleetctl(cloud_sync, "--json", "devices", "show", device_id)))
+    assert shown["uplink"]["clock_skewed_total"] == 1
+    assert shown["uplink"]["max_clock_skew_ms"] > 8 * 24 * 3600 * 1000
 
 
 def test_devices_revoke(cloud_sync: RunningCloudSync) -> None:

@@ -1,12 +1,17 @@
 """The Uplink service through a real gRPC channel to a real cloud-sync: who may upload, what is stored, once.
 
 Every refusal carries its status and a reason, changes nothing in the store, and leaves the server serving
-(each refusal test ends with a good upload by the same device that starts from seq 0).
+(each refusal test ends with a good upload by the same device that starts from seq 0). No record's content
+wedges a device's stream: the outside report's reproductions run a real device (its Outbox and Uploader)
+against the real cloud-sync, and the ledger stored + evicted + rejected = produced balances on both sides.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -15,11 +20,29 @@ import pytest
 from structlog.testing import capture_logs
 
 from cloud_sync.store import DeviceRegistry, IngestOutcome, ResultStore, open_database
+from cloud_sync.store.batches import record_checksum
 from cloud_sync.uplink import DeviceAuthenticator, UplinkServicer
+from edge_runtime.config import CloudSection, UploadPolicy
+from edge_runtime.outbox import Outbox, OutboxRecord
+from edge_runtime.sync.uplink import Uploader
 from edgefleet.proto.edgefleet.v1 import results_pb2, services_pb2, services_pb2_grpc
 from edgefleet.rpc import add_service
 from tests.cloud_sync.conftest import MAX_MESSAGE_BYTES, UPLOAD_METHOD, RunningCloudSync, batch, record
+from tests.edge_runtime.outbox.test_migration import build_v1
+from tests.loopcheck import LoopThread
 from tests.waiting import wait_for
+
+
+def counted(
+    b: results_pb2.ResultBatch, produced: int, evicted: int = 0, *, checksums: bool = False
+) -> results_pb2.ResultBatch:
+    """`b` with the counters a truthful device sends (and, with `checksums`, its records' checksums)."""
+    b.produced_total, b.evicted_total = produced, evicted
+    if checksums:
+        b.record_checksum = results_pb2.RECORD_CHECKSUM_CRC32
+        for r in b.records:
+            r.checksum = record_checksum(r)
+    return b
 
 
 def refused(call: object) -> grpc.RpcError:
@@ -83,7 +106,7 @@ def test_a_revoked_device_is_permission_denied(cloud_sync: RunningCloudSync) -> 
 
 def test_an_upload_is_acked_and_a_replay_stores_nothing_twice(cloud_sync: RunningCloudSync) -> None:
     device_id, token = cloud_sync.new_device("cam")
-    batches = [batch(0, 3), batch(3, 5)]
+    batches = [counted(batch(0, 3), 5), counted(batch(3, 5), 5)]
 
     ack = cloud_sync.upload(token, batches)
     assert (ack.acked_seq, ack.stored, ack.duplicates, ack.evicted) == (5, 5, 0, 0)
@@ -102,7 +125,7 @@ def test_an_upload_is_acked_and_a_replay_stores_nothing_twice(cloud_sync: Runnin
 
 def test_seqs_a_batch_leaves_out_are_counted_as_evicted(cloud_sync: RunningCloudSync) -> None:
     device_id, token = cloud_sync.new_device("cam")
-    ack = cloud_sync.upload(token, [batch(0, 6, [1, 2, 6])])
+    ack = cloud_sync.upload(token, [counted(batch(0, 6, [1, 2, 6]), 6, evicted=3)])
     assert (ack.acked_seq, ack.stored, ack.evicted) == (6, 3, 3)
     uplink = cloud_sync.device(device_id)["uplink"]
     assert (uplink["stored"], uplink["evicted"]) == (3, 3)
@@ -125,9 +148,10 @@ INVALID_BATCHES = {
     "through-below-after": (batch(5, 3, []), "below after_seq"),
     "record-past-through": (batch(0, 2, [1, 2, 3]), "past through_seq"),
     "record-at-after": (batch(2, 4, [2, 3]), "does not follow after_seq"),
-    "unknown-kind": (batch(0, 1, records=[record(1, kind=99)]), "not a known RecordKind"),
-    "unspecified-kind": (batch(0, 1, records=[record(1, kind=results_pb2.RECORD_KIND_UNSPECIFIED)]), "RecordKind"),
-    "nul-in-model": (batch(0, 1, records=[record(1, model="dig\0its")]), "NUL"),
+    # The outside report: counters that contradict the batch moved the watermark to 10**15.
+    "past-produced-far": (counted(batch(12, 10**15, []), 12), "past the device's own produced_total 12"),
+    "past-produced": (counted(batch(2, 5, []), 2, evicted=3), "past the device's own produced_total 2"),
+    "more-evicted-than-counted": (counted(batch(0, 5, [1]), 5, evicted=2), "leaves out 4 seqs"),
 }
 
 
@@ -240,14 +264,183 @@ def test_uploads_are_counted_in_the_metrics(cloud_sync: RunningCloudSync) -> Non
 
     before = counts()
     _device_id, token = cloud_sync.new_device("metrics")
-    cloud_sync.upload(token, [batch(0, 4), batch(4, 6, [5])])
-    cloud_sync.upload(token, [batch(0, 4)])
+    cloud_sync.upload(token, [counted(batch(0, 4), 7, 1), counted(batch(4, 6, [5]), 7, 1)])
+    cloud_sync.upload(token, [counted(batch(0, 4), 7, 1)])
+    cloud_sync.upload(token, [counted(batch(6, 7, records=[record(7, kind=99)]), 7, 1)])
     after = counts()
 
     def grew(key: tuple[str, str]) -> float:
         return after.get(key, 0) - before.get(key, 0)
 
-    assert grew(("cloud_sync_uplink_batches_total", "")) == 3
+    assert grew(("cloud_sync_uplink_batches_total", "")) == 4
     assert grew(("cloud_sync_uplink_records_total", "stored")) == 5
     assert grew(("cloud_sync_uplink_records_total", "evicted")) == 1
     assert grew(("cloud_sync_uplink_records_total", "duplicate")) == 4
+    assert grew(("cloud_sync_uplink_records_total", "rejected")) == 1
+
+
+# --- no record wedges a stream --------------------------------------------------------------------------------
+
+
+def test_the_contradicting_batches_of_the_report_are_refused_and_a_real_record_then_stored(
+    cloud_sync: RunningCloudSync,
+) -> None:
+    device_id, token = cloud_sync.new_device("liar")
+    assert cloud_sync.upload(token, [counted(batch(0, 12), 12)]).acked_seq == 12
+    before = cloud_sync.device(device_id)["uplink"]
+    for bad in (counted(batch(12, 10**15, []), 12), counted(batch(2, 5, []), 2)):
+        error = refused(lambda bad=bad: cloud_sync.upload(token, [bad]))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "past the device's own produced_total" in error.details()
+        assert cloud_sync.device(device_id)["uplink"] == before  # the store unchanged
+    ack = cloud_sync.upload(token, [counted(batch(12, 13), 13)])
+    assert (ack.acked_seq, ack.stored) == (13, 1)
+    assert cloud_sync.results(device_id)[-1]["seq"] == 13
+
+
+def test_a_record_with_a_wrong_checksum_is_quarantined_and_the_stream_moves_on(cloud_sync: RunningCloudSync) -> None:
+    device_id, token = cloud_sync.new_device("flipped")
+    crafted = counted(batch(0, 3), 5, checksums=True)
+    crafted.records[1].payload = b"altered on the way"  # after its checksum was computed
+    ack = cloud_sync.upload(token, [crafted, counted(batch(3, 5), 5, checksums=True)])
+
+    assert (ack.acked_seq, ack.stored, ack.rejected, list(ack.rejected_seqs)) == (5, 4, 1, [2])
+    assert [r["seq"] for r in cloud_sync.results(device_id)] == [1, 3, 4, 5]
+    uplink = cloud_sync.device(device_id)["uplink"]
+    assert uplink["stored"] + uplink["evicted"] + uplink["rejected"] == uplink["device_produced"] == 5
+    # The ack was lost: the device sends the range again and hears of seq 2 again; nothing counts twice.
+    again = cloud_sync.upload(token, [crafted])
+    assert (again.acked_seq, again.stored, again.rejected, list(again.rejected_seqs)) == (5, 0, 0, [2])
+    assert cloud_sync.device(device_id)["uplink"]["rejected"] == 1
+    assert [r["seq"] for r in cloud_sync.results(device_id)] == [1, 3, 4, 5]
+
+
+def test_records_the_cloud_cannot_accept_are_quarantined_not_refused(cloud_sync: RunningCloudSync) -> None:
+    device_id, token = cloud_sync.new_device("odd")
+    odd = [record(1, kind=99), record(2, kind=results_pb2.RECORD_KIND_UNSPECIFIED), record(3, model="dig\0its")]
+    ack = cloud_sync.upload(token, [counted(batch(0, 4, records=[*odd, record(4)]), 4)])
+    assert (ack.acked_seq, ack.stored, ack.rejected, list(ack.rejected_seqs)) == (4, 1, 3, [1, 2, 3])
+    assert [r["seq"] for r in cloud_sync.results(device_id)] == [4]
+    events = [
+        e for e in cloud_sync.proc.events if e.get("event") == "uplink.quarantined" and e.get("device") == device_id
+    ]
+    wait_for(
+        lambda: [
+            e for e in cloud_sync.proc.events if e.get("event") == "uplink.quarantined" and e.get("device") == device_id
+        ],
+        10,
+        "uplink.quarantined",
+    )
+    del events
+
+
+# --- a real device --------------------------------------------------------------------------------------------
+
+DAY_MS = 24 * 3600 * 1000
+
+
+def drain(cloud_sync: RunningCloudSync, outbox: Outbox, token: str, timeout: float = 90) -> None:
+    """Run the device's real Uploader on a debug-mode loop until its outbox is acknowledged to its last seq."""
+    thread = LoopThread("test-device-loop")
+    try:
+        policy = UploadPolicy(batch_max_records=100, interval_s=0.05)
+        uploader = Uploader(outbox, CloudSection(grpc_target=cloud_sync.grpc_target), policy, token)
+        task = asyncio.run_coroutine_threadsafe(uploader.run(), thread.loop)
+        try:
+            wait_for(
+                lambda: outbox.counters().acked_seq == outbox.counters().last_seq or task.done(),
+                timeout,
+                "the device's outbox to drain to the cloud",
+            )
+            assert not task.done(), task.result()
+            assert uploader.status.consecutive_failures == 0, uploader.status.last_error
+        finally:
+            task.cancel()
+            concurrent.futures.wait([task], 10)
+    finally:
+        thread.close()
+    assert not thread.slow.blocking(), thread.slow.blocking()
+
+
+def assert_ledgers_balance(cloud_sync: RunningCloudSync, device_id: str, outbox: Outbox) -> dict[str, int]:
+    """stored + evicted + rejected = produced, by the cloud's counts and by the device's own, and they agree."""
+    c = outbox.counters()
+    assert c.depth == c.quarantined == 0
+    assert c.delivered_total + c.evicted_total + c.rejected_total == c.produced_total == c.last_seq
+    up = cloud_sync.device(device_id)["uplink"]
+    assert up["stored"] + up["evicted"] + up["rejected"] == up["device_produced"] == c.produced_total
+    assert (up["stored"], up["evicted"], up["rejected"]) == (c.delivered_total, c.evicted_total, c.rejected_total)
+    assert len(cloud_sync.results(device_id)) == up["stored"]
+    return up
+
+
+def _record(i: int, created_at_ms: int, payload: bytes) -> OutboxRecord:
+    return OutboxRecord(created_at_ms, "digits", 1, 100, 1, "inference.ModelInferResponse", payload, f"r{i}")
+
+
+def test_one_record_stamped_8_days_ahead_among_thousands_stops_nothing(
+    cloud_sync: RunningCloudSync, tmp_path: Path
+) -> None:
+    """The outside report: that record was refused, re-sent forever, never evicted (in doubt), and every result
+    after it was evicted: 0 of 3,399 stored."""
+    device_id, token = cloud_sync.new_device("fast-clock")
+    now = int(time.time() * 1000)
+    with Outbox.open(tmp_path / "outbox.db", max_bytes=1 << 30, max_age_s=0) as outbox:
+        futures = [
+            outbox.append(_record(i, now + 8 * DAY_MS if i == 17 else now + i, b"result %d" % i)) for i in range(3400)
+        ]
+        assert futures[-1].result(timeout=30) == 3400
+
+        drain(cloud_sync, outbox, token)
+
+        up = assert_ledgers_balance(cloud_sync, device_id, outbox)
+    assert (up["stored"], up["evicted"], up["rejected"]) == (3400, 0, 0)
+    assert up["clock_skewed_total"] == 1
+    assert 8 * DAY_MS - 120_000 < up["max_clock_skew_ms"] <= 8 * DAY_MS
+    stored = {r["seq"]: r for r in cloud_sync.results(device_id)}
+    assert stored[18]["created_at_ms"] == now + 8 * DAY_MS  # as the device stamped it
+
+
+def test_a_byte_flipped_in_a_stopped_devices_outbox_is_quarantined_and_counted_on_both_sides(
+    cloud_sync: RunningCloudSync, tmp_path: Path
+) -> None:
+    """The outside report: a flipped byte passed quick_check and the altered output was uploaded as valid."""
+    device_id, token = cloud_sync.new_device("bit-rot")
+    path = tmp_path / "outbox.db"
+    payloads = [os.urandom(200) for _ in range(500)]
+    with Outbox.open(path, max_bytes=1 << 30, max_age_s=0) as outbox:
+        futures = [outbox.append(_record(i, int(time.time() * 1000), p)) for i, p in enumerate(payloads)]
+        assert futures[-1].result(timeout=30) == 500
+    data = path.read_bytes()
+    at = data.find(payloads[249])  # the page holding seq 250's payload
+    assert at > 0
+    with path.open("r+b") as f:
+        f.seek(at + 100)
+        f.write(bytes([data[at + 100] ^ 0x10]))
+
+    with Outbox.open(path, max_bytes=1 << 30, max_age_s=0) as outbox:  # the agent restarts
+        drain(cloud_sync, outbox, token)
+        up = assert_ledgers_balance(cloud_sync, device_id, outbox)
+
+    assert (up["stored"], up["evicted"], up["rejected"], up["device_rejected"]) == (499, 0, 1, 1)
+    stored = cloud_sync.results(device_id)
+    assert 250 not in {r["seq"] for r in stored}
+    payload_of = {r["seq"]: r["payload"] for r in stored}
+    assert len(payload_of) == 499  # everything else arrived
+
+
+def test_a_record_the_cloud_rejects_is_counted_as_rejected_by_the_device_too(
+    cloud_sync: RunningCloudSync, tmp_path: Path
+) -> None:
+    """A record an older agent kept (kind 0, allowed then) reaches the cloud after the upgrade: the cloud
+    quarantines it, names it in the ack, and the device counts it rejected rather than delivered."""
+    device_id, token = cloud_sync.new_device("upgraded")
+    path = tmp_path / "outbox.db"
+    old = (4, int(time.time() * 1000), "digits", 1, 100, 0, "inference.ModelInferResponse", b"old", "r-old", 3)
+    build_v1(path, [b"a", b"b", b"c"], extra_rows=[old])
+    with Outbox.open(path, max_bytes=1 << 30, max_age_s=0) as outbox:
+        outbox.append(_record(5, int(time.time() * 1000), b"new")).result(timeout=10)
+        drain(cloud_sync, outbox, token)
+        up = assert_ledgers_balance(cloud_sync, device_id, outbox)
+    # The cloud named seq 4 in its ack; the device reports its new rejected_total with its next batch.
+    assert (up["stored"], up["rejected"]) == (4, 1)

@@ -2,7 +2,8 @@
 
 Everything is a real process on loopback: the agent is killed with SIGKILL, cloud-sync is stopped and
 started on the same port, the databases are real. `reckon` is the promise under test: every record the agent
-committed is in the cloud store exactly once, in seq order, and stored + evicted = produced on both sides.
+committed is in the cloud store exactly once, in seq order, or accounted for as evicted or rejected, and
+stored + evicted + rejected = produced on both sides.
 """
 
 from __future__ import annotations
@@ -108,6 +109,14 @@ class Cloud:
         db = open_database(self.url, create=False)
         try:
             return ResultStore(db).reconcile(device_id), ResultStore(db).eviction_ranges(device_id)
+        finally:
+            db.close()
+
+    def rejected_seqs(self, device_id: str) -> set[int]:
+        """Seqs the cloud counts as rejected (its quarantine)."""
+        db = open_database(self.url, create=False)
+        try:
+            return {entry.seq for entry in ResultStore(db).quarantine(device_id, limit=10_000)}
         finally:
             db.close()
 
@@ -238,20 +247,30 @@ class Load:
 
 
 def reckon(cloud: Cloud, device: Device, timeout: float = 90) -> dict[str, int]:
-    """Wait until the agent has uploaded everything it committed, then check exactly-once and the counts."""
+    """Wait until the agent has uploaded everything it committed, then check exactly-once and the counts:
+    stored + evicted + rejected = produced, by the cloud's counters and by the agent's own, which agree."""
 
     def drained() -> dict[str, int] | None:
         c = device.counters()
-        return c if c["acked_seq"] == c["last_seq"] and c["depth"] == 0 else None
+        return c if c["acked_seq"] == c["last_seq"] and c["depth"] == 0 and c.get("quarantined", 0) == 0 else None
 
     counters = wait_for(drained, timeout, "the agent's outbox to drain to the cloud")
     seqs = cloud.seqs(device.device_id)
     reconciliation, ranges = cloud.reconcile(device.device_id)
+    rejected = cloud.rejected_seqs(device.device_id)
     evicted = {s for low, high in ranges for s in range(low, high + 1)}
     assert seqs == sorted(set(seqs)), "a record is stored twice, or out of seq order"
     assert not evicted & set(seqs), "a seq is both stored and declared evicted"
-    assert set(seqs) | evicted == set(range(1, counters["last_seq"] + 1)), "a committed record is missing"
+    assert not rejected & (set(seqs) | evicted), "a seq is both rejected and stored or evicted"
+    assert set(seqs) | evicted | rejected == set(range(1, counters["last_seq"] + 1)), "a committed record is missing"
     assert reconciliation.stored == len(seqs)
-    assert reconciliation.stored + reconciliation.evicted == counters["produced_total"]
+    assert reconciliation.stored + reconciliation.evicted + reconciliation.rejected == counters["produced_total"]
     assert reconciliation.evicted == counters["evicted_total"] == len(evicted)
-    return {"stored": len(seqs), "evicted": len(evicted), "produced": counters["produced_total"]}
+    assert reconciliation.rejected == counters.get("rejected_total", 0) == len(rejected)
+    assert reconciliation.stored == counters["delivered_total"]
+    return {
+        "stored": len(seqs),
+        "evicted": len(evicted),
+        "rejected": len(rejected),
+        "produced": counters["produced_total"],
+    }

@@ -1,13 +1,15 @@
 """Nothing kept is lost, whatever fails: the data plane's fault tests, with real processes.
 
 Each test drives load through a real edge-agent into a real cloud-sync, breaks something for real, then
-checks with `reckon`: every record the agent committed is in the cloud store exactly once, in seq order,
-and stored + evicted = produced by both the cloud's and the agent's own counters.
+checks with `reckon`: every record the agent committed is in the cloud store exactly once, in seq order (or
+accounted for as evicted or rejected), and stored + evicted + rejected = produced by both the cloud's and the
+agent's own counters.
 """
 
 from __future__ import annotations
 
 import random
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
@@ -123,3 +125,38 @@ def test_postgresql_restarted_under_cloud_sync(
             device.kill()
         finally:
             cloud.kill()
+
+
+def test_a_byte_flipped_in_a_stopped_agents_outbox_is_quarantined_and_the_rest_arrive(
+    cloud: Cloud, make_device: Callable[..., Device]
+) -> None:
+    """The outside report: with the agent stopped, one flipped byte in a record's page passed quick_check at
+    the next start and the altered result reached the cloud as a valid one."""
+    device = make_device()
+    cloud.stop()  # results stay in the outbox
+    device.start()
+    load = Load(device.socket)
+    load.wait_answers(100)
+    load.stop()
+    device.stop()
+    outbox = device.data_dir / "outbox.db"
+    conn = sqlite3.connect(outbox)
+    try:
+        seq, payload = conn.execute("SELECT seq, payload FROM records ORDER BY seq LIMIT 1 OFFSET 50").fetchone()
+    finally:
+        conn.close()
+    data = outbox.read_bytes()
+    at = data.find(payload)  # the page that holds this record's payload
+    assert at > 0 and data.find(payload, at + 1) < 0
+    with outbox.open("r+b") as f:
+        f.seek(at + len(payload) // 2)
+        f.write(bytes([data[at + len(payload) // 2] ^ 0x04]))
+
+    cloud.start()
+    device.start()
+    counts = reckon(cloud, device)
+
+    assert counts["rejected"] == 1 and counts["evicted"] == 0
+    assert seq not in cloud.seqs(device.device_id)
+    assert cloud.rejected_seqs(device.device_id) == {seq}
+    assert device.proc is not None and device.proc.find("outbox.quarantined") is not None

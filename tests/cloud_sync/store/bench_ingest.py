@@ -4,7 +4,8 @@
 
 For each engine it times, in the same run: the driver alone (executemany of the same rows into the same
 table, one commit per batch: the floor), ingest from one thread, and ingest from 8 threads for 8 devices.
-Batches are parsed protobuf messages (as the gRPC servicer hands them over); parsing is not timed.
+Batches are parsed protobuf messages (as the gRPC servicer hands them over), their records checksummed as
+current agents send them (ingest verifies each); parsing is not timed.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import sqlalchemy as sa
 
 from bench._harness import machine_info
 from cloud_sync.store import DeviceRegistry, ResultStore, open_database
-from cloud_sync.store.batches import ROW_COLUMNS, IngestLimits, validate_batch
+from cloud_sync.store.batches import ROW_COLUMNS, IngestLimits, record_checksum, validate_batch
 from edgefleet.proto.edgefleet.v1 import results_pb2
 from tests.postgres import POSTGRES_CONNINFO, POSTGRES_URL, postgres_unreachable
 
@@ -42,10 +43,13 @@ def make_batches(count: int) -> list[results_pb2.ResultBatch]:
     out = []
     for k in range(count):
         batch = results_pb2.ResultBatch(
-            after_seq=k * BATCH, through_seq=(k + 1) * BATCH, produced_total=(k + 1) * BATCH
+            after_seq=k * BATCH,
+            through_seq=(k + 1) * BATCH,
+            produced_total=(k + 1) * BATCH,
+            record_checksum=results_pb2.RECORD_CHECKSUM_CRC32,  # as current agents send them: checked at ingest
         )
         for seq in range(k * BATCH + 1, (k + 1) * BATCH + 1):
-            batch.records.add(
+            record = batch.records.add(
                 seq=seq,
                 created_at_ms=1_700_000_000_000 + seq,
                 model="digits",
@@ -56,6 +60,7 @@ def make_batches(count: int) -> list[results_pb2.ResultBatch]:
                 payload=PAYLOAD,
                 request_id=f"req-{seq:012d}",
             )
+            record.checksum = record_checksum(record)
         out.append(results_pb2.ResultBatch.FromString(batch.SerializeToString()))
     return out
 

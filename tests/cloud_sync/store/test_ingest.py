@@ -64,18 +64,33 @@ def test_a_retry_of_the_latest_batch_after_a_lost_ack(store: ResultStore, device
     assert store.seqs(device) == list(range(1, 12))
 
 
-def test_a_replay_of_an_old_batch_changes_nothing_but_the_duplicate_count(store: ResultStore, device: str) -> None:
+def test_a_replay_changes_nothing_but_the_duplicate_count(store: ResultStore, device: str) -> None:
     store.ingest(device, make_batch(0, 5, produced_total=5))
     store.ingest(device, make_batch(5, 10, [6, 8, 10], produced_total=10, evicted_total=2))
     before = _state(store, device)
 
-    outcome = store.ingest(device, make_batch(0, 5, produced_total=5))
+    # The device sends (0, 5] again with its current counters (its ack was lost, say).
+    outcome = store.ingest(device, make_batch(0, 5, produced_total=10, evicted_total=2))
 
     assert outcome == IngestOutcome(acked_seq=10, stored=0, duplicates=5, evicted=0)
     after = _state(store, device)
     assert after[1:] == before[1:]
-    assert after[0].device_produced == 10 and after[0].device_evicted == 2  # not set back by the replay
-    assert after[0].duplicates_total == before[0].duplicates_total + 5
+    assert after[0] == Reconciliation(**{**before[0].__dict__, "duplicates_total": before[0].duplicates_total + 5})
+
+
+def test_a_stale_replay_whose_counters_are_below_what_the_cloud_counted_is_refused(
+    store: ResultStore, device: str
+) -> None:
+    """A batch read before the cloud counted seqs past its produced_total (an old stream that outlived its agent)
+    contradicts the ledger: refused, nothing changes; the device's current stream sends the range again."""
+    store.ingest(device, make_batch(0, 5, produced_total=5))
+    store.ingest(device, make_batch(5, 10, [6, 8, 10], produced_total=10, evicted_total=2))
+    before = _state(store, device)
+
+    with pytest.raises(InvalidBatch, match="produced_total 5 is below seq 10"):
+        store.ingest(device, make_batch(0, 5, produced_total=5))
+
+    assert _state(store, device) == before
 
 
 def test_an_empty_batch_at_the_watermark_returns_the_ack(store: ResultStore, device: str) -> None:
@@ -103,14 +118,14 @@ def test_declared_evictions_are_counted_and_kept_as_ranges(store: ResultStore, d
 
 
 def test_a_batch_of_only_evictions_moves_the_watermark(store: ResultStore, device: str) -> None:
-    assert store.ingest(device, make_batch(0, 1000, [])) == IngestOutcome(1000, 0, 0, 1000)
+    assert store.ingest(device, make_batch(0, 1000, [], evicted_total=1000)) == IngestOutcome(1000, 0, 0, 1000)
     assert store.eviction_ranges(device) == [(1, 1000)]
 
 
 def test_a_batch_past_a_gap_is_stored_but_not_acked(store: ResultStore, device: str) -> None:
     store.ingest(device, make_batch(0, 10))
 
-    outcome = store.ingest(device, make_batch(20, 30, [21, 25]))  # the cloud lacks 11..20
+    outcome = store.ingest(device, make_batch(20, 30, [21, 25], evicted_total=8))  # the cloud lacks 11..20
 
     assert outcome == IngestOutcome(acked_seq=10, stored=2, duplicates=0, evicted=0)
     assert store.eviction_ranges(device) == []
@@ -119,14 +134,16 @@ def test_a_batch_past_a_gap_is_stored_but_not_acked(store: ResultStore, device: 
 
 
 def test_the_gap_filled_then_the_batch_resent(store: ResultStore, device: str) -> None:
-    store.ingest(device, make_batch(0, 10))
-    store.ingest(device, make_batch(20, 30, [21, 25]))
+    # The device's counters when it sent these: 30 produced, 16 evicted (8 in (10, 20], 8 in (20, 30]).
+    counters = {"produced_total": 30, "evicted_total": 16}
+    store.ingest(device, make_batch(0, 10, **counters))
+    store.ingest(device, make_batch(20, 30, [21, 25], **counters))
 
-    filled = store.ingest(device, make_batch(10, 20, [11, 12]))
+    filled = store.ingest(device, make_batch(10, 20, [11, 12], **counters))
     assert filled == IngestOutcome(acked_seq=20, stored=2, duplicates=0, evicted=8)
 
     # The device never saw an ack past 20 for (20, 30]: it sends it again; evictions count only now.
-    resent = store.ingest(device, make_batch(20, 30, [21, 25]))
+    resent = store.ingest(device, make_batch(20, 30, [21, 25], **counters))
     assert resent == IngestOutcome(acked_seq=30, stored=0, duplicates=2, evicted=8)
     assert store.eviction_ranges(device) == [(13, 20), (22, 24), (26, 30)]
     reconciliation = store.reconcile(device)
@@ -135,8 +152,9 @@ def test_the_gap_filled_then_the_batch_resent(store: ResultStore, device: str) -
 
 def test_records_stored_past_a_gap_are_not_counted_evicted_by_a_later_batch(store: ResultStore, device: str) -> None:
     """A batch that covers seqs an earlier gap batch stored, without those records, must not count them evicted."""
-    store.ingest(device, make_batch(10, 20))  # gap: 1..10 missing
-    outcome = store.ingest(device, make_batch(0, 25, [1, 2]))
+    counters = {"produced_total": 25, "evicted_total": 23}  # even a device that says 3..25 were evicted
+    store.ingest(device, make_batch(10, 20, **counters))  # gap: 1..10 missing
+    outcome = store.ingest(device, make_batch(0, 25, [1, 2], **counters))
 
     assert outcome.acked_seq == 25
     assert outcome.evicted == 25 - 2 - 10  # 3..10 and 21..25
@@ -146,10 +164,10 @@ def test_records_stored_past_a_gap_are_not_counted_evicted_by_a_later_batch(stor
 
 
 def test_an_overlapping_batch_stores_only_the_new_records(store: ResultStore, device: str) -> None:
-    store.ingest(device, make_batch(0, 10, [1, 2, 3]))  # 4..10 declared evicted
+    store.ingest(device, make_batch(0, 10, [1, 2, 3], produced_total=15, evicted_total=11))  # 4..10 evicted
 
     # Overlaps the watermark, and still holds seq 5, which it declared evicted before: not stored now.
-    outcome = store.ingest(device, make_batch(2, 15, [3, 5, 12]))
+    outcome = store.ingest(device, make_batch(2, 15, [3, 5, 12], produced_total=15, evicted_total=11))
 
     assert outcome == IngestOutcome(acked_seq=15, stored=1, duplicates=2, evicted=4)
     assert store.seqs(device) == [1, 2, 3, 12]
@@ -174,10 +192,14 @@ def test_devices_have_their_own_watermarks(store: ResultStore, registry: DeviceR
     [
         (make_batch(5, 3, []), "through_seq 3 is below after_seq 5"),
         (make_batch(0, 3, [2, 1]), "seqs must increase"),
-        (make_batch(0, 3, [1, 9]), "past through_seq"),
-        (make_batch(0, 1, records=[make_record(1, kind=42)]), "not a known RecordKind"),
-        (make_batch(0, 1, records=[make_record(1, model="\0")]), "NUL"),
+        (make_batch(0, 3, [1, 9], produced_total=9), "past through_seq"),
         (make_batch(0, 11), "11 records in one batch: the limit is 10"),
+        (make_batch(0, 4, [3, 4], rejected=[4]), "both among the records and declared rejected"),
+        # Counters that contradict the batch (the outside report's two).
+        (make_batch(12, 10**15, [], produced_total=12, evicted_total=0), "past the device's own produced_total 12"),
+        (make_batch(2, 5, [], produced_total=2, evicted_total=0), "past the device's own produced_total 2"),
+        # Counters that contradict what the cloud counted: 2 seqs acked already, so at least 2 produced.
+        (make_batch(1, 1, produced_total=1, evicted_total=0), "produced_total 1 is below seq 2"),
     ],
 )
 def test_an_invalid_batch_changes_nothing(
@@ -193,6 +215,164 @@ def test_an_invalid_batch_changes_nothing(
 
     assert _state(store, device) == before
     assert store.reconcile(device).last_upload_at_ms == before_upload
+
+
+def test_contradicting_batches_are_refused_and_the_next_real_record_is_stored(store: ResultStore, device: str) -> None:
+    """The outside report: with its own token a device could move its watermark to 10**15, after which its next
+    real record was acknowledged without being stored (and the device deleted it)."""
+    store.ingest(device, make_batch(0, 12))
+    before = _state(store, device)
+    for bad in (
+        make_batch(12, 10**15, [], produced_total=12, evicted_total=0),
+        make_batch(12, 15, [], produced_total=12, evicted_total=3),
+    ):
+        with pytest.raises(InvalidBatch, match="past the device's own produced_total 12"):
+            store.ingest(device, bad)
+        assert _state(store, device) == before
+
+    assert store.ingest(device, make_batch(12, 13)) == IngestOutcome(acked_seq=13, stored=1, duplicates=0, evicted=0)
+    assert store.seqs(device)[-1] == 13
+
+
+def test_a_stale_batch_that_would_count_more_evictions_than_it_declares_is_refused(
+    store: ResultStore, device: str
+) -> None:
+    store.ingest(device, make_batch(0, 10, [1, 2], produced_total=10, evicted_total=8))
+    with pytest.raises(InvalidBatch, match="count 10 seqs evicted .* more than the device's evicted_total 9"):
+        store.ingest(device, make_batch(10, 12, [], produced_total=12, evicted_total=9))
+    assert store.reconcile(device).evicted == 8
+
+
+# --- quarantine: no record wedges the stream ----------------------------------------------------------------
+
+
+def _ledger(store: ResultStore, device_id: str) -> tuple[int, int, int, int]:
+    r = store.reconcile(device_id)
+    return r.stored, r.evicted, r.rejected, r.device_produced
+
+
+def test_a_record_the_cloud_cannot_accept_is_quarantined_and_the_stream_moves_past_it(
+    store: ResultStore, device: str
+) -> None:
+    records = [make_record(1), make_record(2, kind=42), make_record(3, model="dig\0its"), make_record(4)]
+
+    outcome = store.ingest(device, make_batch(0, 4, records=records))
+
+    assert (outcome.acked_seq, outcome.stored, outcome.rejected, outcome.duplicates) == (4, 2, 2, 0)
+    assert outcome.rejected_seqs == (2, 3)  # the device counts these as rejected when it deletes them
+    assert [seq for seq, _ in outcome.quarantined] == [2, 3]
+    assert store.seqs(device) == [1, 4]
+    assert _ledger(store, device) == (2, 0, 2, 4)  # stored + evicted + rejected = produced
+    entries = store.quarantine(device)
+    assert [(e.seq, e.source) for e in entries] == [(2, "cloud"), (3, "cloud")]
+    assert "kind 42 is not a known RecordKind" in entries[0].reason
+    assert "model contains a NUL character" in entries[1].reason
+    # What arrived is kept for the operator, NUL and all.
+    assert results_pb2.ResultRecord.FromString(entries[1].record or b"").model == "dig\0its"
+    assert entries[1].record_size == len(records[2].SerializeToString())
+    # The stream goes on.
+    assert store.ingest(device, make_batch(4, 6)).acked_seq == 6
+    assert store.seqs(device) == [1, 4, 5, 6]
+
+
+def test_a_wrong_checksum_is_quarantined_not_stored(store: ResultStore, device: str) -> None:
+    damaged = make_record(2)
+    damaged.payload = b"payload-X"  # changed after the device computed its checksum
+    outcome = store.ingest(device, make_batch(0, 3, records=[make_record(1), damaged, make_record(3)]))
+    assert (outcome.acked_seq, outcome.stored, outcome.rejected_seqs) == (3, 2, (2,))
+    [entry] = store.quarantine(device)
+    assert "does not match the record's contents" in entry.reason
+    # Stored rows keep the checksum they were verified with.
+    assert [(r.seq, r.checksum) for r in store.results(device)] == [
+        (1, make_record(1).checksum),
+        (3, make_record(3).checksum),
+    ]
+
+
+def test_a_resent_stream_names_the_rejected_seqs_again_and_counts_them_once(store: ResultStore, device: str) -> None:
+    """The ack that named a rejected seq was lost: the device sends the range again, and must hear of it again."""
+    batch = make_batch(0, 3, records=[make_record(1), make_record(2, kind=0), make_record(3)])
+    first = store.ingest(device, batch)
+
+    again = store.ingest(device, batch)
+
+    assert first.rejected_seqs == again.rejected_seqs == (2,)
+    assert (again.stored, again.rejected, again.duplicates) == (0, 0, 3)
+    assert _ledger(store, device) == (2, 0, 1, 3)
+    # A resend that overlaps the watermark and carries more records names it too.
+    overlap = store.ingest(
+        device, make_batch(1, 5, records=[make_record(s) if s != 2 else batch.records[1] for s in range(2, 6)])
+    )
+    assert overlap.rejected_seqs == (2,) and overlap.stored == 2
+    assert _ledger(store, device) == (4, 0, 1, 5)
+
+
+def test_rejections_the_device_declares_are_counted_once_and_acknowledged(store: ResultStore, device: str) -> None:
+    outcome = store.ingest(device, make_batch(0, 6, [1, 2, 4, 6], rejected=[3, 5]))
+
+    assert (outcome.acked_seq, outcome.stored, outcome.rejected, outcome.evicted) == (6, 4, 2, 0)
+    assert outcome.rejected_seqs == (3, 5)
+    assert [(e.seq, e.source, e.record) for e in store.quarantine(device)] == [(3, "device", None), (5, "device", None)]
+    assert store.reconcile(device).device_rejected == 2
+    again = store.ingest(device, make_batch(0, 6, [1, 2, 4, 6], rejected=[3, 5]))
+    assert (again.rejected, again.rejected_seqs) == (0, (3, 5))
+    assert _ledger(store, device) == (4, 0, 2, 6)
+
+
+def test_a_declared_rejection_of_a_seq_the_cloud_stored_is_not_counted(store: ResultStore, device: str) -> None:
+    """Sent and stored, ack lost, then the device found the record damaged: it stays stored (and unnamed, so
+    the device counts it delivered after all)."""
+    store.ingest(device, make_batch(0, 3, produced_total=3))
+    outcome = store.ingest(device, make_batch(0, 3, [1, 3], rejected=[2], rejected_total=1))
+    assert (outcome.acked_seq, outcome.rejected, outcome.rejected_seqs) == (3, 0, ())
+    assert _ledger(store, device) == (3, 0, 0, 3)
+
+    # Past a gap the same holds: a seq stored by an earlier batch is not also quarantined.
+    store.ingest(device, make_batch(5, 8, produced_total=8, evicted_total=2))  # 4, 5 missing so far
+    late = store.ingest(
+        device, make_batch(3, 8, [7, 8], rejected=[6], produced_total=8, evicted_total=2, rejected_total=1)
+    )
+    assert (late.acked_seq, late.rejected, late.rejected_seqs) == (8, 0, ())
+    assert _ledger(store, device) == (6, 2, 0, 8)
+
+
+def test_records_quarantined_past_a_gap_are_not_counted_as_evicted(store: ResultStore, device: str) -> None:
+    counters = {"produced_total": 10, "evicted_total": 2}
+    gap = store.ingest(
+        device, make_batch(5, 10, records=[make_record(s, kind=0 if s == 7 else 1) for s in range(6, 11)], **counters)
+    )
+    assert (gap.acked_seq, gap.stored, gap.rejected, gap.rejected_seqs) == (0, 4, 1, ())  # nothing acked yet
+
+    filled = store.ingest(device, make_batch(0, 5, [1, 2, 3], **counters))  # 4, 5 evicted
+
+    assert (filled.acked_seq, filled.evicted) == (5, 2)
+    resent = store.ingest(
+        device, make_batch(5, 10, records=[make_record(s, kind=0 if s == 7 else 1) for s in range(6, 11)], **counters)
+    )
+    assert (resent.acked_seq, resent.evicted, resent.rejected, resent.rejected_seqs) == (10, 0, 0, (7,))
+    assert _ledger(store, device) == (7, 2, 1, 10)
+    assert store.eviction_ranges(device) == [(4, 5)]
+
+
+# --- clocks --------------------------------------------------------------------------------------------------------
+
+
+def test_a_record_from_a_fast_clock_is_stored_and_the_skew_counted(store: ResultStore, device: str) -> None:
+    """The outside report: one record stamped 8 days ahead was refused, and the device's stream stopped there."""
+    ahead = int(time.time() * 1000) + 8 * 24 * 3600 * 1000
+    records = [make_record(1), make_record(2, created_at_ms=ahead), make_record(3, created_at_ms=-5)]
+
+    outcome = store.ingest(device, make_batch(0, 3, records=records))
+
+    assert (outcome.acked_seq, outcome.stored, outcome.rejected) == (3, 3, 0)
+    stored = {r.seq: r for r in store.results(device)}
+    assert (stored[2].created_at_ms, stored[3].created_at_ms) == (ahead, -5)
+    assert stored[2].received_at_ms < ahead
+    r = store.reconcile(device)
+    assert r.clock_skewed_total == 1
+    assert 8 * 24 * 3600 * 1000 - 60_000 < r.max_clock_skew_ms <= 8 * 24 * 3600 * 1000
+    store.ingest(device, make_batch(0, 3, records=records))  # a resend counts nothing twice
+    assert store.reconcile(device).clock_skewed_total == 1
 
 
 def test_an_unknown_device_cannot_upload(store: ResultStore) -> None:
@@ -222,8 +402,11 @@ def test_the_largest_values_the_wire_allows_are_stored(store: ResultStore, devic
 def test_concurrent_interleaved_batches_of_one_device(store: ResultStore, device: str) -> None:
     """Threads upload a device's batches out of order, each resending its own until acked (as a device would)."""
     size, count, threads = 50, 40, 8
+    kept = [s for s in range(1, size * count + 1) if s % 7]
+    # What the device reports once it produced all of them: batches in flight at once all carry these.
+    counters = {"produced_total": size * count, "evicted_total": size * count - len(kept)}
     batches = [
-        make_batch(k * size, (k + 1) * size, [s for s in range(k * size + 1, (k + 1) * size + 1) if s % 7])
+        make_batch(k * size, (k + 1) * size, [s for s in range(k * size + 1, (k + 1) * size + 1) if s % 7], **counters)
         for k in range(count)
     ]
     calls = []
@@ -323,7 +506,7 @@ def test_two_processes_on_one_sqlite_file_keep_the_watermark_consistent(tmp_path
     try:
         DeviceRegistry(first).add_device("cam-1")
         stores = [ResultStore(first), ResultStore(second)]
-        batches = [make_batch(k * 20, (k + 1) * 20) for k in range(30)]
+        batches = [make_batch(k * 20, (k + 1) * 20, produced_total=600) for k in range(30)]
 
         def upload(worker: int) -> None:
             for batch in batches[worker::4]:

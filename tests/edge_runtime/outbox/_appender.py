@@ -21,7 +21,7 @@ def payload_for(run: int, i: int) -> bytes:
 
 
 def main(path: str, run: int) -> None:
-    from edge_runtime.outbox import Outbox, OutboxRecord
+    from edge_runtime.outbox import DeferredPayload, Outbox, OutboxRecord
     from edgefleet.logs import configure_logging
 
     configure_logging("info", sys.stderr)  # stdout carries only the seqs
@@ -31,7 +31,7 @@ def main(path: str, run: int) -> None:
         futures = []
         for _ in range(BURST):
             payload = payload_for(run, i)
-            given = (lambda p=payload: p) if i % 3 == 0 else payload
+            given = DeferredPayload(lambda p=payload: p, len(payload)) if i % 3 == 0 else payload
             record = OutboxRecord(time.time_ns() // 1_000_000, "digits", 1, 1, 1, "t", given, f"{run}:{i}")
             futures.append((i, outbox.append(record)))
             i += 1

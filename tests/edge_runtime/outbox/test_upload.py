@@ -10,6 +10,7 @@ import pytest
 from edge_runtime.errors import InvalidInput
 from edge_runtime.outbox import Outbox
 from edge_runtime.outbox._policy import record_bytes
+from edge_runtime.outbox._record import record_checksum
 from edgefleet.proto.edgefleet.v1 import results_pb2
 from tests.edge_runtime.outbox.conftest import MakeRecord, OpenOutbox, payload_of, rows
 
@@ -40,7 +41,11 @@ def test_a_batch_carries_records_as_protobufs_with_the_counters(
         payload_type="inference.ModelInferResponse",
         payload=payload_of(7, 50),
         request_id="req-7",
+        checksum=record_checksum(
+            seq, record.created_at_ms, "digits", 1, 3, 1, "inference.ModelInferResponse", payload_of(7, 50), "req-7"
+        ),
     )
+    assert batch.message.record_checksum == results_pb2.RECORD_CHECKSUM_CRC32
     assert batch.message.records[0] == got  # the ResultBatch to send is built already
 
 

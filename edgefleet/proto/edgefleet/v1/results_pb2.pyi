@@ -45,6 +45,38 @@ RECORD_KIND_SAMPLED_INPUT: RecordKind.ValueType  # 3
 """A sampled input with its result, kept at upload.sample_rate."""
 Global___RecordKind: _TypeAlias = RecordKind  # noqa: Y015
 
+class _RecordChecksum:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RecordChecksumEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RecordChecksum.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RECORD_CHECKSUM_NONE: _RecordChecksum.ValueType  # 0
+    """Agents from before checksums: records carry none, and the cloud checks none."""
+    RECORD_CHECKSUM_CRC32: _RecordChecksum.ValueType  # 1
+    """ResultRecord.checksum is the CRC-32 (zlib.crc32, the polynomial of gzip) of, in this order:
+      64 bytes: seq, created_at_ms, version, priority, kind, and the UTF-8 byte lengths of model,
+                payload_type and request_id, each as a little-endian signed 64-bit integer;
+      model, payload_type and request_id in UTF-8; then payload.
+    The device computes it when it appends the record (where its seq is assigned), checks it when it reads
+    the record for upload, and the cloud checks it again over the bytes it stores.
+    """
+
+class RecordChecksum(_RecordChecksum, metaclass=_RecordChecksumEnumTypeWrapper):
+    """How the records of a batch are checksummed."""
+
+RECORD_CHECKSUM_NONE: RecordChecksum.ValueType  # 0
+"""Agents from before checksums: records carry none, and the cloud checks none."""
+RECORD_CHECKSUM_CRC32: RecordChecksum.ValueType  # 1
+"""ResultRecord.checksum is the CRC-32 (zlib.crc32, the polynomial of gzip) of, in this order:
+  64 bytes: seq, created_at_ms, version, priority, kind, and the UTF-8 byte lengths of model,
+            payload_type and request_id, each as a little-endian signed 64-bit integer;
+  model, payload_type and request_id in UTF-8; then payload.
+The device computes it when it appends the record (where its seq is assigned), checks it when it reads
+the record for upload, and the cloud checks it again over the bytes it stores.
+"""
+Global___RecordChecksum: _TypeAlias = RecordChecksum  # noqa: Y015
+
 @_typing.final
 class ResultRecord(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -58,9 +90,13 @@ class ResultRecord(_message.Message):
     PAYLOAD_TYPE_FIELD_NUMBER: _builtins.int
     PAYLOAD_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CHECKSUM_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     """Per device, monotonically increasing, starting at 1; (device_id, seq) is the idempotency key."""
     created_at_ms: _builtins.int
+    """The device's clock when the result was produced: stored as reported, whatever its value (a device's
+    clock may be wrong; the cloud records its own received time beside it and counts the skew).
+    """
     model: _builtins.str
     version: _builtins.int
     priority: _builtins.int
@@ -70,6 +106,8 @@ class ResultRecord(_message.Message):
     """The full protobuf type name of `payload`, e.g. "inference.ModelInferResponse"."""
     payload: _builtins.bytes
     request_id: _builtins.str
+    checksum: _builtins.int
+    """See RecordChecksum; meaningful when the batch's record_checksum says so."""
     def __init__(
         self,
         *,
@@ -82,14 +120,42 @@ class ResultRecord(_message.Message):
         payload_type: _builtins.str = ...,
         payload: _builtins.bytes = ...,
         request_id: _builtins.str = ...,
+        checksum: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at_ms", b"created_at_ms", "kind", b"kind", "model", b"model", "payload", b"payload", "payload_type", b"payload_type", "priority", b"priority", "request_id", b"request_id", "seq", b"seq", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checksum", b"checksum", "created_at_ms", b"created_at_ms", "kind", b"kind", "model", b"model", "payload", b"payload", "payload_type", b"payload_type", "priority", b"priority", "request_id", b"request_id", "seq", b"seq", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ResultRecord: _TypeAlias = ResultRecord  # noqa: Y015
+
+@_typing.final
+class Rejection(_message.Message):
+    """A record the device quarantined instead of sending (its checksum failed when read for upload, or it can
+    never be accepted): counted as rejected on both sides, never stored as a result.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQ_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    seq: _builtins.int
+    reason: _builtins.str
+    """Why, for the operator (at most 256 characters are kept)."""
+    def __init__(
+        self,
+        *,
+        seq: _builtins.int = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "seq", b"seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Rejection: _TypeAlias = Rejection  # noqa: Y015
 
 @_typing.final
 class ResultBatch(_message.Message):
@@ -100,18 +166,31 @@ class ResultBatch(_message.Message):
     EVICTED_TOTAL_FIELD_NUMBER: _builtins.int
     AFTER_SEQ_FIELD_NUMBER: _builtins.int
     THROUGH_SEQ_FIELD_NUMBER: _builtins.int
+    REJECTED_FIELD_NUMBER: _builtins.int
+    REJECTED_TOTAL_FIELD_NUMBER: _builtins.int
+    RECORD_CHECKSUM_FIELD_NUMBER: _builtins.int
     produced_total: _builtins.int
     """The device's own counters when the batch was cut, so the cloud can reconcile
-    stored + evicted = produced.
+    stored + evicted + rejected = produced, and refuse a batch that contradicts them.
     """
     evicted_total: _builtins.int
     after_seq: _builtins.int
     through_seq: _builtins.int
+    rejected_total: _builtins.int
+    """Records rejected so far: quarantined on the device (including those still awaiting an ack), and those
+    the cloud named in UploadAck.rejected_seqs.
+    """
+    record_checksum: Global___RecordChecksum.ValueType
     @_builtins.property
     def records(self) -> _containers.RepeatedCompositeFieldContainer[Global___ResultRecord]:
-        """In seq order. Every seq in (after_seq, through_seq] that is not among the records was evicted on the
-        device and will never be sent: the cloud acknowledges past it and counts it as evicted.
+        """In seq order. Every seq in (after_seq, through_seq] that is neither among the records nor among
+        `rejected` was evicted on the device and will never be sent: the cloud acknowledges past it and counts
+        it as evicted.
         """
+
+    @_builtins.property
+    def rejected(self) -> _containers.RepeatedCompositeFieldContainer[Global___Rejection]:
+        """Seqs of (after_seq, through_seq] the device quarantined, in seq order."""
 
     def __init__(
         self,
@@ -121,10 +200,13 @@ class ResultBatch(_message.Message):
         evicted_total: _builtins.int = ...,
         after_seq: _builtins.int = ...,
         through_seq: _builtins.int = ...,
+        rejected: _abc.Iterable[Global___Rejection] | None = ...,
+        rejected_total: _builtins.int = ...,
+        record_checksum: Global___RecordChecksum.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_seq", b"after_seq", "evicted_total", b"evicted_total", "produced_total", b"produced_total", "records", b"records", "through_seq", b"through_seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_seq", b"after_seq", "evicted_total", b"evicted_total", "produced_total", b"produced_total", "record_checksum", b"record_checksum", "records", b"records", "rejected", b"rejected", "rejected_total", b"rejected_total", "through_seq", b"through_seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -138,13 +220,24 @@ class UploadAck(_message.Message):
     STORED_FIELD_NUMBER: _builtins.int
     DUPLICATES_FIELD_NUMBER: _builtins.int
     EVICTED_FIELD_NUMBER: _builtins.int
+    REJECTED_FIELD_NUMBER: _builtins.int
+    REJECTED_SEQS_FIELD_NUMBER: _builtins.int
     acked_seq: _builtins.int
-    """The highest seq such that every seq up to it is durably stored, or was declared evicted."""
+    """The highest seq such that every seq up to it is durably stored, declared evicted, or rejected."""
     stored: _builtins.int
     """Records of this stream newly stored, and those the cloud already had (retries, replays)."""
     duplicates: _builtins.int
     evicted: _builtins.int
     """Seqs of this stream newly recorded as evicted on the device."""
+    rejected: _builtins.int
+    """Seqs of this stream newly counted as rejected (quarantined by the cloud, or declared by the device)."""
+    @_builtins.property
+    def rejected_seqs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Every seq in the stream's range up to acked_seq that the cloud counts as rejected, ascending, whether
+        this stream or an earlier one (whose ack was lost) made it so: the device counts those records as
+        rejected, not delivered, when it deletes them.
+        """
+
     def __init__(
         self,
         *,
@@ -152,10 +245,12 @@ class UploadAck(_message.Message):
         stored: _builtins.int = ...,
         duplicates: _builtins.int = ...,
         evicted: _builtins.int = ...,
+        rejected: _builtins.int = ...,
+        rejected_seqs: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked_seq", b"acked_seq", "duplicates", b"duplicates", "evicted", b"evicted", "stored", b"stored"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked_seq", b"acked_seq", "duplicates", b"duplicates", "evicted", b"evicted", "rejected", b"rejected", "rejected_seqs", b"rejected_seqs", "stored", b"stored"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
