@@ -26,7 +26,9 @@ from prometheus_client import CollectorRegistry
 
 from cloud_sync.api import ApiContext, create_app
 from cloud_sync.config import CloudSyncConfig, ConfigProblem
+from cloud_sync.control import ControlServicer, DesiredChanges
 from cloud_sync.store import Database, DeviceRegistry, ResultStore, TelemetryStore, open_database
+from cloud_sync.store.control import ControlStore
 from cloud_sync.telemetry.metrics import TelemetryMetrics
 from cloud_sync.telemetry.subscriber import TelemetrySubscriber
 from cloud_sync.uplink import DeviceAuthenticator, UplinkServicer
@@ -42,6 +44,17 @@ log = structlog.get_logger(__name__)
 ADMIN_TOKEN_FILE = "admin-token"
 # Shorter than any token admin_token makes (47 characters); a person may put their own, but not a guessable one.
 MIN_ADMIN_TOKEN_CHARS = 32
+# Device streams (WatchDesired) stay open for days. Devices ping every 30 s while a call is open (the uplink's
+# channel settings): gRPC's default lets a client ping only every 5 minutes and answers more with GOAWAY,
+# which cut every stream after three pings. Our own pings find a device that lost power (no RST ever comes)
+# within about 80 s, so its presence turns offline.
+_GRPC_OPTIONS = [
+    ("grpc.so_reuseport", 0),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.http2.max_pings_without_data", 0),
+]
 
 
 def admin_token(data_dir: Path) -> str:
@@ -104,6 +117,7 @@ class CloudSync:
         self._stop = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._io = ThreadPoolExecutor(config.grpc.ingest_threads, thread_name_prefix="ingest")
+        self.control_store: ControlStore | None = None  # set once the database is open
 
     def stop(self) -> None:
         """Drain and exit (what SIGTERM does); safe from any thread."""
@@ -116,24 +130,41 @@ class CloudSync:
     async def run(self, *, handle_signals: bool = True) -> None:
         loop = self._loop = asyncio.get_running_loop()
         began = time.monotonic()
-        self.config.data_dir.mkdir(parents=True, exist_ok=True)
+        grace = self.config.server.shutdown_grace_s
+        await asyncio.to_thread(self.config.data_dir.mkdir, parents=True, exist_ok=True)
         # Whatever started is stopped again in reverse order on the way out, also when a later part fails to
         # start (a taken port): a grpc.aio server left running complains from its finalizer on a closed loop.
+        # Blocking steps of the way out (joining the ingest threads, closing the database) run on threads.
         async with contextlib.AsyncExitStack() as started:
-            started.callback(self._io.shutdown, wait=True)
+            started.push_async_callback(asyncio.to_thread, self._io.shutdown, True)
             db: Database = await loop.run_in_executor(self._io, open_database, self.config.database_url)
-            started.callback(db.close)
+            started.push_async_callback(asyncio.to_thread, db.close)
             devices, results, telemetry = DeviceRegistry(db), ResultStore(db), TelemetryStore(db)
-            subscriber = self._start_telemetry(telemetry)
+            self.control_store = control_store = ControlStore(db)
+            changes = DesiredChanges(control_store, loop)
+            control = ControlServicer(
+                DeviceAuthenticator(devices), control_store, telemetry, self._io, changes, self.registry
+            )
+            started.push_async_callback(asyncio.to_thread, control.presence.close)
+            # Both ports are claimed before anything else starts: a second `cloud-sync run` on the same config
+            # must fail here, before its MQTT client (the same client id) takes the running one's session.
+            server = self._grpc_server(devices, results, control)
+            started.push_async_callback(server.stop, None)  # unstarted, or stopped already: returns at once
+            await self._claim_grpc_port(server)
+            sock = self._claim_http_port()
+            started.callback(sock.close)
+            subscriber = await asyncio.to_thread(self._start_telemetry, telemetry)
             if subscriber is not None:
                 # Closing stores and acknowledges what is queued (blocking): off the loop.
-                started.push_async_callback(self._close_subscriber, subscriber)
+                started.push_async_callback(asyncio.to_thread, subscriber.close)
             self.registry.register(TelemetryMetrics(telemetry, subscriber))
-            http = await self._start_http(devices, results, telemetry)
+            http = await self._start_http(sock, devices, results, telemetry)
             started.push_async_callback(self._stop_http, http)
-            server = await self._start_grpc(devices, results)
+            await server.start()
             # Stopped first: devices' calls in flight get the grace period while the admin API still answers.
-            started.push_async_callback(server.stop, self.config.server.shutdown_grace_s)
+            started.push_async_callback(server.stop, grace)
+            polling = asyncio.ensure_future(changes.poll(self._io))
+            started.callback(polling.cancel)
             if handle_signals:
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     loop.add_signal_handler(sig, self.stop)
@@ -147,37 +178,50 @@ class CloudSync:
                 pid=os.getpid(),
             )
             await self._stop.wait()
-            log.info("cloud_sync.stopping", grace_s=self.config.server.shutdown_grace_s)
+            log.info("cloud_sync.stopping", grace_s=grace)
         log.info("cloud_sync.stopped")
 
     async def _stop_http(self, server: uvicorn.Server) -> None:
         server.should_exit = True
         await self._http_task
 
-    async def _start_grpc(self, devices: DeviceRegistry, results: ResultStore) -> grpc.aio.Server:
+    def _grpc_server(self, devices: DeviceRegistry, results: ResultStore, control: ControlServicer) -> grpc.aio.Server:
         limit = self.config.grpc.max_message_bytes
-        server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit), ("grpc.so_reuseport", 0)])
+        server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit), *_GRPC_OPTIONS])
         add_service(
             server,
             services_pb2,
             "Uplink",
             UplinkServicer(DeviceAuthenticator(devices), results, self._io, self.registry),
         )
+        add_service(server, services_pb2, "Control", control)
+        return server
+
+    async def _claim_grpc_port(self, server: grpc.aio.Server) -> None:
         host, port = _host_port(self.config.grpc.listen, "grpc.listen")
         try:
             self.endpoints.grpc_port = server.add_insecure_port(f"{host}:{port}")
         except RuntimeError as exc:
-            await server.stop(None)
             raise ConfigProblem(f"cannot listen on grpc.listen {self.config.grpc.listen}: {exc}") from exc
-        await server.start()
         self.endpoints.grpc_target = f"{host}:{self.endpoints.grpc_port}"
-        return server
 
-    async def _close_subscriber(self, subscriber: TelemetrySubscriber) -> None:
-        await asyncio.get_running_loop().run_in_executor(None, subscriber.close)
+    def _claim_http_port(self) -> socket.socket:
+        host, port = _host_port(self.config.http.listen, "http.listen")
+        # Bound here, not by uvicorn: a taken port is then our config error, not uvicorn's sys.exit(1).
+        try:
+            sock = socket.create_server((host, port), reuse_port=False)
+        except OSError as exc:
+            raise ConfigProblem(
+                f"cannot serve the admin API on http.listen {self.config.http.listen}: {exc.strerror}"
+            ) from exc
+        self.endpoints.http_port = int(sock.getsockname()[1])
+        self.endpoints.http_url = f"http://{host}:{self.endpoints.http_port}"
+        return sock
 
     def _start_telemetry(self, store: TelemetryStore) -> TelemetrySubscriber | None:
-        """Telemetry and presence from the broker, when one is configured (replicas share the messages)."""
+        """Telemetry and presence from the broker, when one is configured (replicas share the messages).
+
+        Reads the broker's password file: call it off the loop."""
         mqtt = self.config.mqtt
         if not mqtt.url:
             return None
@@ -188,22 +232,17 @@ class CloudSync:
         return subscriber
 
     async def _start_http(
-        self, devices: DeviceRegistry, results: ResultStore, telemetry: TelemetryStore
+        self, sock: socket.socket, devices: DeviceRegistry, results: ResultStore, telemetry: TelemetryStore
     ) -> uvicorn.Server:
-        token = admin_token(self.config.data_dir)
-        app = create_app(ApiContext(devices, results, token, self.registry, telemetry=telemetry))
-        host, port = _host_port(self.config.http.listen, "http.listen")
-        # Bound here, not by uvicorn: a taken port is then our config error, not uvicorn's sys.exit(1).
-        try:
-            sock = socket.create_server((host, port), reuse_port=False)
-        except OSError as exc:
-            raise ConfigProblem(
-                f"cannot serve the admin API on http.listen {self.config.http.listen}: {exc.strerror}"
-            ) from exc
+        # The first start writes the token file (and fsyncs it and its directory); building the app costs
+        # 0.1-0.15 s of CPU (FastAPI's routes and models, measured): both off the loop.
+        token = await asyncio.to_thread(admin_token, self.config.data_dir)
+        context = ApiContext(
+            devices, results, token, self.registry, telemetry=telemetry, max_body_bytes=self.config.http.max_body_bytes
+        )
+        app = await asyncio.to_thread(create_app, context)
         server = _EmbeddedServer(uvicorn.Config(app, log_config=None, access_log=False, lifespan="off"))
         self._http_task = asyncio.ensure_future(server.serve(sockets=[sock]))
-        self.endpoints.http_port = int(sock.getsockname()[1])
-        self.endpoints.http_url = f"http://{host}:{self.endpoints.http_port}"
         return server
 
 

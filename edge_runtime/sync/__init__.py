@@ -1,2 +1,3 @@
-"""The device's links to the cloud beside the inference API: `mqtt` (telemetry, presence and desired-state
-subscriptions over MQTT 5) and `uplink` (results streamed to cloud-sync over gRPC)."""
+"""The device's links to the cloud beside the inference API: the control transport (`control`: telemetry,
+presence, desired and reported state, over MQTT 5 in `mqtt` or a gRPC stream in `grpc_control`) and `uplink`
+(results streamed to cloud-sync over gRPC)."""

@@ -1,6 +1,7 @@
-"""The device's MQTT 5 link: telemetry out, presence (status + last will), subscriptions handed to the loop.
+"""The device's MQTT 5 link: telemetry and reported state out, presence (status + last will), desired state in.
 
-Not what telemetry says (edge_runtime/telemetry/) nor what is done with a desired state (a `subscribe` handler).
+One of the two control transports (edge_runtime/sync/control.py). Not what telemetry says
+(edge_runtime/telemetry/) nor what is done with a desired state (the handler given to `start`).
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ from edge_runtime.config import AgentConfig, MqttSection
 from edge_runtime.errors import ConfigError
 from edgefleet.addresses import AddressError, BrokerAddress
 from edgefleet.addresses import parse_broker_url as parse_address
+from edgefleet.proto.edgefleet.v1.state_pb2 import DesiredState, ReportedState
 from edgefleet.proto.edgefleet.v1.telemetry_pb2 import Telemetry
 
 __all__ = [
+    "REPORTED_CONTENT_TYPE",
     "STATUS_OFFLINE",
     "STATUS_ONLINE",
     "TELEMETRY_CONTENT_TYPE",
@@ -45,6 +48,7 @@ STATUS_ONLINE = b"online"
 STATUS_OFFLINE = b"offline"
 # MQTT 5 content type of telemetry payloads: the protobuf message's full name.
 TELEMETRY_CONTENT_TYPE = Telemetry.DESCRIPTOR.full_name
+REPORTED_CONTENT_TYPE = ReportedState.DESCRIPTOR.full_name
 STATUS_CONTENT_TYPE = "text/plain"
 # paho's outgoing queue (QoS 1 messages not yet acknowledged, in flight or waiting). Telemetry comes every
 # few seconds and presence/reported state are single retained messages, so a full queue means the broker
@@ -78,6 +82,8 @@ class DeviceTopics:
         self.base = f"{prefix}/devices/{device_id}"
         self.telemetry = self.device("telemetry")
         self.status = self.device("status")
+        self.reported = self.device("reported")
+        self.desired = self.device("desired")
 
     def device(self, suffix: str) -> str:
         return f"{self.base}/{suffix}"
@@ -104,19 +110,21 @@ class MqttLink:
     """One device's MQTT 5 connection, kept up by paho's thread until `close()`.
 
     paho runs on its own network thread (`loop_start`), as DESIGN.md "Concurrency on the device" decides:
-    its callbacks only decode and hand off with `loop.call_soon_threadsafe`; `publish_telemetry` may be
-    called from the event loop (paho's publish is thread-safe and never waits on the network).
+    its callbacks only decode and hand off with `loop.call_soon_threadsafe`; `publish_telemetry` and
+    `publish_reported` may be called from the event loop (paho's publish is thread-safe and never waits on
+    the network). `loop` is the agent's loop; without one, `start` must be called on it.
 
     Presence: the last will is status `offline` (retained, QoS 1); every (re)connect publishes `online`
-    (retained, QoS 1); a clean `close()` publishes `offline` before disconnecting. `max_queued_messages`
-    bounds paho's queue (0: unbounded, for benchmarks that publish in a tight loop).
+    (retained, QoS 1); a clean `close()` publishes `offline` before disconnecting. The reported state is
+    retained QoS 1 too, and published again on every connect (a broker without persistence forgets it).
+    `max_queued_messages` bounds paho's queue (0: unbounded, for benchmarks that publish in a tight loop).
     """
 
     def __init__(
         self,
         mqtt: MqttSection,
         device_id: str,
-        loop: asyncio.AbstractEventLoop,
+        loop: asyncio.AbstractEventLoop | None = None,
         *,
         username: str | None = None,
         password: str | None = None,
@@ -139,10 +147,12 @@ class MqttLink:
         # While disconnected only the newest telemetry is kept (telemetry is a periodic snapshot: an old
         # window is worth less than the next one, and a backlog would grow with the length of the outage).
         self._held: bytes | None = None
+        self._reported: bytes | None = None  # the newest reported state, sent again on every connect
         self._subscriptions: dict[str, Callable[[MQTTMessage], None]] = {}
         self._counts = {"connects": 0, "sent": 0, "replaced": 0, "dropped": 0, "rejected": 0}
         self._telemetry_props = _properties(PacketTypes.PUBLISH, TELEMETRY_CONTENT_TYPE)
         self._status_props = _properties(PacketTypes.PUBLISH, STATUS_CONTENT_TYPE)
+        self._reported_props = _properties(PacketTypes.PUBLISH, REPORTED_CONTENT_TYPE)
 
         # The client id is the device id: the deployed broker replaces whatever a client sends with its
         # authenticated identity (use_username_as_clientid), so a device can only ever take its own session.
@@ -177,10 +187,13 @@ class MqttLink:
         self._client = client
 
     @classmethod
-    def from_config(cls, config: AgentConfig, loop: asyncio.AbstractEventLoop) -> MqttLink:
-        """The link `config` describes: username = device id, password = the device token (when a token file is set)."""
-        password = None
-        if config.cloud.token_file:
+    def from_config(
+        cls, config: AgentConfig, loop: asyncio.AbstractEventLoop | None = None, *, token: str | None = None
+    ) -> MqttLink:
+        """The link `config` describes: username = device id, password = the device token (`token`, else read
+        from cloud.token_file when one is set). Reads files: call it off the loop."""
+        password = token
+        if password is None and config.cloud.token_file:
             try:
                 password = Path(config.cloud.token_file).read_text().strip()
             except OSError as exc:
@@ -198,12 +211,20 @@ class MqttLink:
 
     # -- the loop's side ------------------------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Start paho's thread; it connects, and keeps reconnecting with backoff. Returns at once."""
+    def start(self, on_desired: Callable[[DesiredState], None] | None = None) -> None:
+        """Start paho's thread; it connects, and keeps reconnecting with backoff. Returns at once.
+
+        `on_desired` gets each DesiredState that arrives on this device's `desired` topic (retained, so the
+        current one comes on every connect), on the loop.
+        """
         with self._lock:
             if self._started or self._closed:
                 raise RuntimeError("MqttLink.start() called twice or after close()")
             self._started = True
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        if on_desired is not None:
+            self.subscribe("desired", on_desired, DesiredState.FromString)
         # clean_start: the device keeps no session on the broker; subscriptions are made again on every
         # connect, and what it subscribes to (desired state) is retained there.
         self._client.connect_async(self.address.host, self.address.port, self._keepalive, clean_start=True)
@@ -226,6 +247,18 @@ class MqttLink:
                 return
         self._send_telemetry(payload)
 
+    def publish_reported(self, state: ReportedState) -> None:
+        """Publish the device's reported state (retained, QoS 1) now, or on the next connect; the newest wins."""
+        payload = state.SerializeToString()
+        with self._lock:
+            if self._closed:
+                return
+            self._reported = payload
+            connected = self._connected
+        if connected:
+            # While disconnected paho would queue it beside older ones; _on_connect sends the newest instead.
+            self._client.publish(self.topics.reported, payload, qos=1, retain=True, properties=self._reported_props)
+
     def subscribe(self, topic_suffix: str, handler: Callable[[T], None], decode: Callable[[bytes], T]) -> None:
         """Deliver what arrives on this device's `topic_suffix` to `handler(decode(payload))` on the loop.
 
@@ -242,8 +275,11 @@ class MqttLink:
                     self._counts["rejected"] += 1
                 log.warning("mqtt.message_rejected", topic=message.topic, error=f"{type(exc).__name__}: {exc}")
                 return
+            loop = self._loop
+            if loop is None:  # pragma: no cover - nothing connects before start() sets the loop
+                return
             with contextlib.suppress(RuntimeError):  # the loop is closed: the agent is shutting down
-                self._loop.call_soon_threadsafe(handler, value)
+                loop.call_soon_threadsafe(handler, value)
 
         with self._lock:
             self._subscriptions[topic] = received
@@ -315,9 +351,12 @@ class MqttLink:
             self._connected = True
             self._counts["connects"] += 1
             held, self._held = self._held, None
+            reported = self._reported
             topics = list(self._subscriptions)
             connects = self._counts["connects"]
         client.publish(self.topics.status, STATUS_ONLINE, qos=1, retain=True, properties=self._status_props)
+        if reported is not None:
+            client.publish(self.topics.reported, reported, qos=1, retain=True, properties=self._reported_props)
         if topics:
             client.subscribe([(topic, 1) for topic in topics])
         if held is not None:

@@ -1,7 +1,8 @@
 """Telemetry: what the device reports every `telemetry.interval_s` (per model version, outbox, system).
 
 `TelemetryCollector` builds the edgefleet.v1.Telemetry message; the window math is pure (`stats_window`,
-`latency_quantile`); `SystemProbe` reads the board. Sending it is edge_runtime/sync/mqtt.py's job.
+`latency_quantile`); `SystemProbe` reads the board (on the collector's own thread). Sending it is a control
+transport's job (edge_runtime/sync/control.py).
 """
 
 from edge_runtime.telemetry._collector import (
@@ -11,7 +12,7 @@ from edge_runtime.telemetry._collector import (
     TelemetryCollector,
     outbox_telemetry,
 )
-from edge_runtime.telemetry._system import SystemProbe
+from edge_runtime.telemetry._system import SystemProbe, deferred_probe
 from edge_runtime.telemetry._window import StatsWindow, latency_quantile, model_version_telemetry, stats_window
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "StatsWindow",
     "SystemProbe",
     "TelemetryCollector",
+    "deferred_probe",
     "latency_quantile",
     "model_version_telemetry",
     "outbox_telemetry",

@@ -6,8 +6,10 @@ Collecting reads counters only; not the transport (`run` hands the bytes to the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 import structlog
@@ -77,8 +79,8 @@ class TelemetryCollector:
     """Builds Telemetry messages; each covers the time since the previous one (or since construction).
 
     `collect` reads counters only (a snapshot under each version's lock, the outbox's counters) and calls
-    `system` (SystemProbe.read: sysfs and psutil, microseconds) unless given the figures: an agent that
-    wants no file reads on its loop reads them in a thread and passes them in.
+    `system` (SystemProbe.read: sysfs, psutil, i2c power monitors on a Jetson) unless given the figures.
+    `run` reads them on a named thread of its own, so the loop never waits on a sensor file.
     """
 
     def __init__(
@@ -92,7 +94,8 @@ class TelemetryCollector:
         agent_start_ms: int | None = None,
     ) -> None:
         self.device_id = device_id
-        self.interval_s = interval_s  # the agent sets it when a policy changes telemetry.interval_s
+        self.interval_s = interval_s  # set_interval changes it live (a policy's telemetry.interval_s)
+        self._interval_changed: asyncio.Event | None = None
         self._models = models
         self._outbox = outbox
         self._system = system
@@ -147,20 +150,43 @@ class TelemetryCollector:
             message.outbox.CopyFrom(outbox_telemetry(self._outbox.counters(), now_ms))
         return message
 
+    def set_interval(self, interval_s: float) -> None:
+        """Publish every `interval_s` from now on; the next message comes within the new interval. Call on the loop."""
+        self.interval_s = interval_s
+        if self._interval_changed is not None:
+            self._interval_changed.set()
+
     async def run(self, publish: Callable[[bytes], None]) -> None:
         """Every `interval_s`, collect and `publish(serialized message)`, until cancelled.
 
-        A failure to collect or publish is logged and the next interval tries again: telemetry never stops
-        the agent. After a stall the schedule restarts from now instead of catching up in a burst.
+        The system figures are read on the `telemetry-probe` thread (a sysfs read can stall behind a busy
+        i2c bus on a Jetson), the counters on the loop. A failure to collect or publish is logged and the next
+        interval tries again: telemetry never stops the agent. After a stall the schedule restarts from now
+        instead of catching up in a burst.
         """
-        next_at = time.monotonic() + self.interval_s
-        while True:
-            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
-            try:
-                publish(self.collect().SerializeToString())
-            except Exception as exc:
-                log.error("telemetry.failed", error=f"{type(exc).__name__}: {exc}")
-            next_at = max(next_at + self.interval_s, time.monotonic())
+        loop = asyncio.get_running_loop()
+        self._interval_changed = changed = asyncio.Event()
+        probe = ThreadPoolExecutor(1, thread_name_prefix="telemetry-probe") if self._system is not None else None
+        try:
+            next_at = time.monotonic() + self.interval_s
+            while True:
+                changed.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(changed.wait(), max(0.0, next_at - time.monotonic()))
+                if changed.is_set():  # a new interval: count it from the previous message
+                    next_at = min(next_at, self._last + self.interval_s)
+                    if next_at > time.monotonic():
+                        continue
+                try:
+                    system = await loop.run_in_executor(probe, self._system) if probe and self._system else None
+                    publish(self.collect(system).SerializeToString())
+                except Exception as exc:
+                    log.error("telemetry.failed", error=f"{type(exc).__name__}: {exc}")
+                next_at = max(next_at + self.interval_s, time.monotonic())
+        finally:
+            self._interval_changed = None
+            if probe is not None:
+                probe.shutdown(wait=False)
 
     def _snapshot_all(self) -> None:
         for served in self._models.models():

@@ -13,7 +13,7 @@ import psutil
 
 from edgefleet.proto.edgefleet.v1.telemetry_pb2 import SystemTelemetry
 
-__all__ = ["SystemProbe"]
+__all__ = ["SystemProbe", "deferred_probe"]
 
 # Jetson GPU load in per-mille: Nano/TX2/Xavier, then Orin (JetPack 5 and 6 place it under platform/).
 _GPU_LOAD_GLOBS = (
@@ -46,8 +46,9 @@ Rail = tuple[str, Callable[[], float | None]]  # (label, read watts)
 class SystemProbe:
     """Finds the board's sensor files once (at construction), then reads them on each `read()`.
 
-    One `read()` is a few small sysfs reads plus two psutil calls (tens of microseconds); the agent may call
-    it on the loop or move it to a thread. tegrastats is not run: it is a process per sample, and sysfs
+    One `read()` is a few small sysfs reads plus two psutil calls (tens of microseconds here, but an INA3221
+    read goes over i2c on a Jetson and can wait behind the bus): the agent calls it on a thread of its own,
+    never on the loop (TelemetryCollector.run). tegrastats is not run: it is a process per sample, and sysfs
     holds the same figures. `root` is where sysfs is mounted relative to (tests point it at a tree of their
     own).
     """
@@ -127,6 +128,20 @@ class SystemProbe:
                 if power.exists():
                     rails.append((_label(name_file), _milli(power)))
         return rails
+
+
+def deferred_probe(root: Path = Path("/")) -> Callable[[], SystemTelemetry]:
+    """`SystemProbe(root).read`, the probe made on the first call: its discovery globs sysfs, so it happens on
+    the thread that reads (the collector's probe thread), not on the loop that sets telemetry up."""
+    probe: SystemProbe | None = None
+
+    def read() -> SystemTelemetry:
+        nonlocal probe
+        if probe is None:
+            probe = SystemProbe(root)
+        return probe.read()
+
+    return read
 
 
 def _label(path: Path) -> str:

@@ -14,6 +14,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import pytest
 
 from cloud_sync.config import CloudSyncConfig
@@ -23,7 +24,9 @@ from tests.cloud_sync.conftest import (
     run_cloud_sync_cli,
     run_cloud_sync_cli_all,
 )
+from tests.mosquitto import Mosquitto, MqttWatcher, free_port
 from tests.processes import CloudSyncProcess
+from tests.waiting import wait_for
 
 
 def test_check_config_prints_the_effective_values(tmp_path: Path) -> None:
@@ -161,3 +164,66 @@ def test_an_admin_token_file_without_a_token_is_refused(tmp_path: Path) -> None:
         assert done.returncode == 2, done.stderr
         assert "holds no valid token" in done.stderr and "Traceback" not in done.stderr
         assert done.stdout == ""
+
+
+@pytest.mark.parametrize("taken", ["grpc", "http"])
+def test_a_second_run_on_a_taken_port_never_touches_the_first_one_s_broker_session(tmp_path: Path, taken: str) -> None:
+    # Caught a bug: the second process started its MQTT subscriber (the same client id) before binding its
+    # ports, so the broker closed the first one's connection to hand the id over, then the second exited.
+    client_id = "cloud-sync-replica-0"
+    for name in ("first", "second"):
+        (tmp_path / name).mkdir()
+    with Mosquitto(tmp_path / "broker", persistence=True) as broker:
+        ports = {"grpc": free_port(), "http": free_port()}
+        mqtt = {"url": broker.url, "client_id": client_id}
+        first_config = cloud_sync_config(
+            tmp_path / "first",
+            grpc={"listen": f"127.0.0.1:{ports['grpc']}"},
+            http={"listen": f"127.0.0.1:{ports['http']}"},
+            mqtt=mqtt,
+        )
+        first = CloudSyncProcess(first_config)
+        try:
+            first.wait_ready(60)
+            first.wait_event("telemetry.connected", 30)
+            # The same data dir and client id; of the two ports, only the one named by `taken` collides.
+            listen = {"grpc": "127.0.0.1:0", "http": "127.0.0.1:0", taken: f"127.0.0.1:{ports[taken]}"}
+            second = _run_exits(
+                cloud_sync_config(
+                    tmp_path / "second",
+                    server={"data_dir": str(tmp_path / "first" / "data")},
+                    grpc={"listen": listen["grpc"]},
+                    http={"listen": listen["http"]},
+                    mqtt=mqtt,
+                )
+            )
+            assert second.returncode == 2, second.stderr
+            assert f"{taken}.listen 127.0.0.1:{ports[taken]}" in second.stderr
+            assert "Traceback" not in second.stderr
+
+            # The first still holds its session: a device's status published now reaches its store.
+            assert run_cloud_sync_cli("add-device", "cam-mq", "--config", first_config).returncode == 0
+            device = MqttWatcher(broker, [], client_id="cam-mq")
+            try:
+                device.publish("edgefleet/v1/devices/cam-mq/status", b"online", retain=True)
+            finally:
+                device.close()
+            token = run_cloud_sync_cli("admin-token", "--config", first_config).stdout.strip()
+            api = httpx.Client(
+                base_url=f"http://127.0.0.1:{ports['http']}",
+                headers={"Authorization": f"Bearer {token}"},
+                timeout=10,
+                trust_env=False,
+            )
+            with api:
+                wait_for(
+                    lambda: api.get("/v1/devices/cam-mq").json().get("online") is True,
+                    15,
+                    "the first cloud-sync to store the device's status",
+                )
+            names = first.event_names()
+            assert names.count("telemetry.connected") == 1 and "telemetry.disconnected" not in names
+            assert broker.log_text().count(f"as {client_id}") == 1, broker.log_text()  # connected once, ever
+        finally:
+            first.signal(signal.SIGTERM)
+            assert first.finish(30) == 0, first.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import math
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ from edge_runtime.outbox import Outbox, OutboxRecord
 from edge_runtime.telemetry import (
     SystemProbe,
     TelemetryCollector,
+    deferred_probe,
     latency_quantile,
     model_version_telemetry,
     stats_window,
@@ -29,7 +31,8 @@ from edgefleet.proto.edgefleet.v1 import results_pb2
 from edgefleet.proto.edgefleet.v1.state_pb2 import MODEL_ROLE_ACTIVE
 from edgefleet.proto.edgefleet.v1.telemetry_pb2 import SystemTelemetry, Telemetry
 from models.build import digits_holdout
-from tests.loopcheck import SlowCallbacks
+from tests.loopcheck import LoopThread, SlowCallbacks
+from tests.waiting import wait_for
 
 # -- percentiles from histogram buckets --------------------------------------------------------------------
 
@@ -312,3 +315,49 @@ def test_a_failing_publish_does_not_stop_telemetry(digits: ModelRepository) -> N
 
     asyncio.run(main())
     assert len(calls) >= 3
+
+
+def test_run_reads_the_system_figures_on_its_own_thread_never_the_loop(digits: ModelRepository, tmp_path: Path) -> None:
+    jetson_tree(tmp_path, total_rail=True)
+    probe = deferred_probe(tmp_path)  # its discovery, too, happens on the first read: on the probe's thread
+    readers: list[str] = []
+
+    def system() -> SystemTelemetry:
+        readers.append(threading.current_thread().name)
+        return probe()
+
+    collector = TelemetryCollector("cam-1", digits, system=system, interval_s=0.01)
+    loop = LoopThread("agent-loop")
+    published: list[Telemetry] = []
+    try:
+        task = loop.run(_start(collector, lambda p: published.append(Telemetry.FromString(p))))
+        wait_for(lambda: len(published) >= 3, 10, "three messages")
+        loop.run(_cancel(task))
+    finally:
+        loop.close()
+    assert readers and all(name.startswith("telemetry-probe") for name in readers), readers
+    assert published[0].system.power_w == pytest.approx(6.0)  # the Jetson tree, read through the probe
+    assert loop.blocking() == []  # no sysfs or /proc read on the loop thread
+
+
+def test_a_new_interval_takes_effect_at_once(digits: ModelRepository) -> None:
+    collector = TelemetryCollector("cam-1", digits, interval_s=3600)
+    loop = LoopThread("agent-loop")
+    published: list[bytes] = []
+    try:
+        task = loop.run(_start(collector, published.append))
+        loop.call(collector.set_interval, 0.02)  # while run() sleeps out the hour
+        wait_for(lambda: len(published) >= 3, 10, "messages at the new interval")
+        loop.run(_cancel(task))
+    finally:
+        loop.close()
+    assert [Telemetry.FromString(p).seq for p in published[:3]] == [1, 2, 3]
+
+
+async def _start(collector: TelemetryCollector, publish: Callable[[bytes], None]) -> asyncio.Future[None]:
+    return asyncio.ensure_future(collector.run(publish))
+
+
+async def _cancel(task: asyncio.Future[None]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import subprocess
 import sys
@@ -96,3 +97,70 @@ class NotifyListener:
 
     def close(self) -> None:
         self.sock.close()
+
+
+# Blocking calls the agent's loop still makes, accepted until their owner moves them to a thread: the Unix
+# socket's directory, lock file, chmod and removal, done by InferenceServer.start/stop on the loop (a few
+# local-disk syscalls at start and stop, never per request).
+KNOWN_LOOP_BLOCKERS = ("edge_runtime/kserve/server.py",)
+
+
+class RunningAgent:
+    """An Agent inside this process on a loop thread in debug mode (tests/loopcheck.py judges it), serving its
+    Unix socket; `stop()` drains it as SIGTERM does and returns what the loop check found."""
+
+    def __init__(self, agent: Any, loop: Any) -> None:
+        self.agent = agent
+        self.loop = loop
+        self.running = asyncio.run_coroutine_threadsafe(agent.run(handle_signals=False), loop.loop)
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        from edge_runtime.kserve import KServeClient
+        from tests.waiting import wait_for
+
+        def up() -> bool:
+            if self.running.done():
+                self.running.result()  # raises what stopped it
+            return bool(self.agent.endpoints.inference)
+
+        wait_for(up, timeout, "the agent to listen")
+        with KServeClient(self.agent.endpoints.inference[0], timeout_s=10) as client:
+            wait_for(lambda: _ready(client), timeout, "ServerReady")
+
+    def stop(self, timeout: float = 60.0) -> list[str]:
+        self.agent.stop()
+        try:
+            self.running.result(timeout)
+        finally:
+            blocked: list[str] = self.loop.blocking(allow=KNOWN_LOOP_BLOCKERS)
+            self.loop.close()
+        return blocked
+
+
+def _ready(client: Any) -> bool:
+    import grpc
+
+    try:
+        return bool(client.ready())
+    except grpc.RpcError:
+        return False
+
+
+@pytest.fixture
+def run_agent() -> Iterator[Callable[..., RunningAgent]]:
+    """run_agent(config) -> a RunningAgent, ready; stopped at teardown if the test did not stop it."""
+    from edge_runtime.agent import Agent
+    from tests.loopcheck import LoopThread
+
+    started: list[RunningAgent] = []
+
+    def run(config: Any) -> RunningAgent:
+        running = RunningAgent(Agent(config), LoopThread("agent-loop"))
+        started.append(running)
+        running.wait_ready()
+        return running
+
+    yield run
+    for running in started:
+        if not running.running.done():
+            running.stop()

@@ -16,7 +16,7 @@ def loop() -> Iterator[LoopThread]:
     thread = LoopThread("test-agent-loop")
     yield thread
     thread.close()
-    assert not thread.slow.blocking(), f"callbacks blocked the loop: {thread.slow.blocking()}"
+    assert not thread.blocking(), f"callbacks blocked the loop: {thread.blocking()}"
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ from edge_runtime.config import MqttSection
 from edge_runtime.errors import ConfigError
 from edge_runtime.sync.mqtt import (
     MAX_QUEUED_MESSAGES,
+    REPORTED_CONTENT_TYPE,
     STATUS_OFFLINE,
     STATUS_ONLINE,
     TELEMETRY_CONTENT_TYPE,
@@ -19,7 +20,7 @@ from edge_runtime.sync.mqtt import (
     MqttLink,
     parse_broker_url,
 )
-from edgefleet.proto.edgefleet.v1.state_pb2 import DesiredState
+from edgefleet.proto.edgefleet.v1.state_pb2 import DesiredState, ReportedState
 from tests.edge_runtime.sync.device_process import DeviceProcess
 from tests.loopcheck import LoopThread
 from tests.mosquitto import Mosquitto, MqttWatcher
@@ -194,7 +195,10 @@ def test_paho_queue_stays_bounded_when_the_broker_stops_acknowledging(
         counters = link.counters()
     finally:
         broker.resume()
-    assert (counters.telemetry_sent, counters.telemetry_dropped) == (MAX_QUEUED_MESSAGES, 36)
+    # The queue holds at most MAX_QUEUED_MESSAGES; the `online` status sent on connect may still hold one slot
+    # if the broker stopped before acknowledging it (seen on a loaded box: 63 sent, 37 dropped).
+    assert counters.telemetry_sent + counters.telemetry_dropped == MAX_QUEUED_MESSAGES + 36
+    assert MAX_QUEUED_MESSAGES - 1 <= counters.telemetry_sent <= MAX_QUEUED_MESSAGES
 
 
 def test_subscribe_hands_decoded_messages_to_the_loop_and_survives_reconnects(
@@ -222,3 +226,46 @@ def test_subscribe_hands_decoded_messages_to_the_loop_and_survives_reconnects(
     broker.restart()  # the link subscribes again; the retained desired state comes back
     wait_for(lambda: len(got) == 3, 15, "the retained desired state after reconnecting")
     assert got[-1] == (2, "test-agent-loop")
+
+
+REPORTED = f"edgefleet/v1/devices/{DEVICE}/reported"
+
+
+def test_start_hands_the_retained_desired_state_to_on_desired(
+    broker: Mosquitto, make_link: MakeLink, loop: LoopThread, watchers: list[MqttWatcher]
+) -> None:
+    cloud = watch(watchers, broker)
+    cloud.publish(DESIRED, DesiredState(device_id=DEVICE, generation=7).SerializeToString(), retain=True)
+    link = make_link(broker, start=False)
+    got: list[tuple[int, str]] = []
+    loop.call(link.start, lambda d: got.append((d.generation, threading.current_thread().name)))
+    wait_for(lambda: got, 10, "the retained desired state")
+    assert got == [(7, "test-agent-loop")]
+
+
+def test_the_reported_state_is_retained_and_published_again_on_every_connect(
+    tmp_path: Path, make_link: MakeLink, loop: LoopThread, watchers: list[MqttWatcher]
+) -> None:
+    broker = Mosquitto(tmp_path / "forgetful").start()  # no persistence: a restart forgets retained messages
+    early = watch(watchers, broker, REPORTED)
+    link = make_link(broker)
+    loop.call(link.publish_reported, ReportedState(device_id=DEVICE, generation=1))  # before it connected
+    wait_for(lambda: early.on(REPORTED), 10, "the reported state, sent on connect")
+    later = watch(watchers, broker, REPORTED)  # subscribes after the fact: the broker hands over its copy
+    (first,) = wait_for(lambda: later.on(REPORTED), 10, "the retained reported state")
+    assert first.retain and first.content_type == REPORTED_CONTENT_TYPE == "edgefleet.v1.ReportedState"
+    assert ReportedState.FromString(first.payload).generation == 1
+
+    loop.call(link.publish_reported, ReportedState(device_id=DEVICE, generation=2))
+    wait_for(lambda: len(later.on(REPORTED)) == 2, 10, "the newer state")
+    try:
+        broker.restart()
+        wait_for(lambda: link.counters().connects == 2, 15, "the link to reconnect")
+        # The link's own connect is acknowledged before its publish lands: wait for the copy to be there.
+        wait_for(lambda: len(early.on(REPORTED)) == 3, 15, "the state again, on the new connection")
+        fresh = watch(watchers, broker, REPORTED)
+        (again,) = wait_for(lambda: fresh.on(REPORTED), 10, "the reported state, published again")
+        assert again.retain and ReportedState.FromString(again.payload).generation == 2
+    finally:
+        link.close(timeout=2)
+        broker.kill()
