@@ -7,6 +7,7 @@ from typing import Any
 
 import grpc
 
+from cloud_sync.config import ConfigProblem
 from cloud_sync.errors import (
     AlreadyExists,
     CloudSyncError,
@@ -34,6 +35,8 @@ GRPC_CODES: dict[type[CloudSyncError], grpc.StatusCode] = {
     AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
     SchemaMismatch: grpc.StatusCode.FAILED_PRECONDITION,
+    # The server's own config (it is bad input on the command line, exit 2): never the caller's fault.
+    ConfigProblem: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 HTTP_CODES: dict[type[CloudSyncError], int] = {
@@ -46,6 +49,7 @@ HTTP_CODES: dict[type[CloudSyncError], int] = {
     AlreadyExists: 409,
     StoreUnavailable: 503,
     SchemaMismatch: 500,
+    ConfigProblem: 500,
 }
 
 

@@ -9,15 +9,17 @@ Everything here is synchronous and thread-safe; async callers run it in a thread
 
 from __future__ import annotations
 
+# control and telemetry are imported here also so that their tables are on the schema's metadata before
+# open_database creates the schema.
 from cloud_sync.store.batches import IngestLimits
+from cloud_sync.store.control import ControlStore
 from cloud_sync.store.database import Database, open_database
 from cloud_sync.store.devices import Device, DeviceRegistry
 from cloud_sync.store.results import IngestOutcome, QuarantineEntry, Reconciliation, ResultStore, StoredResult
-
-# Imported here so its tables are on the schema's metadata before open_database creates the schema.
 from cloud_sync.store.telemetry import TelemetryStore
 
 __all__ = [
+    "ControlStore",
     "Database",
     "Device",
     "DeviceRegistry",

@@ -98,8 +98,9 @@ class Keeper:
         """Append one result (kind RESULT) or sampled input+result (kind SAMPLE); called on an engine thread.
 
         The future resolves once the record is committed. When the outbox refuses the record at once
-        (counted in `dropped`): a failed future carrying why, so the app's answer says it (kept=false and
-        keep_error); None for a sample or an `edgefleet.keep_async` request, whose answer does not wait.
+        (counted in `dropped`): for a result, a failed future carrying why, so the app's answer says it
+        (kept=false and keep_error), with `edgefleet.keep_async` too; None for a sample (the agent's
+        business, not the app's).
         """
         if kind == SAMPLE:
 
@@ -133,7 +134,7 @@ class Keeper:
             return self._sink.append(record)
         except EdgeRuntimeError as exc:
             self._dropped(exc)
-            if kind != RESULT or parameters.get(KEEP_ASYNC_PARAMETER) is True:
+            if kind != RESULT:
                 return None
             refused: Future[int] = Future()
             refused.set_exception(exc)

@@ -192,8 +192,11 @@ class ServedModel:
         if request.keep and self._keeper is not None:
             kept = self._keeper.keep(request.keep, response, self.version, request.inputs, request.parameters)
             if request.keep == keeping.RESULT:  # a sample is the agent's business, not the app's
+                refused = kept.exception() if kept is not None and kept.done() else None
                 if kept is None:
                     keeping.settle_kept(response, Overloaded("the outbox refused the record"))
+                elif refused is not None:  # refused at the door: the answer says why, waiting or not
+                    keeping.settle_kept(response, refused)
                 elif request.parameters.get(keeping.KEEP_ASYNC_PARAMETER) is True:
                     response.parameters[keeping.KEPT_PARAMETER] = True
                 else:

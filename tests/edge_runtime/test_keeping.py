@@ -180,6 +180,8 @@ def test_a_result_past_the_per_record_limit_is_not_kept_and_the_answer_says_why(
         params = {KEEP_PARAMETER: True, KEEP_ASYNC_PARAMETER: True}
         answered_at_once = repo.infer(InferRequest("digits", {"pixels": x}, parameters=params))
         assert answered_at_once.parameters[KEPT_PARAMETER] is False
+        # Not waiting for the commit does not mean not saying why the outbox refused it at once.
+        assert "per record that cloud-sync accepts" in answered_at_once.parameters[KEEP_ERROR_PARAMETER]
     finally:
         repo.close()
     assert keeper.dropped == 2
