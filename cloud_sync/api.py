@@ -29,7 +29,7 @@ from cloud_sync.errors import CloudSyncError, Unauthenticated
 from cloud_sync.status import INTERNAL_MESSAGE, http_code, unexpected_error_fields
 from cloud_sync.store import DeviceRegistry, ResultStore, TelemetryStore
 from cloud_sync.store.batches import MAX_SEQ
-from cloud_sync.store.results import MAX_PAGE
+from cloud_sync.store.results import MAX_PAGE, QuarantineEntry
 
 __all__ = ["ApiContext", "create_app"]
 
@@ -39,6 +39,9 @@ log = structlog.get_logger(__name__)
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 # Result ids are BIGINT: a larger after_id is not an id (SQLite once raised OverflowError on it: a 500).
 MAX_ID = MAX_SEQ
+# The most quarantine entries one page returns: each carries up to IngestLimits.max_quarantined_bytes (64 KiB)
+# of the record, so a page is at most 64 MiB of record bytes (results' 10,000 would be 640 MiB).
+MAX_QUARANTINE_PAGE = 1000
 
 
 class ApiContext:
@@ -186,6 +189,14 @@ def _result_json(result: Any) -> dict[str, Any]:
     return data
 
 
+def _quarantine_json(entry: QuarantineEntry) -> dict[str, Any]:
+    data = asdict(entry)
+    # None for a rejection the device declared: the cloud never received the record.
+    data["record"] = base64.b64encode(entry.record).decode() if entry.record is not None else None
+    data["record_bytes"] = len(entry.record) if entry.record is not None else 0
+    return data
+
+
 def create_app(ctx: ApiContext) -> FastAPI:
     app = FastAPI(title="cloud-sync admin API", version="1", description=__doc__)
     app.add_middleware(_BodyLimit, max_bytes=ctx.max_body_bytes)
@@ -255,6 +266,25 @@ def create_app(ctx: ApiContext) -> FastAPI:
     def revoke_device(device_id: str) -> dict[str, Any]:
         ctx.devices.revoke(device_id)
         return _device_json(ctx.devices.get_device(device_id))
+
+    @app.get(
+        "/v1/devices/{device_id}/quarantine",
+        tags=["devices"],
+        dependencies=auth,
+        summary="Records of a device the cloud counts as rejected, and why",
+    )
+    def list_quarantine(
+        device_id: str,
+        after_seq: Annotated[int, Query(ge=0, le=MAX_SEQ)] = 0,
+        limit: Annotated[int, Query(ge=1, le=MAX_QUARANTINE_PAGE)] = 100,
+    ) -> dict[str, Any]:
+        """Quarantined seqs past `after_seq`, ascending: refused by cloud-sync (with the first bytes of the
+        record) or declared rejected by the device. Pass `next_after_seq` back as `after_seq` to go on."""
+        entries = ctx.results.quarantine(device_id, after_seq, limit)
+        return {
+            "quarantine": [_quarantine_json(e) for e in entries],
+            "next_after_seq": entries[-1].seq if entries else after_seq,
+        }
 
     @app.get("/v1/results", tags=["results"], dependencies=auth)
     def list_results(

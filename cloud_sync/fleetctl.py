@@ -37,7 +37,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-devices_app = typer.Typer(help="Devices: register, list, inspect, revoke.", no_args_is_help=True)
+devices_app = typer.Typer(
+    help="Devices: register, list, inspect, revoke, and what the cloud quarantined of theirs.", no_args_is_help=True
+)
 results_app = typer.Typer(help="Results devices uploaded.", no_args_is_help=True)
 app.add_typer(devices_app, name="devices")
 app.add_typer(results_app, name="results")
@@ -246,6 +248,65 @@ def devices_revoke(ctx: typer.Context, device_id: DeviceIdArgument) -> None:
     s = session(ctx)
     device = s.call("POST", f"/v1/devices/{segment(device_id)}/revoke")
     out.print_json(data=device) if s.as_json else out.print(f"{device_id} revoked")
+
+
+# Entries per API request: the API's own cap (MAX_QUARANTINE_PAGE), not imported so fleetctl stays light.
+_QUARANTINE_PAGE = 1000
+
+
+def _quarantined(s: Session, device_id: str, after: int, count: int) -> Iterator[dict[str, Any]]:
+    """The device's quarantine entries past seq `after`, ascending, at most `count`, a page at a time."""
+    path = f"/v1/devices/{segment(device_id)}/quarantine"
+    while count:
+        want = min(count, _QUARANTINE_PAGE)
+        page = s.call("GET", path, params={"after_seq": after, "limit": want})["quarantine"]
+        yield from page
+        if len(page) < want:
+            return
+        count -= want
+        after = page[-1]["seq"]
+
+
+def _printable(text: str) -> str:
+    """`text` on one line with no terminal control: a device chooses the reasons it declares, and one holding
+    a newline or an escape sequence must not forge lines or drive the operator's terminal."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def _quarantine_line(entry: dict[str, Any]) -> str:
+    if entry["record"] is None:
+        size = "not sent"
+    elif entry["record_bytes"] < entry["record_size"]:
+        size = f"{entry['record_size']} bytes (first {entry['record_bytes']} kept)"
+    else:
+        size = f"{entry['record_size']} bytes"
+    return f"#{entry['seq']} {entry['source']} {_when(entry['received_at_ms'])} {size}: {_printable(entry['reason'])}"
+
+
+@devices_app.command("quarantine")
+def devices_quarantine(
+    ctx: typer.Context,
+    device_id: DeviceIdArgument,
+    limit: Annotated[int, typer.Option(min=1, max=1_000_000, help="print at most N entries")] = 100,
+    after: Annotated[int, typer.Option(min=0, max=2**63 - 1, help="start after this seq")] = 0,
+) -> None:
+    """Records of a device the cloud will never store as results (quarantined), and why; oldest first."""
+    s = session(ctx)
+    shown, last = 0, after
+    # One entry past the limit tells whether more remain.
+    for entry in _quarantined(s, device_id, after, limit + 1):
+        if shown == limit:
+            # On stderr: stdout stays one line (or JSON object) per entry.
+            err.print(f"more entries after seq {last}: continue with --after {last}", markup=False, highlight=False)
+            break
+        if s.as_json:
+            print(json.dumps(entry), flush=True)
+        else:
+            # print, not rich: rich would still turn ":smile:" in a reason into an emoji.
+            print(_quarantine_line(entry), flush=True)
+        shown, last = shown + 1, entry["seq"]
+    if not shown and not s.as_json:
+        print(f"no quarantined records after seq {after}" if after else "no quarantined records")
 
 
 # KServe datatypes the summary reads, as struct format characters (little-endian, as raw contents are).

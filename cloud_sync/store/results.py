@@ -267,7 +267,11 @@ class ResultStore:
         )
 
     def quarantine(self, device_id: str, after_seq: int = 0, limit: int = 100) -> list[QuarantineEntry]:
-        """The device's seqs counted as rejected with seq > after_seq, ascending, at most `limit`."""
+        """The device's seqs counted as rejected with seq > after_seq, ascending, at most `limit`.
+
+        Raises NotFound for an unknown device (an empty list means a registered device has none past
+        `after_seq`).
+        """
         if not 1 <= limit <= MAX_PAGE:
             raise InvalidArgument(f"limit must be 1..{MAX_PAGE}, not {limit}")
         query = (
@@ -276,7 +280,16 @@ class ResultStore:
             .order_by(quarantine.c.seq)
             .limit(limit)
         )
-        rows = self._db.read(lambda conn: conn.execute(query).all())
+        registered = sa.select(devices.c.device_id).where(devices.c.device_id == device_id)
+
+        def read(conn: sa.Connection) -> Sequence[sa.Row[Any]]:
+            rows = conn.execute(query).all()
+            # A row proves the device exists (foreign key): only an empty page needs the second query.
+            if not rows and conn.execute(registered).first() is None:
+                raise NotFound(f"no device {device_id!r} is registered")
+            return rows
+
+        rows = self._db.read(read)
         return [QuarantineEntry(**{k: v for k, v in row._mapping.items() if k != "id"}) for row in rows]
 
     def seqs(self, device_id: str) -> list[int]:

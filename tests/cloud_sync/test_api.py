@@ -10,6 +10,7 @@ import base64
 import json
 import select
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,8 @@ from structlog.testing import capture_logs
 
 from cloud_sync.api import ApiContext, create_app
 from cloud_sync.store import DeviceRegistry, ResultStore, open_database
+from cloud_sync.store.batches import record_checksum
+from edgefleet.proto.edgefleet.v1 import results_pb2
 from tests.cloud_sync.conftest import RunningCloudSync, batch, record
 
 ADMIN_ROUTES = [
@@ -31,6 +34,7 @@ ADMIN_ROUTES = [
     ("POST", "/v1/devices/{device_id}/revoke"),
     ("GET", "/v1/results"),
     ("GET", "/v1/results/cursor"),
+    ("GET", "/v1/devices/{device_id}/quarantine"),
 ]
 
 
@@ -132,7 +136,7 @@ def test_revoke_marks_the_device_and_is_idempotent(cloud_sync: RunningCloudSync)
     assert cloud_sync.device(device_id)["revoked"] is True
 
 
-@pytest.mark.parametrize("method, suffix", [("GET", ""), ("POST", "/revoke")])
+@pytest.mark.parametrize("method, suffix", [("GET", ""), ("POST", "/revoke"), ("GET", "/quarantine")])
 def test_an_unknown_device_is_404(cloud_sync: RunningCloudSync, method: str, suffix: str) -> None:
     response = cloud_sync.api.request(method, f"/v1/devices/nobody-here{suffix}")
     assert response.status_code == 404
@@ -197,6 +201,13 @@ BAD_QUERIES = [
     ("/v1/results", {"device_id": "d" * 129}, "query.device_id"),
     ("/v1/results/cursor", {"last": -1}, "query.last"),
     ("/v1/results/cursor", {"last": 10_001}, "query.last"),
+    # Checked before the device is looked up: the parameter is named even for an unknown device.
+    ("/v1/devices/nobody/quarantine", {"limit": 0}, "query.limit"),
+    ("/v1/devices/nobody/quarantine", {"limit": 1001}, "query.limit"),
+    ("/v1/devices/nobody/quarantine", {"limit": "many"}, "query.limit"),
+    ("/v1/devices/nobody/quarantine", {"after_seq": -1}, "query.after_seq"),
+    ("/v1/devices/nobody/quarantine", {"after_seq": 2**63}, "query.after_seq"),
+    ("/v1/devices/nobody/quarantine", {"after_seq": "1.5"}, "query.after_seq"),
 ]
 
 
@@ -207,6 +218,84 @@ def test_a_bad_query_is_422_naming_the_parameter(
     response = cloud_sync.api.get(path, params=params)
     assert response.status_code == 422, response.text
     assert named in detail_locations(response)
+
+
+def test_quarantine_shows_what_the_cloud_refused_and_what_the_device_declared(cloud_sync: RunningCloudSync) -> None:
+    device_id, token = cloud_sync.new_device("quarantine")
+    records = [record(1), record(2, kind=99), record(3), record(5)]
+    upload = batch(0, 5, records=records)
+    upload.record_checksum = results_pb2.RECORD_CHECKSUM_CRC32
+    for r in upload.records:
+        r.checksum = record_checksum(r)
+    upload.records[2].payload = b"altered on the way"  # seq 3, after its checksum was computed
+    upload.rejected.add(seq=4, reason="checksum failed when read from the outbox")
+    upload.rejected_total = 1
+    before_ms = int(time.time() * 1000)
+    assert list(cloud_sync.upload(token, [upload]).rejected_seqs) == [2, 3, 4]
+    after_ms = int(time.time() * 1000)
+
+    response = cloud_sync.api.get(f"/v1/devices/{device_id}/quarantine")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    entries = {e["seq"]: e for e in body["quarantine"]}
+    assert list(entries) == [2, 3, 4] and body["next_after_seq"] == 4
+    assert [entries[s]["source"] for s in (2, 3, 4)] == ["cloud", "cloud", "device"]
+    assert "kind 99" in entries[2]["reason"]
+    assert "checksum" in entries[3]["reason"] and "does not match" in entries[3]["reason"]
+    assert entries[4]["reason"] == "on the device: checksum failed when read from the outbox"
+    for seq, sent in ((2, upload.records[1]), (3, upload.records[2])):
+        kept = base64.b64decode(entries[seq]["record"])
+        assert kept == sent.SerializeToString()  # the record as it arrived, whole: it is under 64 KiB
+        assert entries[seq]["record_bytes"] == entries[seq]["record_size"] == len(kept)
+        assert entries[seq]["created_at_ms"] == sent.created_at_ms
+    declared = entries[4]
+    assert (declared["record"], declared["record_bytes"], declared["record_size"]) == (None, 0, 0)
+    assert declared["created_at_ms"] is None
+    for entry in entries.values():
+        assert entry["device_id"] == device_id
+        assert before_ms <= entry["received_at_ms"] <= after_ms
+    # The ledger the device page shows counts exactly these.
+    assert cloud_sync.device(device_id)["uplink"]["rejected"] == len(entries)
+
+
+def test_quarantine_pages_by_seq(cloud_sync: RunningCloudSync) -> None:
+    device_id, token = cloud_sync.new_device("quarantine")
+    _other, other_token = cloud_sync.new_device("quarantine")
+    cloud_sync.upload(token, [batch(0, 7, records=[record(s, kind=99 if s % 2 else 1) for s in range(1, 8)])])
+    cloud_sync.upload(other_token, [batch(0, 2, records=[record(1, kind=99), record(2, kind=99)])])
+
+    pages: list[list[int]] = []
+    after = 0
+    while True:
+        response = cloud_sync.api.get(f"/v1/devices/{device_id}/quarantine", params={"after_seq": after, "limit": 2})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        if not body["quarantine"]:
+            assert body["next_after_seq"] == after
+            break
+        assert {e["device_id"] for e in body["quarantine"]} == {device_id}
+        pages.append([e["seq"] for e in body["quarantine"]])
+        after = body["next_after_seq"]
+    assert pages == [[1, 3], [5, 7]]
+    past = cloud_sync.api.get(f"/v1/devices/{device_id}/quarantine", params={"after_seq": 3})
+    assert [e["seq"] for e in past.json()["quarantine"]] == [5, 7]
+
+
+def test_a_device_with_nothing_quarantined_has_an_empty_list_not_a_404(cloud_sync: RunningCloudSync) -> None:
+    device_id, token = cloud_sync.new_device("quarantine")
+    cloud_sync.upload(token, [batch(0, 3)])
+    response = cloud_sync.api.get(f"/v1/devices/{device_id}/quarantine", params={"after_seq": 2})
+    assert response.status_code == 200, response.text
+    assert response.json() == {"quarantine": [], "next_after_seq": 2}
+
+
+def test_a_revoked_device_still_shows_its_quarantine(cloud_sync: RunningCloudSync) -> None:
+    device_id, token = cloud_sync.new_device("quarantine")
+    cloud_sync.upload(token, [batch(0, 1, records=[record(1, kind=99)])])
+    assert cloud_sync.api.post(f"/v1/devices/{device_id}/revoke").status_code == 200
+    response = cloud_sync.api.get(f"/v1/devices/{device_id}/quarantine")
+    assert response.status_code == 200, response.text
+    assert [e["seq"] for e in response.json()["quarantine"]] == [1]
 
 
 def test_openapi_lists_every_route(cloud_sync: RunningCloudSync, tmp_path: Path) -> None:

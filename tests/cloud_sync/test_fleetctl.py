@@ -6,6 +6,7 @@ following new uploads; every exit code (0 ok, 1 unreachable, 2 bad input, 3 not 
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import queue
@@ -149,6 +150,87 @@ def test_a_device_id_is_one_path_segment(cloud_sync: RunningCloudSync, command: 
     assert cloud_sync.device(device_id)["revoked"] is False
 
 
+# -- quarantine ------------------------------------------------------------------------------------------------
+
+
+def _quarantined_device(cloud_sync: RunningCloudSync, declared_reason: str = "damaged outbox page") -> str:
+    """A device with seq 2 refused by the cloud (unknown kind) and seq 4 declared rejected by the device."""
+    device_id, token = cloud_sync.new_device("quar")
+    upload = batch(0, 5, records=[record(1), record(2, kind=99), record(3), record(5)])
+    upload.rejected.add(seq=4, reason=declared_reason)
+    upload.rejected_total = 1
+    assert list(cloud_sync.upload(token, [upload]).rejected_seqs) == [2, 4]
+    return device_id
+
+
+def test_devices_quarantine_prints_one_line_per_rejected_seq(cloud_sync: RunningCloudSync) -> None:
+    device_id = _quarantined_device(cloud_sync)
+    refused = record(2, kind=99).SerializeToString()
+    done = fleetctl(cloud_sync, "devices", "quarantine", device_id)
+    lines = ok(done).splitlines()
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("#2 cloud ")
+    assert f" {len(refused)} bytes: kind 99 is not a known RecordKind" in lines[0]
+    assert lines[1].startswith("#4 device ") and lines[1].endswith("not sent: on the device: damaged outbox page")
+    assert done.stderr == ""  # nothing more to page through
+
+
+def test_devices_quarantine_json_prints_one_entry_per_line(cloud_sync: RunningCloudSync) -> None:
+    device_id = _quarantined_device(cloud_sync)
+    entries = [
+        json.loads(line) for line in ok(fleetctl(cloud_sync, "--json", "devices", "quarantine", device_id)).splitlines()
+    ]
+    assert [(e["seq"], e["source"]) for e in entries] == [(2, "cloud"), (4, "device")]
+    kept = results_pb2.ResultRecord.FromString(base64.b64decode(entries[0]["record"]))
+    assert (kept.seq, kept.kind) == (2, 99)
+    assert entries[0]["record_bytes"] == entries[0]["record_size"] == len(kept.SerializeToString())
+    assert entries[1]["record"] is None and entries[1]["created_at_ms"] is None
+
+
+def test_devices_quarantine_of_a_clean_device_says_so(cloud_sync: RunningCloudSync) -> None:
+    device_id, token = cloud_sync.new_device("quar")
+    cloud_sync.upload(token, [batch(0, 2)])
+    assert ok(fleetctl(cloud_sync, "devices", "quarantine", device_id)).strip() == "no quarantined records"
+    assert ok(fleetctl(cloud_sync, "--json", "devices", "quarantine", device_id)) == ""
+
+
+def test_a_declared_reason_cannot_drive_the_terminal(cloud_sync: RunningCloudSync) -> None:
+    # The device writes the reason: a newline must not forge a second entry, nor ESC reach the terminal.
+    reason = "bad\n#9 cloud forged\x1b[2J [red]x[/] :smile:"
+    device_id = _quarantined_device(cloud_sync, reason)
+    out = ok(fleetctl(cloud_sync, "devices", "quarantine", device_id))
+    lines = out.splitlines()
+    assert len(lines) == 2 and "\x1b" not in out
+    assert lines[1].endswith("on the device: bad\\n#9 cloud forged\\x1b[2J [red]x[/] :smile:")
+    [_, declared] = [
+        json.loads(line) for line in ok(fleetctl(cloud_sync, "--json", "devices", "quarantine", device_id)).splitlines()
+    ]
+    assert declared["reason"] == f"on the device: {reason}"  # as the device sent it
+
+
+def test_devices_quarantine_pages_past_one_api_page(cloud_sync: RunningCloudSync) -> None:
+    """1,200 entries: more than the API's 1,000 a page, so --limit and --after are followed across pages."""
+    device_id, token = cloud_sync.new_device("quar")
+    # Two batches: the test cloud-sync takes messages of at most 64 KiB.
+    cloud_sync.upload(token, [batch(0, 600, records=[record(s, kind=99) for s in range(1, 601)])])
+    cloud_sync.upload(token, [batch(600, 1200, records=[record(s, kind=99) for s in range(601, 1201)])])
+
+    limited = fleetctl(cloud_sync, "--json", "devices", "quarantine", device_id, "--limit", "1100")
+    assert [json.loads(line)["seq"] for line in ok(limited).splitlines()] == list(range(1, 1101))
+    assert "more entries after seq 1100: continue with --after 1100" in limited.stderr
+
+    rest = fleetctl(cloud_sync, "--json", "devices", "quarantine", device_id, "--after", "1100", "--limit", "100")
+    assert [json.loads(line)["seq"] for line in ok(rest).splitlines()] == list(range(1101, 1201))
+    assert rest.stderr == ""  # exactly the limit left: nothing more
+
+    everything = ok(fleetctl(cloud_sync, "devices", "quarantine", device_id, "--limit", "5000")).splitlines()
+    assert [line.split()[0] for line in everything] == [f"#{s}" for s in range(1, 1201)]
+
+    first = fleetctl(cloud_sync, "devices", "quarantine", device_id, "--limit", "1")
+    assert ok(first).startswith("#1 cloud ") and len(first.stdout.splitlines()) == 1
+    assert "--after 1" in first.stderr
+
+
 # -- results ---------------------------------------------------------------------------------------------------
 
 
@@ -259,8 +341,9 @@ def test_the_token_comes_from_token_file(cloud_sync: RunningCloudSync, tmp_path:
         ["devices", "revoke", "nobody-home"],
         # Once printed nothing and exited 0 (or, with --follow, waited forever) for a mistyped id.
         ["results", "tail", "--device", "nobody-home", "--follow"],
+        ["devices", "quarantine", "nobody-home"],
     ],
-    ids=["show", "revoke", "tail"],
+    ids=["show", "revoke", "tail", "quarantine"],
 )
 def test_an_unknown_device_exits_4(cloud_sync: RunningCloudSync, args: list[str]) -> None:
     assert "nobody-home" in failed(fleetctl(cloud_sync, *args), 4)
@@ -277,6 +360,10 @@ def test_an_unknown_device_exits_4(cloud_sync: RunningCloudSync, args: list[str]
         (["results", "tail", "--last", "-1"], "--last"),
         (["results", "tail", "--interval", "0"], "--interval"),
         (["devices", "add"], "device_id"),
+        (["devices", "quarantine", "ctl-bad-labels", "--limit", "0"], "--limit"),
+        (["devices", "quarantine", "ctl-bad-labels", "--after", "-1"], "--after"),
+        (["devices", "quarantine", "ctl-bad-labels", "--limit", "many"], "--limit"),
+        (["devices", "quarantine"], "device_id"),
     ],
     ids=[
         "labels-no-equals",
@@ -287,6 +374,10 @@ def test_an_unknown_device_exits_4(cloud_sync: RunningCloudSync, args: list[str]
         "last-negative",
         "interval-zero",
         "missing-argument",
+        "quarantine-limit-zero",
+        "quarantine-after-negative",
+        "quarantine-limit-not-a-number",
+        "quarantine-no-device",
     ],
 )
 def test_bad_input_exits_2(cloud_sync: RunningCloudSync, args: list[str], says: str) -> None:

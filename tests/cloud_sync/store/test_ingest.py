@@ -525,3 +525,9 @@ def test_two_processes_on_one_sqlite_file_keep_the_watermark_consistent(tmp_path
     finally:
         first.close()
         second.close()
+
+
+def test_the_quarantine_of_an_unknown_device_is_not_found(store: ResultStore, device: str) -> None:
+    assert store.quarantine(device) == []  # registered, nothing quarantined
+    with pytest.raises(NotFound, match="'nobody'"):
+        store.quarantine("nobody")
