@@ -31,7 +31,7 @@ from edge_runtime.observability.metrics import AgentMetrics
 from edge_runtime.outbox import Outbox
 from edge_runtime.policy import EffectivePolicy, PolicyChange, parse_policy
 from edge_runtime.sync.control import ControlTransport, open_control
-from edge_runtime.sync.uplink import Uploader, read_token
+from edge_runtime.sync.uplink import CloudChannel, Uploader, read_token
 from edge_runtime.telemetry import TelemetryCollector, deferred_probe
 from edgefleet.proto.edgefleet.v1 import state_pb2
 
@@ -58,17 +58,20 @@ class Agent:
         self.notifier = notifier or SystemdNotifier()
         self.metrics = AgentMetrics()
         token = read_token(config.cloud) if config.cloud.grpc_target or config.cloud.token_file else None
-        # The control transport (MQTT, or the gRPC stream to cloud-sync) is chosen and checked before anything
-        # is opened: a config it refuses then leaves nothing behind.
-        self.control: ControlTransport | None = open_control(config, token)
+        # cloud-sync's address and CA (cloud.ca_file is read here, off the loop) and the control transport (MQTT,
+        # or the gRPC stream to cloud-sync) are checked before anything is opened: a config they refuse leaves
+        # nothing behind and fails the start naming the key, rather than a task nobody awaits.
+        cloud = CloudChannel.read(config.cloud) if config.cloud.grpc_target else None
+        self.control: ControlTransport | None = open_control(config, token, cloud)
         config.data_dir.mkdir(parents=True, exist_ok=True)
         self.outbox = Outbox.open(
             config.data_dir / OUTBOX_FILE, max_bytes=config.buffer.max_bytes, max_age_s=config.buffer.max_age_s
         )
+        self.metrics.track_outbox(self.outbox.counters)
         self.keeper = Keeper(self.outbox, config.upload.sample_rate)
         self.repository = ModelRepository(config, self.metrics, self.keeper)
         self.uploader = (
-            Uploader(self.outbox, config.cloud, config.upload, token) if config.cloud.grpc_target and token else None
+            Uploader(self.outbox, config.cloud, config.upload, token, channel=cloud) if cloud and token else None
         )
         # The config file's policy sections are the base every policy from the cloud is laid over.
         self.base_policy = self.policy = EffectivePolicy.from_config(config)

@@ -7,11 +7,15 @@ away an oversized message with RESOURCE_EXHAUSTED before it is buffered whole.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import stat
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import grpc
 import structlog
@@ -26,6 +30,7 @@ from edgefleet.durable import hold_lock
 __all__ = ["InferenceServer", "check_loopback", "parse_tcp_address"]
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 # sockaddr_un.sun_path holds 108 bytes, one of them the terminating NUL.
 MAX_SOCKET_PATH = 107
@@ -49,18 +54,25 @@ def check_loopback(host: str) -> None:
         )
 
 
-def _lock_socket_path(path: Path) -> int:
-    """Hold {socket}.lock for the server's life: two agents starting at once cannot both pass the probe
-    below (grpc would silently unbind the first one's socket). The kernel drops the lock on kill -9."""
+def _claim_socket_path(path: Path) -> int:
+    """Make the socket's directory, take {socket}.lock and clear a stale socket; returns the lock's fd.
+
+    The lock is held for the server's life: two agents starting at once cannot both pass the probe below
+    (grpc would silently unbind the first one's socket). The kernel drops it on kill -9.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = hold_lock(Path(f"{path}.lock"))
     if fd is None:
         raise ConfigError(f"server.unix_socket {path} is in use by another process (another edge-agent?)")
+    try:
+        _clear_stale_socket(path)
+    except BaseException:
+        os.close(fd)
+        raise
     return fd
 
 
-def _prepare_socket_path(path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _clear_stale_socket(path: Path) -> None:
     if path.exists() or path.is_symlink():
         if not stat.S_ISSOCK(path.lstat().st_mode):
             raise ConfigError(f"server.unix_socket {path} exists and is not a socket; refusing to replace it")
@@ -73,6 +85,40 @@ def _prepare_socket_path(path: Path) -> None:
             raise ConfigError(f"server.unix_socket {path} is in use by another process (another edge-agent?)")
         finally:
             probe.close()
+
+
+def _release_socket_path(path: Path | None, lock_fd: int) -> None:
+    """Remove the socket (when this server bound it), then let go of its lock: in this order, so the next
+    agent finds the path free once it holds the lock."""
+    try:
+        if path is not None:
+            path.unlink(missing_ok=True)
+    finally:
+        os.close(lock_fd)
+
+
+async def _on_file_thread(fn: Callable[..., T], *args: Any, undo: Callable[[T], object] | None = None) -> T:
+    """fn(*args) on a thread of its own: the socket's file work at start and stop waits on the disk (a slow or
+    full one too), and the loop meanwhile keeps every other conversation going.
+
+    If the caller is cancelled meanwhile, the thread still finishes, and `undo` then takes back what it did.
+    """
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kserve-socket")
+    done = asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+    try:
+        return await asyncio.shield(done)
+    except asyncio.CancelledError:
+        done.add_done_callback(lambda finished: _undo_after_cancel(finished, undo))
+        raise
+    finally:
+        pool.shutdown(wait=False)  # its one job is done or running; joining the thread here would block
+
+
+def _undo_after_cancel(finished: asyncio.Future[T], undo: Callable[[T], object] | None) -> None:
+    if finished.cancelled() or finished.exception() is not None:  # retrieved: no "never retrieved" warning
+        return
+    if undo is not None:
+        undo(finished.result())
 
 
 @dataclass
@@ -98,52 +144,56 @@ class InferenceServer:
         add_to_server(KServeServicer(repository, config.max_request_bytes, version), server)
         result = cls(server)
         try:
-            result._listen(config)
+            await result._listen(config)
+            if result.unix_socket:
+                # Apps in the agent's group may connect; nobody else on the device. Set before the server
+                # listens (grpc binds the path in add_insecure_port), so no connection ever sees wider modes.
+                await _on_file_thread(os.chmod, result.unix_socket, 0o660)
             await server.start()
         except BaseException:
-            result._release_lock()
+            await result._let_go()  # nobody listens on what this start bound
             raise
-        if result.unix_socket:
-            # Apps in the agent's group may connect; nobody else on the device.
-            os.chmod(result.unix_socket, 0o660)
         log.info("server.listening", targets=result.targets)
         return result
 
-    def _listen(self, config: ServerSection) -> None:
-        if config.unix_socket:
-            path = Path(config.unix_socket)
-            if len(os.fsencode(path)) > MAX_SOCKET_PATH:
-                raise ConfigError(
-                    f"server.unix_socket {path} is longer than the {MAX_SOCKET_PATH} bytes a Unix socket path may have"
-                )
-            self._lock_fd = _lock_socket_path(path)
-            _prepare_socket_path(path)
+    async def _listen(self, config: ServerSection) -> None:
+        # Every address is checked before any is claimed: a refused one then leaves no socket file behind.
+        path = Path(config.unix_socket) if config.unix_socket else None
+        if path is not None and len(os.fsencode(path)) > MAX_SOCKET_PATH:
+            raise ConfigError(
+                f"server.unix_socket {path} is longer than the {MAX_SOCKET_PATH} bytes a Unix socket path may have"
+            )
+        tcp = parse_tcp_address(config.tcp_address) if config.tcp_address else None
+        if tcp is not None:
+            check_loopback(tcp[0])
+        if path is None and tcp is None:
+            raise ConfigError("neither server.unix_socket nor server.tcp_address is set: apps could not connect")
+        if path is not None:
+            self._lock_fd = await _on_file_thread(_claim_socket_path, path, undo=os.close)
             try:
                 self.server.add_insecure_port(f"unix:{path}")
             except RuntimeError as exc:
                 raise ConfigError(f"cannot listen on server.unix_socket {path}: {exc}") from exc
             self.unix_socket = str(path)
             self.targets.append(f"unix:{path}")
-        if config.tcp_address:
-            host, port = parse_tcp_address(config.tcp_address)
-            check_loopback(host)
+        if tcp is not None:
+            host, port = tcp
             try:
                 self.tcp_port = self.server.add_insecure_port(f"{host}:{port}")
             except RuntimeError as exc:
                 raise ConfigError(f"cannot listen on server.tcp_address {config.tcp_address}: {exc}") from exc
             self.targets.append(f"{host}:{self.tcp_port}")
-        if not self.targets:
-            raise ConfigError("neither server.unix_socket nor server.tcp_address is set: apps could not connect")
 
     async def stop(self, grace_s: float) -> None:
         """Refuse new calls at once; let calls in flight finish for up to `grace_s`."""
         await self.server.stop(grace_s)
-        if self.unix_socket:
-            # Removing a directory entry: nothing to wait for, so not worth a thread hop.
-            Path(self.unix_socket).unlink(missing_ok=True)  # noqa: ASYNC240
-        self._release_lock()
+        await self._let_go()
 
-    def _release_lock(self) -> None:
-        if self._lock_fd >= 0:
-            os.close(self._lock_fd)
-            self._lock_fd = -1
+    async def _let_go(self) -> None:
+        """Remove the socket this server bound and drop its lock, once. Only the lock's holder removes the
+        socket: a second call must not take the path from the next agent, which may have bound it since."""
+        if self._lock_fd < 0:
+            return
+        lock_fd, self._lock_fd = self._lock_fd, -1
+        bound = Path(self.unix_socket) if self.unix_socket else None
+        await _on_file_thread(_release_socket_path, bound, lock_fd)

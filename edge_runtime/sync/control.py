@@ -8,11 +8,14 @@ Not what is done with a desired state (edge_runtime/agent/process.py) nor what t
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from edge_runtime.config import AgentConfig
 from edge_runtime.errors import ConfigError
 from edgefleet.proto.edgefleet.v1.state_pb2 import DesiredState, ReportedState
+
+if TYPE_CHECKING:
+    from edge_runtime.sync.uplink import CloudChannel
 
 __all__ = ["ControlTransport", "DesiredHandler", "open_control"]
 
@@ -50,12 +53,15 @@ class ControlTransport(Protocol):
         ...
 
 
-def open_control(config: AgentConfig, token: str | None) -> ControlTransport | None:
+def open_control(
+    config: AgentConfig, token: str | None, channel: CloudChannel | None = None
+) -> ControlTransport | None:
     """The transport `config` asks for, not started: MQTT when mqtt.url is set, else the gRPC stream to
     cloud.grpc_target, else None (a standalone agent). Reads certificate files: call it off the loop.
 
     `token` is the device token (None when cloud.token_file is not set): the gRPC stream's credential, and
-    the broker password.
+    the broker password. `channel`: cloud.grpc_target and its CA as the agent read them already (read here
+    otherwise).
     """
     device_id = config.cloud.device_id
     if config.mqtt.url:
@@ -73,5 +79,5 @@ def open_control(config: AgentConfig, token: str | None) -> ControlTransport | N
             raise ConfigError("cloud.token_file is not set: the control stream needs the device token")
         from edge_runtime.sync.grpc_control import GrpcControl
 
-        return GrpcControl(config.cloud, device_id, token)
+        return GrpcControl(config.cloud, device_id, token, channel=channel)
     return None

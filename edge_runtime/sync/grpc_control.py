@@ -16,7 +16,7 @@ import structlog
 
 from edge_runtime.config import CloudSection
 from edge_runtime.sync.control import DesiredHandler
-from edge_runtime.sync.uplink import Backoff, open_channel
+from edge_runtime.sync.uplink import Backoff, CloudChannel
 from edgefleet.proto.edgefleet.v1 import services_pb2, services_pb2_grpc
 from edgefleet.proto.edgefleet.v1.state_pb2 import ReportedState
 
@@ -101,10 +101,16 @@ class GrpcControl:
         *,
         known_generation: int = 0,
         backoff: Backoff | None = None,
+        channel: CloudChannel | None = None,
     ) -> None:
+        """`channel`: what CloudChannel.read(cloud) gave, when the caller read it already.
+
+        Reads cloud.ca_file and checks cloud.grpc_target here (ConfigError naming the key), so construct it off
+        the loop, before anything starts: `start` then opens the channel without touching the disk.
+        """
         self.device_id = device_id
         self.known_generation = known_generation
-        self._cloud = cloud
+        self._cloud_channel = channel or CloudChannel.read(cloud)
         self._metadata = (("authorization", f"Bearer {token}"),)
         self._backoff = backoff or Backoff()
         self._telemetry: _Latest[bytes] = _Latest()
@@ -124,7 +130,7 @@ class GrpcControl:
         if self._started or self._closed:
             raise RuntimeError("GrpcControl.start() called twice or after aclose()")
         self._started = True
-        self._channel = channel = open_channel(self._cloud)
+        self._channel = channel = self._cloud_channel.open()
         stub = services_pb2_grpc.ControlStub(channel)
         # Telemetry goes as the bytes the collector made: the stub would parse and serialize it once more.
         publish = channel.unary_unary(
@@ -141,7 +147,7 @@ class GrpcControl:
             asyncio.ensure_future(self._send_loop("telemetry", self._telemetry, send_telemetry)),
             asyncio.ensure_future(self._send_loop("reported", self._reported, lambda s: self._report(stub, s))),
         ]
-        log.info("control.started", transport="grpc", target=self._cloud.grpc_target)
+        log.info("control.started", transport="grpc", target=self._cloud_channel.target)
 
     def publish_telemetry(self, payload: bytes) -> None:
         if not self._closed:

@@ -21,11 +21,12 @@ import structlog
 
 from edge_runtime.config import CloudSection, UploadPolicy
 from edge_runtime.errors import ConfigError
-from edge_runtime.kserve.server import check_loopback, parse_tcp_address
+from edge_runtime.kserve.server import parse_tcp_address
 from edge_runtime.outbox import Outbox, UploadBatch
+from edgefleet.addresses import is_loopback
 from edgefleet.proto.edgefleet.v1 import results_pb2, services_pb2_grpc
 
-__all__ = ["Backoff", "Pacer", "UplinkStatus", "Uploader", "read_token"]
+__all__ = ["Backoff", "CloudChannel", "Pacer", "UplinkStatus", "Uploader", "read_token"]
 
 log = structlog.get_logger(__name__)
 
@@ -112,23 +113,52 @@ def read_token(config: CloudSection) -> str:
     return token
 
 
-def open_channel(config: CloudSection) -> grpc.aio.Channel:
-    """TLS when cloud.ca_file is set; plaintext only to a loopback cloud-sync (development)."""
-    options = [("grpc.max_send_message_length", -1), ("grpc.keepalive_time_ms", 30_000)]
-    if config.ca_file:
-        try:
-            ca = Path(config.ca_file).read_bytes()
-        except OSError as exc:
-            raise ConfigError(f"cannot read cloud.ca_file {config.ca_file}: {exc.strerror}") from exc
-        return grpc.aio.secure_channel(config.grpc_target, grpc.ssl_channel_credentials(ca), options=options)
-    host, _port = parse_tcp_address(config.grpc_target)
+# What a PEM CA bundle holds; without it grpc would accept the bytes and fail every handshake, obscurely.
+PEM_CERTIFICATE = b"-----BEGIN CERTIFICATE-----"
+
+
+@dataclass(frozen=True)
+class CloudChannel:
+    """Where cloud-sync listens and the CA that vouches for it, read and checked once from the config, off the
+    loop (`read` opens cloud.ca_file); `open` then makes a channel on the loop without touching the disk.
+
+    TLS when cloud.ca_file is set; plaintext only to a loopback cloud-sync (development).
+    """
+
+    target: str
+    root_certificates: bytes | None = None  # None: plaintext
+
+    @classmethod
+    def read(cls, config: CloudSection) -> CloudChannel:
+        """The channel `config` asks for; ConfigError naming the key when it cannot be used."""
+        host, port = parse_tcp_address(config.grpc_target, "cloud.grpc_target")
+        if port == 0:
+            raise ConfigError(f"cloud.grpc_target {config.grpc_target!r} needs cloud-sync's port, not 0")
+        if config.ca_file:
+            return cls(config.grpc_target, _read_ca(config.ca_file))
+        if not is_loopback(host):
+            raise ConfigError(
+                f"cloud.grpc_target {config.grpc_target} is not loopback: set cloud.ca_file to upload over TLS"
+            )
+        return cls(config.grpc_target)
+
+    def open(self) -> grpc.aio.Channel:
+        """A grpc.aio channel to cloud-sync (call on the loop that will use it)."""
+        options = [("grpc.max_send_message_length", -1), ("grpc.keepalive_time_ms", 30_000)]
+        if self.root_certificates is None:
+            return grpc.aio.insecure_channel(self.target, options=options)
+        credentials = grpc.ssl_channel_credentials(self.root_certificates)
+        return grpc.aio.secure_channel(self.target, credentials, options=options)
+
+
+def _read_ca(path: str) -> bytes:
     try:
-        check_loopback(host)
-    except ConfigError:
-        raise ConfigError(
-            f"cloud.grpc_target {config.grpc_target} is not loopback: set cloud.ca_file to upload over TLS"
-        ) from None
-    return grpc.aio.insecure_channel(config.grpc_target, options=options)
+        ca = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read cloud.ca_file {path}: {exc.strerror}") from exc
+    if PEM_CERTIFICATE not in ca:
+        raise ConfigError(f"cloud.ca_file {path} holds no PEM certificate (-----BEGIN CERTIFICATE-----)")
+    return ca
 
 
 def compressible(batch: UploadBatch) -> bool:
@@ -138,9 +168,23 @@ def compressible(batch: UploadBatch) -> bool:
 
 
 class Uploader:
-    def __init__(self, outbox: Outbox, config: CloudSection, policy: UploadPolicy, token: str) -> None:
+    def __init__(
+        self,
+        outbox: Outbox,
+        config: CloudSection,
+        policy: UploadPolicy,
+        token: str,
+        *,
+        channel: CloudChannel | None = None,
+    ) -> None:
+        """`channel`: what CloudChannel.read(config) gave, when the caller read it already.
+
+        Raises ConfigError naming the key for a cloud.ca_file that cannot be read or plaintext to a remote
+        cloud-sync: construct it off the loop, before anything starts (the agent does, in Agent.__init__),
+        so a bad config fails the start rather than a task nobody awaits.
+        """
         self._outbox = outbox
-        self._config = config
+        self._channel = channel or CloudChannel.read(config)
         self.policy = policy
         self._metadata = (("authorization", f"Bearer {token}"),)
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="uplink-io")
@@ -162,9 +206,9 @@ class Uploader:
 
     async def run(self) -> None:
         """Upload until cancelled; errors are logged and retried, never raised."""
-        channel = open_channel(self._config)
+        channel = self._channel.open()
         stub = services_pb2_grpc.UplinkStub(channel)
-        log.info("uplink.started", target=self._config.grpc_target)
+        log.info("uplink.started", target=self._channel.target, tls=self._channel.root_certificates is not None)
         try:
             while True:
                 delay = await self._cycle(stub)

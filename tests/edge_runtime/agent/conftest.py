@@ -99,12 +99,6 @@ class NotifyListener:
         self.sock.close()
 
 
-# Blocking calls the agent's loop still makes, accepted until their owner moves them to a thread: the Unix
-# socket's directory, lock file, chmod and removal, done by InferenceServer.start/stop on the loop (a few
-# local-disk syscalls at start and stop, never per request).
-KNOWN_LOOP_BLOCKERS = ("edge_runtime/kserve/server.py",)
-
-
 class RunningAgent:
     """An Agent inside this process on a loop thread in debug mode (tests/loopcheck.py judges it), serving its
     Unix socket; `stop()` drains it as SIGTERM does and returns what the loop check found."""
@@ -132,7 +126,7 @@ class RunningAgent:
         try:
             self.running.result(timeout)
         finally:
-            blocked: list[str] = self.loop.blocking(allow=KNOWN_LOOP_BLOCKERS)
+            blocked: list[str] = self.loop.blocking()
             self.loop.close()
         return blocked
 

@@ -19,7 +19,8 @@ from edge_runtime.inference.types import InferRequest
 from edge_runtime.kserve import KServeClient
 from edge_runtime.models.repository import ModelRepository
 from models.build import digits_holdout
-from tests.processes import AgentProcess, install
+from tests.edge_runtime.agent.conftest import run_cli_all
+from tests.processes import AgentProcess, install, toml_text
 from tests.waiting import wait_for
 
 StartAgent = Callable[..., AgentProcess]
@@ -90,6 +91,9 @@ def test_serves_inference_and_metrics(
     assert metrics[("edgefleet_inference_count_total", labels("digits", "1"))] == 83
     assert metrics[("edgefleet_model_ready", labels("digits", "1"))] == 1
     assert metrics[("edgefleet_inference_pending_request_count", labels("digits", "1"))] == 0
+    # The outbox's ledger is on the page too: with no uplink, all it produced (the activation event) is held.
+    produced = metrics[("edgefleet_outbox_produced_total", ())]
+    assert produced >= 1 and metrics[("edgefleet_outbox_depth", ())] == produced
 
     agent.signal(signal.SIGTERM)
     assert agent.finish(15) == 0
@@ -268,3 +272,53 @@ def test_an_unbindable_socket_path_is_a_config_error(
     assert agent.finish(30) == 2
     assert "server.unix_socket" in agent.stderr
     assert "Traceback" not in agent.stderr
+
+
+# How a cloud link config the agent cannot use is refused: (cloud section, mqtt section, the error's words).
+CLOUD_REFUSALS: dict[str, tuple[dict[str, str], dict[str, str], str]] = {
+    "ca-file-unreadable": (
+        {"grpc_target": "cloud.example.com:7000", "ca_file": "{root}/missing-ca.pem"},
+        {},
+        "cannot read cloud.ca_file {root}/missing-ca.pem: No such file or directory",
+    ),
+    "plaintext-remote": (
+        {"grpc_target": "cloud.example.com:7000"},
+        {},
+        "cloud.grpc_target cloud.example.com:7000 is not loopback: set cloud.ca_file",
+    ),
+    # MQTT carries the control plane here, so the uploader alone uses cloud.grpc_target: its task used to
+    # die with this error unseen while the agent served on, uploading nothing.
+    "plaintext-remote-uplink-only": (
+        {"grpc_target": "cloud.example.com:7000"},
+        {"url": "mqtt://127.0.0.1:1883"},
+        "cloud.grpc_target cloud.example.com:7000 is not loopback: set cloud.ca_file",
+    ),
+}
+
+
+def test_a_cloud_link_it_cannot_use_fails_the_start_with_exit_2_naming_the_key(
+    agent_config: dict[str, Any], tmp_path: Path, short_dir: Path
+) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("efd_test\n")
+    runs = {}
+    for name, (cloud, mqtt, _words) in CLOUD_REFUSALS.items():
+        data = {section: dict(values) for section, values in agent_config.items()}
+        data["agent"]["data_dir"] = str(tmp_path / name / "data")
+        data["server"]["unix_socket"] = str(short_dir / f"{name}.sock")
+        data["cloud"] = {"device_id": "cam-1", "token_file": str(token_file)}
+        data["cloud"].update({key: value.format(root=tmp_path) for key, value in cloud.items()})
+        if mqtt:
+            data["mqtt"] = mqtt
+        config = tmp_path / f"{name}.toml"
+        config.write_text(toml_text(data))
+        runs[name] = ["run", "--config", config]
+    results = run_cli_all(runs, timeout=60)
+    for name, (_cloud, _mqtt, words) in CLOUD_REFUSALS.items():
+        result = results[name]
+        assert result.returncode == 2, (name, result.stderr[-2000:])
+        assert f"edge-agent: error: {words.format(root=tmp_path)}" in result.stderr, name
+        assert "Traceback" not in result.stderr, name
+        # Refused before anything was opened: no outbox, no socket.
+        assert not (tmp_path / name / "data").exists(), name
+        assert not (short_dir / f"{name}.sock").exists(), name

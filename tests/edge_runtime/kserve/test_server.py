@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import socket
 import stat
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,6 +20,7 @@ from edge_runtime.errors import ConfigError
 from edge_runtime.inference.types import InferRequest
 from edge_runtime.kserve import InferenceServer, KServeClient
 from edge_runtime.kserve.client import build_request, decode_response
+from edge_runtime.kserve.server import _on_file_thread
 from edge_runtime.models.repository import ModelRepository
 from tests.edge_runtime.kserve.conftest import Serve
 from tests.loopcheck import LoopThread
@@ -26,10 +29,11 @@ from tests.waiting import wait_for
 
 @pytest.fixture
 def loop() -> Iterator[LoopThread]:
+    """The server's loop; the test fails if start or stop blocked it (a file touched on it included)."""
     thread = LoopThread()
     yield thread
     thread.close()
-    assert not thread.slow.blocking()
+    assert not thread.blocking(), f"the loop was blocked: {thread.blocking()}"
 
 
 @pytest.fixture
@@ -74,6 +78,81 @@ def test_a_stale_socket_is_replaced_and_a_live_one_is_refused(
     (short_dir / "i.sock").write_text("not a socket")
     with pytest.raises(ConfigError, match="is not a socket"):
         loop.run(InferenceServer.start(empty_repo, section(short_dir), "v"))
+
+
+def test_start_and_stop_do_their_file_work_off_the_loop(
+    loop: LoopThread, empty_repo: ModelRepository, short_dir: Path
+) -> None:
+    """Every step that touches the disk: the missing directory, the lock file, a stale socket's probe and
+    removal, chmod, and the removal at stop."""
+    path = short_dir / "run" / "i.sock"
+    path.parent.mkdir()
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(path))
+    stale.close()
+    server = loop.run(InferenceServer.start(empty_repo, section(short_dir, unix_socket=str(path)), "v"))
+    loop.run(server.stop(0))
+    assert not path.exists()
+    missing_dir = short_dir / "new" / "i.sock"
+    server = loop.run(InferenceServer.start(empty_repo, section(short_dir, unix_socket=str(missing_dir)), "v"))
+    assert stat.S_IMODE(missing_dir.stat().st_mode) == 0o660
+    loop.run(server.stop(0))
+    assert loop.blocking() == []
+
+
+def test_a_second_stop_leaves_the_next_servers_socket_alone(
+    loop: LoopThread, empty_repo: ModelRepository, short_dir: Path
+) -> None:
+    first = loop.run(InferenceServer.start(empty_repo, section(short_dir), "v"))
+    loop.run(first.stop(0))
+    second = loop.run(InferenceServer.start(empty_repo, section(short_dir), "v"))
+    try:
+        loop.run(first.stop(0))  # stopped already: the path is the second server's now
+        with KServeClient(f"unix:{second.unix_socket}") as client:
+            assert client.live()
+    finally:
+        loop.run(second.stop(0))
+
+
+def test_a_failed_start_removes_the_socket_it_bound_and_lets_go_of_the_lock(
+    loop: LoopThread, empty_repo: ModelRepository, short_dir: Path
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"cannot listen on server.tcp_address 127.0.0.1:{port}"):
+            loop.run(InferenceServer.start(empty_repo, section(short_dir, tcp_address=f"127.0.0.1:{port}"), "v"))
+    assert not (short_dir / "i.sock").exists()
+    server = loop.run(InferenceServer.start(empty_repo, section(short_dir), "v"))  # the lock was let go
+    loop.run(server.stop(0))
+
+
+def test_a_refused_tcp_address_claims_no_socket(loop: LoopThread, empty_repo: ModelRepository, short_dir: Path) -> None:
+    with pytest.raises(ConfigError, match="not a loopback address"):
+        loop.run(InferenceServer.start(empty_repo, section(short_dir, tcp_address="0.0.0.0:0"), "v"))
+    assert list(short_dir.iterdir()) == []  # neither the socket nor its lock file
+
+
+def test_a_file_step_whose_caller_was_cancelled_is_taken_back_when_its_thread_finishes(loop: LoopThread) -> None:
+    """What keeps a cancelled start from leaking the socket's lock: the claim's thread cannot be stopped, so
+    its result (the lock's fd) is handed to `undo` once it is there."""
+    entered, release = threading.Event(), threading.Event()
+    undone: list[int] = []
+
+    def slow_claim() -> int:
+        entered.set()
+        release.wait(10)
+        return 42
+
+    step = asyncio.run_coroutine_threadsafe(_on_file_thread(slow_claim, undo=undone.append), loop.loop)
+    assert entered.wait(10)
+    step.cancel()
+    with pytest.raises(concurrent.futures.CancelledError):
+        step.result(10)
+    assert undone == []  # the thread still holds it
+    release.set()
+    wait_for(lambda: undone == [42], 10, "the finished step to be taken back")
 
 
 @pytest.mark.parametrize(

@@ -167,7 +167,6 @@ def test_a_message_the_cloud_refuses_is_dropped_not_retried(
     assert control.counters().reported_sent == 0 and cloud.reported(DEVICE) is None
 
 
-def test_plaintext_to_a_remote_cloud_is_a_config_error_at_start(loop: LoopThread) -> None:
-    control = GrpcControl(CloudSection(grpc_target="cloud.example.com:7000"), DEVICE, "efd_x")
+def test_plaintext_to_a_remote_cloud_is_a_config_error_when_made() -> None:
     with pytest.raises(ConfigError, match="not loopback: set cloud.ca_file"):
-        loop.call(control.start, None)
+        GrpcControl(CloudSection(grpc_target="cloud.example.com:7000"), DEVICE, "efd_x")
