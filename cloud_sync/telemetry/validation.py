@@ -140,9 +140,16 @@ def _insane(m: Telemetry) -> str:
     if len(m.models) > _MAX_MODELS:
         return f"{len(m.models)} model versions (at most {_MAX_MODELS})"
     o, s = m.outbox, m.system
-    if max(o.depth, o.bytes, o.produced_total, o.evicted_total, o.acked_seq) > _MAX_COUNT or not (
-        0.0 <= o.upload_lag_s < _INF
-    ):
+    if max(
+        o.depth,
+        o.bytes,
+        o.produced_total,
+        o.evicted_total,
+        o.acked_seq,
+        o.delivered_total,
+        o.rejected_total,
+        o.quarantined,
+    ) > _MAX_COUNT or not (0.0 <= o.upload_lag_s < _INF):
         return "outbox figures out of range"
     if (
         not (0.0 <= s.cpu_percent < _INF and 0.0 <= s.gpu_percent < _INF and 0.0 <= s.power_w < _INF)

@@ -9,8 +9,10 @@ whole inference. One registry per agent; tests build their own.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -18,7 +20,7 @@ from prometheus_client.registry import Collector
 
 from edge_runtime.inference.stats import BATCH_BUCKETS, LATENCY_BUCKETS, StatsSnapshot
 
-__all__ = ["AgentMetrics", "ModelSample"]
+__all__ = ["AgentMetrics", "ModelSample", "OutboxFigures"]
 
 _LABELS = ["model", "version"]
 
@@ -36,14 +38,41 @@ class ModelSample:
     ready: bool
 
 
+class OutboxFigures(Protocol):
+    """The outbox's counters as exported (edge_runtime.outbox.OutboxCounters)."""
+
+    @property
+    def depth(self) -> int: ...
+    @property
+    def bytes(self) -> int: ...
+    @property
+    def produced_total(self) -> int: ...
+    @property
+    def delivered_total(self) -> int: ...
+    @property
+    def evicted_total(self) -> int: ...
+    @property
+    def rejected_total(self) -> int: ...
+    @property
+    def quarantined(self) -> int: ...
+    @property
+    def acked_seq(self) -> int: ...
+    @property
+    def oldest_created_at_ms(self) -> int | None: ...
+
+
 class AgentMetrics:
-    """The agent's registry, with a collector over every tracked model version."""
+    """The agent's registry, with a collector over every tracked model version and the outbox."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         self._sources: dict[tuple[str, int], Callable[[], ModelSample]] = {}
         self._lock = threading.Lock()
         self.registry.register(_ModelCollector(self))
+
+    def track_outbox(self, counters: Callable[[], OutboxFigures]) -> None:
+        """Export the outbox's ledger (read at scrape time: no work on the append path)."""
+        self.registry.register(_OutboxCollector(counters))
 
     def track(self, name: str, version: int, sample: Callable[[], ModelSample]) -> None:
         with self._lock:
@@ -156,3 +185,34 @@ class _ModelCollector(Collector):
             for size, throughput in s.profile:
                 profile.add_metric([s.name, s.version, str(size)], throughput)
         yield profile
+
+
+class _OutboxCollector(Collector):
+    def __init__(self, counters: Callable[[], OutboxFigures]) -> None:
+        self._counters = counters
+
+    def collect(self) -> Iterator[Metric]:
+        c = self._counters()
+        yield GaugeMetricFamily("edgefleet_outbox_depth", "Records kept, waiting for the cloud's ack", c.depth)
+        yield GaugeMetricFamily(
+            "edgefleet_outbox_bytes", "Bytes the kept records count against buffer.max_bytes", c.bytes
+        )
+        # The ledger: produced = depth + quarantined + delivered + evicted + rejected.
+        for name, doc, value in (
+            ("produced", "Records ever committed to the outbox", c.produced_total),
+            ("delivered", "Records the cloud acknowledged as stored", c.delivered_total),
+            ("evicted", "Records evicted before the cloud had them (buffer bounds)", c.evicted_total),
+            ("rejected", "Records the cloud acknowledged as rejected (quarantined there or here)", c.rejected_total),
+        ):
+            yield CounterMetricFamily(f"edgefleet_outbox_{name}", doc, value)
+        yield GaugeMetricFamily(
+            "edgefleet_outbox_quarantined",
+            "Records quarantined here, their rejection not yet acknowledged",
+            c.quarantined,
+        )
+        yield GaugeMetricFamily("edgefleet_outbox_acked_seq", "Highest seq the cloud acknowledged", c.acked_seq)
+        oldest = c.oldest_created_at_ms
+        lag = max(0.0, time.time() - oldest / 1000) if oldest is not None else 0.0
+        yield GaugeMetricFamily(
+            "edgefleet_outbox_upload_lag_seconds", "Age of the oldest record not yet acknowledged", lag
+        )

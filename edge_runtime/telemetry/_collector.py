@@ -72,6 +72,9 @@ def outbox_telemetry(counters: OutboxCounters, now_ms: int) -> OutboxTelemetry:
         evicted_total=counters.evicted_total,
         acked_seq=counters.acked_seq,
         upload_lag_s=max(0.0, (now_ms - oldest) / 1000) if oldest is not None else 0.0,
+        delivered_total=counters.delivered_total,
+        rejected_total=counters.rejected_total,
+        quarantined=counters.quarantined,
     )
 
 

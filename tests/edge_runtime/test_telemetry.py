@@ -361,3 +361,34 @@ async def _start(collector: TelemetryCollector, publish: Callable[[bytes], None]
 async def _cancel(task: asyncio.Future[None]) -> None:
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
+
+
+def test_the_outbox_ledger_is_in_telemetry_and_on_the_metrics_page(outbox: Outbox) -> None:
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from edge_runtime.observability.metrics import AgentMetrics
+    from edge_runtime.telemetry import outbox_telemetry
+
+    now = time.time_ns() // 1_000_000
+    for _ in range(3):
+        keep(outbox, now - 2000)
+    outbox.ack(2, frozenset({2})).result(10)  # the cloud stored seq 1 and rejected seq 2
+
+    message = outbox_telemetry(outbox.counters(), now)
+    assert (message.produced_total, message.depth, message.delivered_total, message.rejected_total) == (3, 1, 1, 1)
+    assert message.quarantined == 0 and message.acked_seq == 2
+
+    metrics = AgentMetrics()
+    metrics.track_outbox(outbox.counters)
+    samples = {
+        s.name: s.value
+        for family in text_string_to_metric_families(generate_latest(metrics.registry).decode())
+        for s in family.samples
+    }
+    assert samples["edgefleet_outbox_produced_total"] == 3
+    assert samples["edgefleet_outbox_delivered_total"] == 1
+    assert samples["edgefleet_outbox_rejected_total"] == 1
+    assert samples["edgefleet_outbox_evicted_total"] == 0
+    assert samples["edgefleet_outbox_depth"] == 1 and samples["edgefleet_outbox_acked_seq"] == 2
+    assert samples["edgefleet_outbox_upload_lag_seconds"] >= 2.0

@@ -117,6 +117,9 @@ class OutboxTelemetry(_message.Message):
     EVICTED_TOTAL_FIELD_NUMBER: _builtins.int
     ACKED_SEQ_FIELD_NUMBER: _builtins.int
     UPLOAD_LAG_S_FIELD_NUMBER: _builtins.int
+    DELIVERED_TOTAL_FIELD_NUMBER: _builtins.int
+    REJECTED_TOTAL_FIELD_NUMBER: _builtins.int
+    QUARANTINED_FIELD_NUMBER: _builtins.int
     depth: _builtins.int
     bytes: _builtins.int
     produced_total: _builtins.int
@@ -124,6 +127,13 @@ class OutboxTelemetry(_message.Message):
     acked_seq: _builtins.int
     upload_lag_s: _builtins.float
     """Age of the oldest record not yet acknowledged."""
+    delivered_total: _builtins.int
+    """Records the cloud acknowledged as stored, and as rejected (quarantined there, or here when damaged):
+    produced_total = depth + quarantined + delivered_total + evicted_total + rejected_total.
+    """
+    rejected_total: _builtins.int
+    quarantined: _builtins.int
+    """Records quarantined here (damaged on the device's disk) whose rejection the cloud has not acknowledged."""
     def __init__(
         self,
         *,
@@ -133,10 +143,13 @@ class OutboxTelemetry(_message.Message):
         evicted_total: _builtins.int = ...,
         acked_seq: _builtins.int = ...,
         upload_lag_s: _builtins.float = ...,
+        delivered_total: _builtins.int = ...,
+        rejected_total: _builtins.int = ...,
+        quarantined: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked_seq", b"acked_seq", "bytes", b"bytes", "depth", b"depth", "evicted_total", b"evicted_total", "produced_total", b"produced_total", "upload_lag_s", b"upload_lag_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked_seq", b"acked_seq", "bytes", b"bytes", "delivered_total", b"delivered_total", "depth", b"depth", "evicted_total", b"evicted_total", "produced_total", b"produced_total", "quarantined", b"quarantined", "rejected_total", b"rejected_total", "upload_lag_s", b"upload_lag_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
