@@ -201,8 +201,8 @@ def main() -> int:
         for s in shown:
             up = s["uplink"]
             print(
-                f"{s['device_id']}: stored {up['stored']} + evicted {up['evicted']} = produced "
-                f"{up['device_produced']} (duplicates ignored: {up['duplicates_total']})"
+                f"{s['device_id']}: stored {up['stored']} + evicted {up['evicted']} + rejected {up['rejected']} = "
+                f"produced {up['device_produced']} (duplicates ignored: {up['duplicates_total']})"
             )
         if mqtt_url:
             say("telemetry and presence (MQTT)")
