@@ -142,13 +142,14 @@ class CloudSync:
             devices, results, telemetry = DeviceRegistry(db), ResultStore(db), TelemetryStore(db)
             self.control_store = control_store = ControlStore(db)
             changes = DesiredChanges(control_store, loop)
-            control = ControlServicer(
-                DeviceAuthenticator(devices), control_store, telemetry, self._io, changes, self.registry
-            )
+            # One authenticator (one token cache) for both device services: a token is looked up once per
+            # AUTH_CACHE_S whichever service the device calls, and revocation takes effect in both together.
+            auth = DeviceAuthenticator(devices)
+            control = ControlServicer(auth, control_store, telemetry, self._io, changes, self.registry)
             started.push_async_callback(asyncio.to_thread, control.presence.close)
             # Both ports are claimed before anything else starts: a second `cloud-sync run` on the same config
             # must fail here, before its MQTT client (the same client id) takes the running one's session.
-            server = self._grpc_server(devices, results, control)
+            server = self._grpc_server(auth, results, control)
             started.push_async_callback(server.stop, None)  # unstarted, or stopped already: returns at once
             await self._claim_grpc_port(server)
             sock = self._claim_http_port()
@@ -185,14 +186,16 @@ class CloudSync:
         server.should_exit = True
         await self._http_task
 
-    def _grpc_server(self, devices: DeviceRegistry, results: ResultStore, control: ControlServicer) -> grpc.aio.Server:
+    def _grpc_server(
+        self, auth: DeviceAuthenticator, results: ResultStore, control: ControlServicer
+    ) -> grpc.aio.Server:
         limit = self.config.grpc.max_message_bytes
         server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit), *_GRPC_OPTIONS])
         add_service(
             server,
             services_pb2,
             "Uplink",
-            UplinkServicer(DeviceAuthenticator(devices), results, self._io, self.registry),
+            UplinkServicer(auth, results, self._io, self.registry),
         )
         add_service(server, services_pb2, "Control", control)
         return server

@@ -19,6 +19,7 @@ from cloud_sync.errors import InvalidBatch
 from edgefleet.proto.edgefleet.v1 import results_pb2
 from edgefleet.records import (
     CHECKSUM_HEADER,
+    JOIN_BELOW,
     KNOWN_KINDS,
     MAX_MODEL_CHARS,
     MAX_PAYLOAD_TYPE_CHARS,
@@ -42,7 +43,6 @@ MAX_SEQ = 2**63 - 1
 
 _KNOWN_KINDS = KNOWN_KINDS
 _CHECKSUMS = frozenset(results_pb2.RecordChecksum.values())
-_JOIN_BELOW = 4096
 
 
 @dataclass(frozen=True)
@@ -194,7 +194,7 @@ def validate_batch(
             # One crc32 over a joined copy is cheaper than chaining two, for all but large payloads.
             check = (
                 crc32(header + strings_b + request_b + payload)
-                if size < _JOIN_BELOW
+                if size < JOIN_BELOW
                 else crc32(payload, crc32(header + strings_b + request_b))
             )
         if (

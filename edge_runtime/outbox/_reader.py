@@ -17,7 +17,7 @@ from typing import Any
 
 from edge_runtime.errors import InvalidInput, ShuttingDown
 from edge_runtime.outbox._policy import ROW_OVERHEAD_BYTES
-from edge_runtime.outbox._record import CHECKSUM_HEADER, MAX_RECORD_PAYLOAD_BYTES, record_checksum
+from edge_runtime.outbox._record import CHECKSUM_HEADER, JOIN_BELOW, MAX_RECORD_PAYLOAD_BYTES, record_checksum
 from edge_runtime.outbox._schema import connect_reader, read_counters
 from edge_runtime.outbox._types import QuarantineEntry, UploadBatch
 from edgefleet.proto.edgefleet.v1 import results_pb2
@@ -36,7 +36,6 @@ _FIELDS_CHARS = 1000
 _MAX_REASON_CHARS = 256  # what the cloud keeps of a declared reason
 _TEXT_COLUMNS = (2, 6, 8)  # model, payload_type, request_id in a _BATCH row
 _UNSEEN = object()
-_JOIN_BELOW = 4096
 
 
 class Reader:
@@ -145,7 +144,7 @@ class Reader:
                 payload_size = len(payload)
                 # One crc32 over a joined copy is cheaper than chaining two, for all but large payloads.
                 fit = payload_size <= max_payload and check == (
-                    crc32(fields + payload) if payload_size < _JOIN_BELOW else crc32(payload, crc32(fields))
+                    crc32(fields + payload) if payload_size < JOIN_BELOW else crc32(payload, crc32(fields))
                 )
             except Exception:  # a damaged row: a value of the wrong type
                 fit = False

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from edgefleet.records import (
     CHECKSUM_HEADER,
+    JOIN_BELOW,
     KNOWN_KINDS,
     MAX_MODEL_CHARS,
     MAX_PAYLOAD_TYPE_CHARS,
@@ -18,6 +19,7 @@ from edgefleet.records import (
 
 __all__ = [
     "CHECKSUM_HEADER",
+    "JOIN_BELOW",
     "MAX_RECORD_PAYLOAD_BYTES",
     "convertible_problem",
     "fields_ok",

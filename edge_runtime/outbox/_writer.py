@@ -22,7 +22,7 @@ import structlog
 from edge_runtime.errors import InvalidInput, RequestTooLarge
 from edge_runtime.outbox._policy import ROW_OVERHEAD_BYTES, storage_failure
 from edge_runtime.outbox._queue import Ack, AppendQueue, Control, Flush, Item, MarkInDoubt, Quarantine, SetLimits
-from edge_runtime.outbox._record import CHECKSUM_HEADER, fields_ok, record_problem, strings_problem
+from edge_runtime.outbox._record import CHECKSUM_HEADER, JOIN_BELOW, fields_ok, record_problem, strings_problem
 from edge_runtime.outbox._store import RecordStore, now_ms
 from edge_runtime.outbox._types import DeferredPayload, OutboxCounters
 
@@ -33,7 +33,6 @@ log = structlog.get_logger(__name__)
 _MAX_IDLE_S = 60.0
 _I64_MAX = 2**63 - 1
 _UNSEEN = object()
-_JOIN_BELOW = 4096
 
 
 class Writer:
@@ -207,7 +206,7 @@ class Writer:
             # One crc32 over a joined copy is cheaper than chaining two, for all but large payloads.
             check = (
                 crc32(header + strings_b + request_b + payload)
-                if size < _JOIN_BELOW
+                if size < JOIN_BELOW
                 else crc32(payload, crc32(header + strings_b + request_b))
             )
             params += (seq, created, model, version, priority, kind, payload_type, payload, request_id, size, check)
