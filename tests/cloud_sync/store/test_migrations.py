@@ -95,6 +95,13 @@ def build_v1(url: str) -> None:
     """A version-1 database holding one device that uploaded seqs 1-10 (4-5 evicted), as the old code left it."""
     engine = sa.create_engine(url)
     try:
+        if engine.dialect.name == "sqlite":
+            # The old code kept its SQLite file in WAL mode as the new one does. Left in rollback-journal
+            # mode, replicas opening it together first race to switch the mode, and SQLite answers one of
+            # two connections both upgrading a shared lock "database is locked" at once: a failure the
+            # deployed file never meets (seen once, under load).
+            with engine.connect() as conn:
+                conn.exec_driver_sql("PRAGMA journal_mode=WAL")
         with engine.begin() as conn:
             V1.create_all(conn)
             conn.execute(V1_SCHEMA_VERSION.insert().values(version=1, applied_at_ms=1))
