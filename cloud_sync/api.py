@@ -31,7 +31,7 @@ from cloud_sync.store import DeviceRegistry, ResultStore, TelemetryStore
 from cloud_sync.store.batches import MAX_SEQ
 from cloud_sync.store.results import MAX_PAGE, QuarantineEntry
 
-__all__ = ["ApiContext", "create_app"]
+__all__ = ["ApiContext", "admin_auth", "create_app"]
 
 log = structlog.get_logger(__name__)
 
@@ -197,6 +197,21 @@ def _quarantine_json(entry: QuarantineEntry) -> dict[str, Any]:
     return data
 
 
+def admin_auth(admin_token: str) -> list[Any]:
+    """The dependencies every /v1 route takes: a bearer token equal to the admin token.
+
+    Modules that add routes through ApiContext.extra_routes put this on each of theirs."""
+
+    def admin(authorization: Annotated[str, Header()] = "") -> None:
+        scheme, _, token = authorization.partition(" ")
+        token = token.strip()
+        # An empty token never matches, whatever the context holds.
+        if scheme.lower() != "bearer" or not token or not hmac.compare_digest(token.encode(), admin_token.encode()):
+            raise Unauthenticated("send 'Authorization: Bearer <admin token>' (cloud-sync admin-token prints it)")
+
+    return [Depends(admin)]
+
+
 def create_app(ctx: ApiContext) -> FastAPI:
     app = FastAPI(title="cloud-sync admin API", version="1", description=__doc__)
     app.add_middleware(_BodyLimit, max_bytes=ctx.max_body_bytes)
@@ -214,14 +229,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
         body = json.dumps({"detail": jsonable_encoder(exc.errors())})
         return Response(body, status_code=422, media_type="application/json")
 
-    def admin(authorization: Annotated[str, Header()] = "") -> None:
-        scheme, _, token = authorization.partition(" ")
-        token = token.strip()
-        # An empty token never matches, whatever the context holds.
-        if scheme.lower() != "bearer" or not token or not hmac.compare_digest(token.encode(), ctx.admin_token.encode()):
-            raise Unauthenticated("send 'Authorization: Bearer <admin token>' (cloud-sync admin-token prints it)")
-
-    auth = [Depends(admin)]
+    auth = admin_auth(ctx.admin_token)
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, str]:

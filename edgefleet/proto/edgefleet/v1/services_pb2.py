@@ -28,7 +28,7 @@ from edgefleet.proto.edgefleet.v1 import state_pb2 as edgefleet_dot_v1_dot_state
 from edgefleet.proto.edgefleet.v1 import telemetry_pb2 as edgefleet_dot_v1_dot_telemetry__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x65\x64gefleet/v1/services.proto\x12\x0c\x65\x64gefleet.v1\x1a\x19\x65\x64gefleet/v1/models.proto\x1a\x1a\x65\x64gefleet/v1/results.proto\x1a\x18\x65\x64gefleet/v1/state.proto\x1a\x1c\x65\x64gefleet/v1/telemetry.proto\"W\n\rEnrollRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12&\n\x05\x61gent\x18\x02 \x01(\x0b\x32\x17.edgefleet.v1.AgentInfo\x12\x0f\n\x07\x63sr_pem\x18\x03 \x01(\x0c\"H\n\tEndpoints\x12\x13\n\x0bgrpc_target\x18\x01 \x01(\t\x12\x10\n\x08mqtt_url\x18\x02 \x01(\t\x12\x14\n\x0ctopic_prefix\x18\x03 \x01(\t\"\x98\x02\n\x0e\x45nrollResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64\x65vice_token\x18\x02 \x01(\t\x12\x17\n\x0f\x63lient_cert_pem\x18\x03 \x01(\x0c\x12\x13\n\x0b\x63\x61_cert_pem\x18\x04 \x01(\x0c\x12\x1a\n\x12signing_public_key\x18\x05 \x01(\x0c\x12*\n\tendpoints\x18\x06 \x01(\x0b\x32\x17.edgefleet.v1.Endpoints\x12\x38\n\x06labels\x18\x07 \x03(\x0b\x32(.edgefleet.v1.EnrollResponse.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"H\n\x0f\x44ownloadRequest\x12%\n\x05model\x18\x01 \x01(\x0b\x32\x16.edgefleet.v1.ModelRef\x12\x0e\n\x06offset\x18\x02 \x01(\x04\"}\n\rDownloadChunk\x12\x30\n\x08manifest\x18\x01 \x01(\x0b\x32\x1c.edgefleet.v1.SignedManifestH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x12\n\ntotal_size\x18\x04 \x01(\x04\x42\x06\n\x04\x62ody\"/\n\x13WatchDesiredRequest\x12\x18\n\x10known_generation\x18\x01 \x01(\x04\"\x0b\n\tReportAck2Q\n\nEnrollment\x12\x43\n\x06\x45nroll\x12\x1b.edgefleet.v1.EnrollRequest\x1a\x1c.edgefleet.v1.EnrollResponse2H\n\x06Uplink\x12>\n\x06Upload\x12\x19.edgefleet.v1.ResultBatch\x1a\x17.edgefleet.v1.UploadAck(\x01\x32U\n\tArtifacts\x12H\n\x08\x44ownload\x12\x1d.edgefleet.v1.DownloadRequest\x1a\x1b.edgefleet.v1.DownloadChunk0\x01\x32\xe0\x01\n\x07\x43ontrol\x12O\n\x0cWatchDesired\x12!.edgefleet.v1.WatchDesiredRequest\x1a\x1a.edgefleet.v1.DesiredState0\x01\x12>\n\x06Report\x12\x1b.edgefleet.v1.ReportedState\x1a\x17.edgefleet.v1.ReportAck\x12\x44\n\x10PublishTelemetry\x12\x17.edgefleet.v1.Telemetry\x1a\x17.edgefleet.v1.ReportAckb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x65\x64gefleet/v1/services.proto\x12\x0c\x65\x64gefleet.v1\x1a\x19\x65\x64gefleet/v1/models.proto\x1a\x1a\x65\x64gefleet/v1/results.proto\x1a\x18\x65\x64gefleet/v1/state.proto\x1a\x1c\x65\x64gefleet/v1/telemetry.proto\"W\n\rEnrollRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12&\n\x05\x61gent\x18\x02 \x01(\x0b\x32\x17.edgefleet.v1.AgentInfo\x12\x0f\n\x07\x63sr_pem\x18\x03 \x01(\x0c\"H\n\tEndpoints\x12\x13\n\x0bgrpc_target\x18\x01 \x01(\t\x12\x10\n\x08mqtt_url\x18\x02 \x01(\t\x12\x14\n\x0ctopic_prefix\x18\x03 \x01(\t\"\x98\x02\n\x0e\x45nrollResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64\x65vice_token\x18\x02 \x01(\t\x12\x17\n\x0f\x63lient_cert_pem\x18\x03 \x01(\x0c\x12\x13\n\x0b\x63\x61_cert_pem\x18\x04 \x01(\x0c\x12\x1a\n\x12signing_public_key\x18\x05 \x01(\x0c\x12*\n\tendpoints\x18\x06 \x01(\x0b\x32\x17.edgefleet.v1.Endpoints\x12\x38\n\x06labels\x18\x07 \x03(\x0b\x32(.edgefleet.v1.EnrollResponse.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"V\n\x0f\x44ownloadRequest\x12%\n\x05model\x18\x01 \x01(\x0b\x32\x16.edgefleet.v1.ModelRef\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x66ile\x18\x03 \x01(\t\"}\n\rDownloadChunk\x12\x30\n\x08manifest\x18\x01 \x01(\x0b\x32\x1c.edgefleet.v1.SignedManifestH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x12\n\ntotal_size\x18\x04 \x01(\x04\x42\x06\n\x04\x62ody\"/\n\x13WatchDesiredRequest\x12\x18\n\x10known_generation\x18\x01 \x01(\x04\"\x0b\n\tReportAck2Q\n\nEnrollment\x12\x43\n\x06\x45nroll\x12\x1b.edgefleet.v1.EnrollRequest\x1a\x1c.edgefleet.v1.EnrollResponse2H\n\x06Uplink\x12>\n\x06Upload\x12\x19.edgefleet.v1.ResultBatch\x1a\x17.edgefleet.v1.UploadAck(\x01\x32U\n\tArtifacts\x12H\n\x08\x44ownload\x12\x1d.edgefleet.v1.DownloadRequest\x1a\x1b.edgefleet.v1.DownloadChunk0\x01\x32\xe0\x01\n\x07\x43ontrol\x12O\n\x0cWatchDesired\x12!.edgefleet.v1.WatchDesiredRequest\x1a\x1a.edgefleet.v1.DesiredState0\x01\x12>\n\x06Report\x12\x1b.edgefleet.v1.ReportedState\x1a\x17.edgefleet.v1.ReportAck\x12\x44\n\x10PublishTelemetry\x12\x17.edgefleet.v1.Telemetry\x1a\x17.edgefleet.v1.ReportAckb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,19 +46,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENROLLRESPONSE_LABELSENTRY']._serialized_start=555
   _globals['_ENROLLRESPONSE_LABELSENTRY']._serialized_end=600
   _globals['_DOWNLOADREQUEST']._serialized_start=602
-  _globals['_DOWNLOADREQUEST']._serialized_end=674
-  _globals['_DOWNLOADCHUNK']._serialized_start=676
-  _globals['_DOWNLOADCHUNK']._serialized_end=801
-  _globals['_WATCHDESIREDREQUEST']._serialized_start=803
-  _globals['_WATCHDESIREDREQUEST']._serialized_end=850
-  _globals['_REPORTACK']._serialized_start=852
-  _globals['_REPORTACK']._serialized_end=863
-  _globals['_ENROLLMENT']._serialized_start=865
-  _globals['_ENROLLMENT']._serialized_end=946
-  _globals['_UPLINK']._serialized_start=948
-  _globals['_UPLINK']._serialized_end=1020
-  _globals['_ARTIFACTS']._serialized_start=1022
-  _globals['_ARTIFACTS']._serialized_end=1107
-  _globals['_CONTROL']._serialized_start=1110
-  _globals['_CONTROL']._serialized_end=1334
+  _globals['_DOWNLOADREQUEST']._serialized_end=688
+  _globals['_DOWNLOADCHUNK']._serialized_start=690
+  _globals['_DOWNLOADCHUNK']._serialized_end=815
+  _globals['_WATCHDESIREDREQUEST']._serialized_start=817
+  _globals['_WATCHDESIREDREQUEST']._serialized_end=864
+  _globals['_REPORTACK']._serialized_start=866
+  _globals['_REPORTACK']._serialized_end=877
+  _globals['_ENROLLMENT']._serialized_start=879
+  _globals['_ENROLLMENT']._serialized_end=960
+  _globals['_UPLINK']._serialized_start=962
+  _globals['_UPLINK']._serialized_end=1034
+  _globals['_ARTIFACTS']._serialized_start=1036
+  _globals['_ARTIFACTS']._serialized_end=1121
+  _globals['_CONTROL']._serialized_start=1124
+  _globals['_CONTROL']._serialized_end=1348
 # @@protoc_insertion_point(module_scope)

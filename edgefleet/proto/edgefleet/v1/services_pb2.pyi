@@ -142,8 +142,11 @@ class DownloadRequest(_message.Message):
 
     MODEL_FIELD_NUMBER: _builtins.int
     OFFSET_FIELD_NUMBER: _builtins.int
+    FILE_FIELD_NUMBER: _builtins.int
     offset: _builtins.int
-    """Resume from this byte of the ONNX file."""
+    """Resume from this byte of the file."""
+    file: _builtins.str
+    """Which file of the package: "model.onnx" (also when empty) or "warmup.npz" when the manifest names one."""
     @_builtins.property
     def model(self) -> _models_pb2.ModelRef: ...
     def __init__(
@@ -151,10 +154,11 @@ class DownloadRequest(_message.Message):
         *,
         model: _models_pb2.ModelRef | None = ...,
         offset: _builtins.int = ...,
+        file: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "offset", b"offset"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["file", b"file", "model", b"model", "offset", b"offset"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -194,7 +194,7 @@ class ArtifactsServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Download(self, request, context):
-        """The first message carries the signed manifest, then chunks of the ONNX file from `offset`.
+        """The first message carries the signed manifest, then chunks of the requested file from `offset`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -90,13 +90,13 @@ class ArtifactsStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> ArtifactsAsyncStub: ...
     Download: _grpc.UnaryStreamMultiCallable[_services_pb2.DownloadRequest, _services_pb2.DownloadChunk]
-    """The first message carries the signed manifest, then chunks of the ONNX file from `offset`."""
+    """The first message carries the signed manifest, then chunks of the requested file from `offset`."""
 
 @_typing.type_check_only
 class ArtifactsAsyncStub(ArtifactsStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Download: _aio.UnaryStreamMultiCallable[_services_pb2.DownloadRequest, _services_pb2.DownloadChunk]  # type: ignore[assignment]
-    """The first message carries the signed manifest, then chunks of the ONNX file from `offset`."""
+    """The first message carries the signed manifest, then chunks of the requested file from `offset`."""
 
 class ArtifactsServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -105,7 +105,7 @@ class ArtifactsServicer(metaclass=_abc_1.ABCMeta):
         request: _services_pb2.DownloadRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_services_pb2.DownloadChunk], _abc.AsyncIterator[_services_pb2.DownloadChunk]]:
-        """The first message carries the signed manifest, then chunks of the ONNX file from `offset`."""
+        """The first message carries the signed manifest, then chunks of the requested file from `offset`."""
 
 def add_ArtifactsServicer_to_server(servicer: ArtifactsServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 

@@ -24,25 +24,25 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x65\x64gefleet/v1/state.proto\x12\x0c\x65\x64gefleet.v1\"\x97\x01\n\x0fModelAssignment\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12%\n\x04role\x18\x03 \x01(\x0e\x32\x17.edgefleet.v1.ModelRole\x12\x1a\n\x12shadow_sample_rate\x18\x04 \x01(\x01\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12\x12\n\nrollout_id\x18\x06 \x01(\t\"\xa4\x01\n\x0c\x44\x65siredState\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x04\x12-\n\x06models\x18\x03 \x03(\x0b\x32\x1d.edgefleet.v1.ModelAssignment\x12\x13\n\x0bpolicy_json\x18\x04 \x01(\t\x12\x13\n\x0bpolicy_hash\x18\x05 \x01(\t\x12\x14\n\x0cissued_at_ms\x18\x06 \x01(\x03\"\xaf\x01\n\x0bModelStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12%\n\x04role\x18\x03 \x01(\x0e\x32\x17.edgefleet.v1.ModelRole\x12\'\n\x05state\x18\x04 \x01(\x0e\x32\x18.edgefleet.v1.ModelState\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x06 \x01(\t\x12\x10\n\x08progress\x18\x07 \x01(\x01\"\xb5\x01\n\tAgentInfo\x12\x15\n\ragent_version\x18\x01 \x01(\t\x12\x16\n\x0epython_version\x18\x02 \x01(\t\x12\x10\n\x08platform\x18\x03 \x01(\t\x12\x10\n\x08hostname\x18\x04 \x01(\t\x12\x1b\n\x13onnxruntime_version\x18\x05 \x01(\t\x12\x18\n\x10tensorrt_version\x18\x06 \x01(\t\x12\x0b\n\x03gpu\x18\x07 \x01(\t\x12\x11\n\tproviders\x18\x08 \x03(\t\"\xc5\x01\n\rReportedState\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x04\x12)\n\x06models\x18\x03 \x03(\x0b\x32\x19.edgefleet.v1.ModelStatus\x12\x13\n\x0bpolicy_hash\x18\x04 \x01(\t\x12&\n\x05\x61gent\x18\x05 \x01(\x0b\x32\x17.edgefleet.v1.AgentInfo\x12\x16\n\x0ereported_at_ms\x18\x06 \x01(\x03\x12\r\n\x05\x65rror\x18\x07 \x01(\t*U\n\tModelRole\x12\x1a\n\x16MODEL_ROLE_UNSPECIFIED\x10\x00\x12\x15\n\x11MODEL_ROLE_ACTIVE\x10\x01\x12\x15\n\x11MODEL_ROLE_SHADOW\x10\x02*\xc2\x01\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17MODEL_STATE_DOWNLOADING\x10\x01\x12\x19\n\x15MODEL_STATE_VERIFYING\x10\x02\x12\x18\n\x14MODEL_STATE_BUILDING\x10\x03\x12\x15\n\x11MODEL_STATE_READY\x10\x04\x12\x16\n\x12MODEL_STATE_ACTIVE\x10\x05\x12\x16\n\x12MODEL_STATE_FAILED\x10\x06\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x65\x64gefleet/v1/state.proto\x12\x0c\x65\x64gefleet.v1\"\x97\x01\n\x0fModelAssignment\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12%\n\x04role\x18\x03 \x01(\x0e\x32\x17.edgefleet.v1.ModelRole\x12\x1a\n\x12shadow_sample_rate\x18\x04 \x01(\x01\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12\x12\n\nrollout_id\x18\x06 \x01(\t\"\xa4\x01\n\x0c\x44\x65siredState\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x04\x12-\n\x06models\x18\x03 \x03(\x0b\x32\x1d.edgefleet.v1.ModelAssignment\x12\x13\n\x0bpolicy_json\x18\x04 \x01(\t\x12\x13\n\x0bpolicy_hash\x18\x05 \x01(\t\x12\x14\n\x0cissued_at_ms\x18\x06 \x01(\x03\"\xed\x01\n\x0bModelStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12%\n\x04role\x18\x03 \x01(\x0e\x32\x17.edgefleet.v1.ModelRole\x12\'\n\x05state\x18\x04 \x01(\x0e\x32\x18.edgefleet.v1.ModelState\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x06 \x01(\t\x12\x10\n\x08progress\x18\x07 \x01(\x01\x12\x0e\n\x06sha256\x18\x08 \x01(\t\x12\x10\n\x08\x61ttempts\x18\t \x01(\r\x12\x1a\n\x12next_attempt_at_ms\x18\n \x01(\x03\"\xb5\x01\n\tAgentInfo\x12\x15\n\ragent_version\x18\x01 \x01(\t\x12\x16\n\x0epython_version\x18\x02 \x01(\t\x12\x10\n\x08platform\x18\x03 \x01(\t\x12\x10\n\x08hostname\x18\x04 \x01(\t\x12\x1b\n\x13onnxruntime_version\x18\x05 \x01(\t\x12\x18\n\x10tensorrt_version\x18\x06 \x01(\t\x12\x0b\n\x03gpu\x18\x07 \x01(\t\x12\x11\n\tproviders\x18\x08 \x03(\t\"\xd8\x01\n\rReportedState\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x04\x12)\n\x06models\x18\x03 \x03(\x0b\x32\x19.edgefleet.v1.ModelStatus\x12\x13\n\x0bpolicy_hash\x18\x04 \x01(\t\x12&\n\x05\x61gent\x18\x05 \x01(\x0b\x32\x17.edgefleet.v1.AgentInfo\x12\x16\n\x0ereported_at_ms\x18\x06 \x01(\x03\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x11\n\tconverged\x18\x08 \x01(\x08*U\n\tModelRole\x12\x1a\n\x16MODEL_ROLE_UNSPECIFIED\x10\x00\x12\x15\n\x11MODEL_ROLE_ACTIVE\x10\x01\x12\x15\n\x11MODEL_ROLE_SHADOW\x10\x02*\xc2\x01\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17MODEL_STATE_DOWNLOADING\x10\x01\x12\x19\n\x15MODEL_STATE_VERIFYING\x10\x02\x12\x18\n\x14MODEL_STATE_BUILDING\x10\x03\x12\x15\n\x11MODEL_STATE_READY\x10\x04\x12\x16\n\x12MODEL_STATE_ACTIVE\x10\x05\x12\x16\n\x12MODEL_STATE_FAILED\x10\x06\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'edgefleet.v1.state_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MODELROLE']._serialized_start=925
-  _globals['_MODELROLE']._serialized_end=1010
-  _globals['_MODELSTATE']._serialized_start=1013
-  _globals['_MODELSTATE']._serialized_end=1207
+  _globals['_MODELROLE']._serialized_start=1006
+  _globals['_MODELROLE']._serialized_end=1091
+  _globals['_MODELSTATE']._serialized_start=1094
+  _globals['_MODELSTATE']._serialized_end=1288
   _globals['_MODELASSIGNMENT']._serialized_start=43
   _globals['_MODELASSIGNMENT']._serialized_end=194
   _globals['_DESIREDSTATE']._serialized_start=197
   _globals['_DESIREDSTATE']._serialized_end=361
   _globals['_MODELSTATUS']._serialized_start=364
-  _globals['_MODELSTATUS']._serialized_end=539
-  _globals['_AGENTINFO']._serialized_start=542
-  _globals['_AGENTINFO']._serialized_end=723
-  _globals['_REPORTEDSTATE']._serialized_start=726
-  _globals['_REPORTEDSTATE']._serialized_end=923
+  _globals['_MODELSTATUS']._serialized_end=601
+  _globals['_AGENTINFO']._serialized_start=604
+  _globals['_AGENTINFO']._serialized_end=785
+  _globals['_REPORTEDSTATE']._serialized_start=788
+  _globals['_REPORTEDSTATE']._serialized_end=1004
 # @@protoc_insertion_point(module_scope)

@@ -152,6 +152,9 @@ class ModelStatus(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     BACKEND_FIELD_NUMBER: _builtins.int
     PROGRESS_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    NEXT_ATTEMPT_AT_MS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     version: _builtins.int
     role: Global___ModelRole.ValueType
@@ -162,6 +165,11 @@ class ModelStatus(_message.Message):
     """The engine serving it, e.g. "onnxruntime/CPUExecutionProvider" or "tensorrt/10.3.0"."""
     progress: _builtins.float
     """Download or build progress, 0..1."""
+    sha256: _builtins.str
+    """The package's ONNX sha256 (what the desired state's assignment names)."""
+    attempts: _builtins.int
+    """Failed attempts in a row at the current step, and when the next one starts (0: not waiting)."""
+    next_attempt_at_ms: _builtins.int
     def __init__(
         self,
         *,
@@ -172,10 +180,13 @@ class ModelStatus(_message.Message):
         reason: _builtins.str = ...,
         backend: _builtins.str = ...,
         progress: _builtins.float = ...,
+        sha256: _builtins.str = ...,
+        attempts: _builtins.int = ...,
+        next_attempt_at_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "name", b"name", "progress", b"progress", "reason", b"reason", "role", b"role", "state", b"state", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "backend", b"backend", "name", b"name", "next_attempt_at_ms", b"next_attempt_at_ms", "progress", b"progress", "reason", b"reason", "role", b"role", "sha256", b"sha256", "state", b"state", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -234,13 +245,18 @@ class ReportedState(_message.Message):
     AGENT_FIELD_NUMBER: _builtins.int
     REPORTED_AT_MS_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    CONVERGED_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     generation: _builtins.int
-    """The generation of the last desired state the device applied."""
+    """The generation of the desired state the device accepted and converges to (its policy is applied at once;
+    `converged` says when its models are too).
+    """
     policy_hash: _builtins.str
     reported_at_ms: _builtins.int
     error: _builtins.str
     """A desired state the device refused, and why (invalid policy, unknown model...)."""
+    converged: _builtins.bool
+    """Every model of `generation` is ACTIVE (or READY in its SHADOW role) and its policy applied: nothing left to do."""
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelStatus]: ...
     @_builtins.property
@@ -255,10 +271,11 @@ class ReportedState(_message.Message):
         agent: Global___AgentInfo | None = ...,
         reported_at_ms: _builtins.int = ...,
         error: _builtins.str = ...,
+        converged: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "device_id", b"device_id", "error", b"error", "generation", b"generation", "models", b"models", "policy_hash", b"policy_hash", "reported_at_ms", b"reported_at_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "converged", b"converged", "device_id", b"device_id", "error", b"error", "generation", b"generation", "models", b"models", "policy_hash", b"policy_hash", "reported_at_ms", b"reported_at_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
