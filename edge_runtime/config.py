@@ -1,14 +1,12 @@
 """The agent's configuration: frozen dataclasses loaded from TOML and validated once at start.
 
 Unknown keys, wrong types and out-of-range values are errors that name the key (`inference.max_batch_sze`).
-Scaling policies from the cloud reuse these same section types. Not for runtime state: see models/store.py.
+Scaling policies from the cloud reuse these same section types (the policy sections and the loader live in
+edgefleet, which the cloud shares; they are re-exported here). Not for runtime state: see models/store.py.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +14,9 @@ from typing import Any, Literal, TypeVar
 
 from edge_runtime._compat import tomllib
 from edge_runtime.errors import ConfigError
+from edgefleet import settings as _settings
+from edgefleet.policy import BufferPolicy, InferencePolicy, TelemetryPolicy, UploadPolicy
+from edgefleet.settings import option
 
 __all__ = [
     "AgentConfig",
@@ -34,11 +35,6 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-
-
-def option(default: Any, doc: str, *, min: float | None = None, max: float | None = None) -> Any:
-    """A config field with its documentation and bounds (checked by the loader)."""
-    return field(default=default, metadata={"doc": doc, "min": min, "max": max})
 
 
 @dataclass(frozen=True)
@@ -99,78 +95,6 @@ class EngineSection:
 
 
 @dataclass(frozen=True)
-class InferencePolicy:
-    max_batch_size: int = option(
-        32, "Largest batch the batcher forms (the model's own limit also applies).", min=1, max=4096
-    )
-    max_queue_delay_ms: float = option(
-        0.0,
-        "How long a free engine waits for more requests to fill a batch; 0 runs what is queued at once.",
-        min=0,
-        max=10_000,
-    )
-    instances: int = option(1, "Engine workers per model version (requests run in parallel).", min=1, max=64)
-    max_queue_depth: int = option(
-        256,
-        "Requests waiting per model version; beyond it requests get RESOURCE_EXHAUSTED.",
-        min=1,
-        max=1 << 20,
-    )
-    latency_slo_ms: float = option(
-        0.0,
-        "Per-batch latency target; the batcher picks the batch size and delay that hold it. 0: most throughput.",
-        min=0,
-        max=600_000,
-    )
-    priority_levels: int = option(2, "Request priorities 1..N (1 is served first).", min=1, max=16)
-    default_priority: int = option(2, "Priority of requests that name none (1..priority_levels).", min=1, max=16)
-    default_timeout_ms: float = option(
-        0.0, "Queue timeout for requests that set none; 0: no timeout.", min=0, max=3_600_000
-    )
-    adaptive: bool = option(True, "Profile batch sizes when a model becomes READY and batch only where it pays.")
-
-    def __post_init__(self) -> None:
-        if self.default_priority > self.priority_levels:
-            raise ConfigError(
-                f"inference.default_priority ({self.default_priority}) must be within "
-                f"1..inference.priority_levels ({self.priority_levels})"
-            )
-
-
-@dataclass(frozen=True)
-class UploadPolicy:
-    sample_rate: float = option(
-        0.0, "Share of requests not marked edgefleet.keep whose input and result are kept anyway (0..1).", min=0, max=1
-    )
-    batch_max_records: int = option(1000, "Records per upload batch.", min=1, max=100_000)
-    interval_s: float = option(
-        1.0, "How often the uploader looks for new records when the outbox was drained.", min=0.01, max=3600
-    )
-    max_bytes_per_s: int = option(0, "Upload bandwidth cap (bytes/s of records); 0: no cap.", min=0, max=2**40)
-
-
-@dataclass(frozen=True)
-class BufferPolicy:
-    max_bytes: int = option(
-        256 * 1024 * 1024,
-        "Outbox bound; past it records are evicted, lowest priority first, then oldest (and counted).",
-        min=64 * 1024,
-        max=2**44,
-    )
-    max_age_s: float = option(
-        7 * 24 * 3600.0,
-        "Records older than this are evicted (and counted); 0: no age limit.",
-        min=0,
-        max=10 * 365 * 86400,
-    )
-
-
-@dataclass(frozen=True)
-class TelemetryPolicy:
-    interval_s: float = option(10.0, "How often the agent publishes telemetry.", min=0.1, max=86_400)
-
-
-@dataclass(frozen=True)
 class CloudSection:
     grpc_target: str = option(
         "", "cloud-sync's gRPC address (host:port); empty: no uplink, results stay in the outbox."
@@ -186,6 +110,10 @@ class CloudSection:
         "empty: the broker is given the device id and token instead.",
     )
     client_key_file: str = option("", "PEM private key of client_cert_file (mode 0600).")
+    signing_key_file: str = option(
+        "",
+        "The fleet's ed25519 public key (raw 32 bytes) that model manifests must be signed with; set by enrollment.",
+    )
 
 
 @dataclass(frozen=True)
@@ -233,56 +161,14 @@ def load_config(path: str | Path) -> AgentConfig:
 
 
 def config_from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
-    """Build the frozen dataclass `cls` from plain data, checking keys, types and bounds."""
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{prefix or 'config'} must be a table, not {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        where = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
-        raise ConfigError(f"unknown key '{where}' (known: {', '.join(sorted(fields))})")
-    hints = typing.get_type_hints(cls)
-    values: dict[str, Any] = {}
-    for name, value in data.items():
-        key = f"{prefix}.{name}" if prefix else name
-        values[name] = _convert(hints[name], value, key, fields[name].metadata)
-    try:
-        return cls(**values)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{prefix or 'config'}: {exc}") from exc
+    """Build the frozen dataclass `cls` from plain data, checking keys, types and bounds (ConfigError)."""
+    return _settings.config_from_dict(cls, data, prefix, ConfigError)
 
 
 def _convert(hint: Any, value: Any, key: str, meta: Mapping[str, Any]) -> Any:
-    if dataclasses.is_dataclass(hint):
-        return config_from_dict(typing.cast(type, hint), value, key)
-    origin = typing.get_origin(hint)
-    if origin is Literal:
-        choices = typing.get_args(hint)
-        if value not in choices:
-            raise ConfigError(f"{key} must be one of {', '.join(map(repr, choices))}, not {value!r}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        raise ConfigError(f"{key}: union types are not supported in config")  # pragma: no cover
-    expected: tuple[type, ...] = (int, float) if hint is float else (hint,)
-    # bool is an int subclass in Python, but `max_batch_size = true` is a typo, not a number.
-    if (isinstance(value, bool) and hint is not bool) or not isinstance(value, expected):
-        raise ConfigError(f"{key} must be {hint.__name__}, not {type(value).__name__} ({value!r})")
-    if hint is float:
-        value = float(typing.cast(float, value))
-    low, high = meta.get("min"), meta.get("max")
-    if (low is not None and value < low) or (high is not None and value > high):
-        raise ConfigError(f"{key} = {value!r} is out of range [{low}, {high}]")
-    return value
+    return _settings._convert(hint, value, key, meta, ConfigError)
 
 
 def field_docs(cls: type = AgentConfig, prefix: str = "") -> dict[str, tuple[Any, str]]:
     """Every leaf key of the config as 'section.key' -> (default, documentation)."""
-    docs: dict[str, tuple[Any, str]] = {}
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        key = f"{prefix}.{f.name}" if prefix else f.name
-        if dataclasses.is_dataclass(hints[f.name]):
-            docs.update(field_docs(hints[f.name], key))
-        else:
-            docs[key] = (f.default, f.metadata.get("doc", ""))
-    return docs
+    return _settings.field_docs(cls, prefix)

@@ -6,6 +6,8 @@ them to gRPC status codes.
 
 from __future__ import annotations
 
+from edgefleet.settings import SettingsError
+
 __all__ = [
     "ConfigError",
     "EdgeRuntimeError",
@@ -27,8 +29,11 @@ class EdgeRuntimeError(Exception):
     """Root of every error edge_runtime raises on purpose."""
 
 
-class ConfigError(EdgeRuntimeError):
-    """A config file or policy document is invalid; the message names the key."""
+class ConfigError(EdgeRuntimeError, SettingsError):
+    """A config file or policy document is invalid; the message names the key.
+
+    Also a SettingsError (a ValueError): the loader and the policy types shared with the cloud live in edgefleet.
+    """
 
 
 class PackageError(EdgeRuntimeError):
