@@ -1,0 +1,309 @@
+"""fleetctl models: push model packages to the registry, list, show, sign again, delete.
+
+`models push PATH` takes a package directory (manifest.json + model.onnx [+ warmup.npz], as `edge-agent
+package` writes it) or a bare .onnx file, which it packages first with the device runtime's packager (needs
+`pip install edgefleet[agent]`). Each file is uploaded once (a blob the registry holds is skipped), then the
+manifest is registered and signed. Not for assigning versions to devices (fleetctl_state.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+
+import httpx
+import structlog
+import typer
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+from rich.table import Table
+from rich.text import Text
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from cloud_sync.fleetctl import Session
+
+__all__ = ["models_app", "parse_duration"]
+
+models_app = typer.Typer(help="Model registry: push packages, list, show, sign again, delete.", no_args_is_help=True)
+
+MANIFEST_FILE = "manifest.json"
+MODEL_FILE = "model.onnx"
+WARMUP_FILE = "warmup.npz"
+_READ_BYTES = 1024 * 1024
+_DURATION = re.compile(r"^\s*(\d+)\s*([smhd]?)\s*$")
+_UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+# The API's range for expires_in_s (api_models.py), not imported so fleetctl stays light.
+_MIN_EXPIRES_S, _MAX_EXPIRES_S = 60, 5 * 365 * 86400
+
+NameArgument = Annotated[str, typer.Argument(help="model name, e.g. digits")]
+VersionArgument = Annotated[int, typer.Argument(min=1, max=2**31 - 1, help="model version")]
+ExpiresOption = Annotated[str, typer.Option("--expires", help="how long the signature is valid: 30d, 12h, 90m, 3600s")]
+
+
+def parse_duration(text: str) -> int:
+    """Seconds in "30d", "12h", "90m", "3600s" or "3600"; ValueError otherwise."""
+    match = _DURATION.match(text)
+    if not match:
+        raise ValueError(f"{text!r} is not a duration such as 30d, 12h, 90m or 3600s")
+    seconds = int(match.group(1)) * _UNIT_S[match.group(2)]
+    if not _MIN_EXPIRES_S <= seconds <= _MAX_EXPIRES_S:
+        raise ValueError(f"{text!r} is outside 60s..{_MAX_EXPIRES_S // 86400}d")
+    return seconds
+
+
+def _expires(text: str) -> int:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        _fail(2, f"--expires: {exc}")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(_READ_BYTES):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _package_files(directory: Path) -> tuple[dict[str, Any], dict[str, Path]]:
+    """(manifest, {sha256: file}) of a package directory, each file checked against the manifest."""
+    try:
+        manifest = json.loads((directory / MANIFEST_FILE).read_bytes())
+    except FileNotFoundError:
+        _fail(2, f"{directory} has no {MANIFEST_FILE}: give a package directory (edge-agent package) or a .onnx")
+    except (OSError, ValueError) as exc:
+        _fail(2, f"cannot read {directory / MANIFEST_FILE}: {exc}")
+    if not isinstance(manifest, dict):
+        _fail(2, f"{directory / MANIFEST_FILE} is not a JSON object")
+    wanted = [(MODEL_FILE, manifest.get("sha256"), manifest.get("size"))]
+    warmup = manifest.get("warmup")
+    if isinstance(warmup, dict) and warmup.get("file"):
+        wanted.append((WARMUP_FILE, warmup.get("sha256"), warmup.get("size")))
+    files: dict[str, Path] = {}
+    for name, sha, size in wanted:
+        path = directory / name
+        if not path.is_file():
+            _fail(2, f"{path} is missing: the manifest names it")
+        found = _sha256(path)
+        if found != sha or path.stat().st_size != size:
+            _fail(
+                2, f"{path} does not match {MANIFEST_FILE} (sha256 {found}, {path.stat().st_size} bytes): repackage it"
+            )
+        files[found] = path
+    return manifest, files
+
+
+def _package_onnx(path: Path, name: str, version: int, out: Path) -> Path:
+    """A package of the bare ONNX file `path`, made by the device runtime's packager in `out`."""
+    try:
+        from edge_runtime.errors import EdgeRuntimeError
+        from edge_runtime.models.packaging import PackageRequest, package_model
+    except ImportError:
+        _fail(
+            2,
+            f"{path} is a bare .onnx: packaging it needs the device runtime (pip install edgefleet[agent]); "
+            "or push a package directory made by `edge-agent package`",
+        )
+    if not name or not version:
+        _fail(2, "a bare .onnx needs --name and --version")
+    # The runtime logs (engine.loaded) go to stderr: stdout is the command's output (--json).
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+    try:
+        result = package_model(PackageRequest(model=path, name=name, version=version, out=out))
+    except EdgeRuntimeError as exc:
+        _fail(2, f"cannot package {path}: {exc}")
+    return result.package.directory
+
+
+def _upload(s: Session, sha: str, path: Path) -> bool:
+    """Upload `path` as blob `sha` unless the registry has it; whether it was sent."""
+    url = f"{s.url}/v1/blobs/{sha}"
+    headers = {"Authorization": f"Bearer {s.token}"}
+    try:
+        if httpx.head(url, headers=headers, timeout=30).status_code == 200:
+            return False
+        size = path.stat().st_size
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            console=_err(),
+            disable=s.as_json,
+        ) as progress:
+            task = progress.add_task(f"uploading {path.name}", total=size)
+
+            def body() -> Iterator[bytes]:
+                with path.open("rb") as f:
+                    while block := f.read(_READ_BYTES):
+                        progress.advance(task, len(block))
+                        yield block
+
+            headers["Content-Length"] = str(size)
+            response = httpx.put(url, content=body(), headers=headers, timeout=300)
+    except httpx.HTTPError as exc:
+        _fail(1, f"cannot reach cloud-sync at {s.url} ({exc}); is it running? (--url / FLEETCTL_URL)")
+    if response.status_code >= 400:
+        code = {401: 3, 403: 3}.get(response.status_code, 2 if response.status_code < 500 else 1)
+        _fail(code, f"cloud-sync refused {path.name} ({response.status_code}): {_detail(response)}")
+    return True
+
+
+# fleetctl.py imports this module to register models_app: its helpers are imported when a command runs.
+def _fail(code: int, message: str) -> NoReturn:
+    from cloud_sync.fleetctl import fail
+
+    fail(code, message)
+
+
+def _session(ctx: typer.Context) -> Session:
+    from cloud_sync.fleetctl import session
+
+    return session(ctx)
+
+
+def _out() -> Console:
+    from cloud_sync.fleetctl import out
+
+    return out
+
+
+def _err() -> Console:
+    from cloud_sync.fleetctl import err
+
+    return err
+
+
+def _segment(value: str) -> str:
+    from cloud_sync.fleetctl import segment
+
+    return segment(value)
+
+
+def _detail(response: httpx.Response) -> str:
+    from cloud_sync.fleetctl import _detail
+
+    return _detail(response)
+
+
+def _when(ms: int) -> str:
+    from cloud_sync.fleetctl import _when
+
+    return _when(ms)
+
+
+def _print_version(version: dict[str, Any]) -> None:
+    files = ", ".join(f"{name} {f['size']} bytes" for name, f in version["files"].items())
+    _out().print(Text(f"{version['name']}:{version['version']}", style="bold"))
+    _out().print(Text(f"  sha256 {version['sha256']}; {files}"))
+    _out().print(
+        Text(
+            f"  signed by {version['key_id']} serial {version['serial']} at {_when(version['signed_at_ms'])}, "
+            f"expires {_when(version['expires_at_ms'])}"
+        )
+    )
+
+
+@models_app.command("push")
+def models_push(
+    ctx: typer.Context,
+    path: Annotated[Path, typer.Argument(help="a package directory, or a bare .onnx file (packaged first)")],
+    name: Annotated[str, typer.Option(help="model name (a bare .onnx; a package names its own)")] = "",
+    version: Annotated[int, typer.Option(min=0, max=2**31 - 1, help="model version (a bare .onnx)")] = 0,
+    expires: ExpiresOption = "30d",
+) -> None:
+    """Upload a model package's files and register (sign) the version."""
+    s = _session(ctx)
+    expires_in_s = _expires(expires)
+    with tempfile.TemporaryDirectory(prefix="fleetctl-push-") as tmp:
+        if path.is_file() and path.suffix == ".onnx":
+            directory = _package_onnx(path, name, version, Path(tmp) / "package")
+        elif path.is_dir():
+            directory = path
+        else:
+            _fail(2, f"{path} is neither a package directory nor a .onnx file")
+        manifest, files = _package_files(directory)
+        for key, given in (("name", name), ("version", version)):
+            if given and manifest.get(key) != given:
+                _fail(2, f"--{key} {given} differs from the package's {key} {manifest.get(key)!r}")
+        sent = [p.name for sha, p in files.items() if _upload(s, sha, p)]
+    created = s.call("POST", "/v1/models", json={"manifest": manifest, "expires_in_s": expires_in_s})
+    if s.as_json:
+        _out().print_json(data=created)
+        return
+    skipped = len(files) - len(sent)
+    _out().print(
+        Text(
+            f"pushed {created['name']}:{created['version']} (uploaded {', '.join(sent) or 'nothing'}"
+            f"{f', {skipped} file(s) already there' if skipped else ''}; serial {created['serial']}, expires "
+            f"{_when(created['expires_at_ms'])})"
+        )
+    )
+
+
+@models_app.command("list")
+def models_list(
+    ctx: typer.Context, name: Annotated[str | None, typer.Option(help="only this model's versions")] = None
+) -> None:
+    """Registered model versions."""
+    s = _session(ctx)
+    versions = s.call("GET", "/v1/models", params={"name": name} if name else None)["models"]
+    if s.as_json:
+        _out().print_json(data=versions)
+        return
+    table = Table("model", "version", "size", "sha256", "serial", "expires")
+    for v in versions:
+        table.add_row(
+            Text(v["name"]),
+            str(v["version"]),
+            str(v["size"]),
+            v["sha256"][:16],
+            str(v["serial"]),
+            _when(v["expires_at_ms"]),
+        )
+    _out().print(table)
+
+
+@models_app.command("show")
+def models_show(ctx: typer.Context, name: NameArgument, version: VersionArgument) -> None:
+    """A version: its files, signature and manifest."""
+    s = _session(ctx)
+    found = s.call("GET", f"/v1/models/{_segment(name)}/{version}")
+    if s.as_json:
+        _out().print_json(data=found)
+        return
+    _print_version(found)
+    _out().print_json(data=found["manifest"])
+
+
+@models_app.command("sign")
+def models_sign(
+    ctx: typer.Context, name: NameArgument, version: VersionArgument, expires: ExpiresOption = "30d"
+) -> None:
+    """Sign a version again (a new expiry, a new serial): devices then refuse the older envelope."""
+    s = _session(ctx)
+    body = {"expires_in_s": _expires(expires)}
+    found = s.call("POST", f"/v1/models/{_segment(name)}/{version}/sign", json=body)
+    if s.as_json:
+        _out().print_json(data=found)
+        return
+    _print_version(found)
+
+
+@models_app.command("delete")
+def models_delete(ctx: typer.Context, name: NameArgument, version: VersionArgument) -> None:
+    """Delete a version no device is assigned (refused, naming them, otherwise), and its unshared files."""
+    s = _session(ctx)
+    found = s.call("DELETE", f"/v1/models/{_segment(name)}/{version}")
+    if s.as_json:
+        _out().print_json(data=found)
+        return
+    _out().print(Text(f"deleted {found['name']}:{found['version']}"))
