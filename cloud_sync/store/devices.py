@@ -1,7 +1,9 @@
 """The device registry: register a device and mint its token, authenticate a token, revoke, list.
 
 A token is shown once, by `add_device`; the store keeps only its sha256. Enrollment (one-time enrollment
-tokens, certificates) builds on this and lives elsewhere.
+tokens, cloud_sync/store/enrollment.py) builds on this: it inserts the device in its own transaction through
+`insert_device`. Listeners (`on_added`, `on_revoked`) hear of changes after they commit: the broker's device
+accounts follow them (cloud_sync/broker_accounts.py).
 """
 
 from __future__ import annotations
@@ -10,17 +12,31 @@ import hashlib
 import hmac
 import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import sqlalchemy as sa
+import structlog
 from sqlalchemy import exc as sa_exc
 
 from cloud_sync.errors import AlreadyExists, DeviceRevoked, InvalidArgument, NotFound
 from cloud_sync.store.database import Database, now_ms
 from cloud_sync.store.schema import device_uplink, devices
 
-__all__ = ["RESERVED_PREFIXES", "TOKEN_PREFIX", "Device", "DeviceRegistry", "check_device_id", "is_reserved"]
+__all__ = [
+    "RESERVED_PREFIXES",
+    "TOKEN_PREFIX",
+    "Device",
+    "DeviceRegistry",
+    "check_device_id",
+    "check_labels",
+    "check_new_device_id",
+    "insert_device",
+    "is_reserved",
+    "new_device_token",
+]
+
+log = structlog.get_logger(__name__)
 
 # Marks a string as an Edgefleet device token (secret scanners and people recognise it).
 TOKEN_PREFIX = "efd_"
@@ -66,6 +82,57 @@ def is_reserved(name: str) -> bool:
     return name.lower().startswith(RESERVED_PREFIXES)
 
 
+def check_new_device_id(device_id: str) -> str:
+    """`device_id` if a device may be registered under it (valid and not reserved), else InvalidArgument."""
+    check_device_id(device_id)
+    if is_reserved(device_id):
+        raise InvalidArgument(
+            f"device id {device_id!r} is reserved: ids starting with {' or '.join(RESERVED_PREFIXES)} (any case) "
+            "name cloud-sync's own broker identities; choose another id"
+        )
+    return device_id
+
+
+def check_labels(labels: Mapping[str, str]) -> dict[str, str]:
+    """A copy of `labels` if they are valid device labels, else InvalidArgument naming the problem."""
+    return _check_labels(labels)
+
+
+def new_device_token() -> str:
+    """A fresh device token (shown once; store only its sha256)."""
+    return TOKEN_PREFIX + secrets.token_urlsafe(_TOKEN_BYTES)
+
+
+def insert_device(
+    conn: sa.Connection, device_id: str, labels: Mapping[str, str], token: str, created_at_ms: int
+) -> None:
+    """Insert a device with `token` inside the caller's write transaction (checked values: see add_device).
+
+    Raises AlreadyExists if the id is taken; the caller's transaction then keeps none of its changes.
+    """
+    try:
+        conn.execute(
+            devices.insert().values(
+                device_id=device_id, token_sha256=_token_hash(token), labels=dict(labels), created_at_ms=created_at_ms
+            )
+        )
+    except sa_exc.IntegrityError as exc:
+        # The primary key (a 256-bit random token's hash does not collide).
+        raise AlreadyExists(f"device {device_id!r} is registered already") from exc
+    conn.execute(
+        device_uplink.insert().values(
+            device_id=device_id,
+            acked_seq=0,
+            max_stored_seq=0,
+            stored_total=0,
+            duplicates_total=0,
+            evicted_total=0,
+            device_produced_total=0,
+            device_evicted_total=0,
+        )
+    )
+
+
 def _check_labels(labels: Mapping[str, str]) -> dict[str, str]:
     if len(labels) > _MAX_LABELS:
         raise InvalidArgument(f"{len(labels)} labels: at most {_MAX_LABELS}")
@@ -99,6 +166,13 @@ class DeviceRegistry:
 
     def __init__(self, db: Database) -> None:
         self._db = db
+        # Called after the commit, on the caller's thread; a listener that raises is logged, never undoes it.
+        self.on_added: list[Callable[[str, str], None]] = []  # (device_id, token)
+        self.on_revoked: list[Callable[[str], None]] = []  # (device_id)
+
+    @property
+    def db(self) -> Database:
+        return self._db
 
     def add_device(self, device_id: str, labels: Mapping[str, str] | None = None) -> str:
         """Register a device and return its new token: shown only now, only its sha256 is stored.
@@ -106,41 +180,18 @@ class DeviceRegistry:
         Raises InvalidArgument for a malformed or reserved id or labels, AlreadyExists if the id is taken (revoked
         ids too).
         """
-        check_device_id(device_id)
-        if is_reserved(device_id):
-            raise InvalidArgument(
-                f"device id {device_id!r} is reserved: ids starting with {' or '.join(RESERVED_PREFIXES)} (any case) "
-                "name cloud-sync's own broker identities; choose another id"
-            )
+        check_new_device_id(device_id)
         checked = _check_labels(labels or {})
-        token = TOKEN_PREFIX + secrets.token_urlsafe(_TOKEN_BYTES)
+        token = new_device_token()
         created = now_ms()
-
-        def add(conn: sa.Connection) -> None:
-            try:
-                conn.execute(
-                    devices.insert().values(
-                        device_id=device_id, token_sha256=_token_hash(token), labels=checked, created_at_ms=created
-                    )
-                )
-            except sa_exc.IntegrityError as exc:
-                # The primary key (a 256-bit random token's hash does not collide).
-                raise AlreadyExists(f"device {device_id!r} is registered already") from exc
-            conn.execute(
-                device_uplink.insert().values(
-                    device_id=device_id,
-                    acked_seq=0,
-                    max_stored_seq=0,
-                    stored_total=0,
-                    duplicates_total=0,
-                    evicted_total=0,
-                    device_produced_total=0,
-                    device_evicted_total=0,
-                )
-            )
-
-        self._db.write(add)
+        self._db.write(lambda conn: insert_device(conn, device_id, checked, token, created))
+        self.notify_added(device_id, token)
         return token
+
+    def notify_added(self, device_id: str, token: str) -> None:
+        """Tell the `on_added` listeners of a device committed with `token` (enrollment calls it too)."""
+        for listener in self.on_added:
+            _call_listener(listener, "added", device_id, token)
 
     def authenticate(self, token: str) -> str | None:
         """The device id `token` belongs to, or None for an unknown token.
@@ -180,6 +231,8 @@ class DeviceRegistry:
                 raise NotFound(f"no device {device_id!r} is registered")
 
         self._db.write(revoke)
+        for listener in self.on_revoked:
+            _call_listener(listener, "revoked", device_id)
 
     def get_device(self, device_id: str) -> Device:
         """One device; raises NotFound."""
@@ -193,6 +246,13 @@ class DeviceRegistry:
         """Every registered device (revoked ones included), ordered by id."""
         query = sa.select(devices).order_by(devices.c.device_id)
         return [_device(row) for row in self._db.read(lambda conn: conn.execute(query).all())]
+
+
+def _call_listener(listener: Callable[..., None], change: str, device_id: str, *args: str) -> None:
+    try:
+        listener(device_id, *args)
+    except Exception as exc:  # the change is committed: a listener's failure is its own to report and repair
+        log.error("devices.listener_failed", change=change, device=device_id, error=f"{type(exc).__name__}: {exc}")
 
 
 def _device(row: sa.Row[tuple[object, ...]]) -> Device:

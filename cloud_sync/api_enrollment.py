@@ -1,0 +1,62 @@
+"""Admin API routes for enrollment tokens: mint one (shown once) and list them (never the secret).
+
+Added to the admin app through `ApiContext.extra_routes`; the device side of enrollment is the gRPC
+Enrollment service (cloud_sync/enrollment.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+from fastapi import FastAPI
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from cloud_sync.api import admin_auth
+from cloud_sync.store.database import now_ms
+from cloud_sync.store.enrollment import MAX_TTL_S, MIN_TTL_S, EnrollmentTokens
+
+__all__ = ["NewEnrollmentToken", "enrollment_routes"]
+
+DEFAULT_TTL_S = 86400
+
+
+class NewEnrollmentToken(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    labels: dict[str, str] = Field(default_factory=dict, description="Labels the enrolled device gets.")
+    expires_in_s: int = Field(
+        DEFAULT_TTL_S, ge=MIN_TTL_S, le=MAX_TTL_S, strict=True, description="How long the token may be redeemed."
+    )
+    device_id: str | None = Field(
+        None, min_length=1, max_length=128, description="The enrolled device's id; empty: made from its hostname."
+    )
+
+    @field_validator("labels")
+    @classmethod
+    def _encodable(cls, labels: dict[str, str]) -> dict[str, str]:
+        for text in (*labels, *labels.values()):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"{text!r} is not valid Unicode (a lone surrogate)") from None
+        return labels
+
+
+def enrollment_routes(tokens: EnrollmentTokens, admin_token: str) -> Callable[[FastAPI], None]:
+    auth = admin_auth(admin_token)
+
+    def add(app: FastAPI) -> None:
+        @app.post("/v1/enrollment-tokens", tags=["enrollment"], dependencies=auth, status_code=201)
+        def mint_token(body: NewEnrollmentToken) -> dict[str, Any]:
+            """A one-time enrollment token: shown only in this answer; `edge-agent enroll --token` redeems it."""
+            token, expires_at_ms = tokens.mint(body.labels, body.expires_in_s, body.device_id)
+            return {"token": token, "expires_at_ms": expires_at_ms, "labels": body.labels, "device_id": body.device_id}
+
+        @app.get("/v1/enrollment-tokens", tags=["enrollment"], dependencies=auth)
+        def list_tokens() -> dict[str, Any]:
+            """Every minted token, newest first: its id (sha256 prefix), labels, state and who used it."""
+            now = now_ms()
+            return {"tokens": [{**asdict(t), "state": t.state(now)} for t in tokens.list()]}
+
+    return add
