@@ -6,14 +6,16 @@ Not the transport (cloud_sync/control.py serves them over gRPC) nor how a desire
 
 from __future__ import annotations
 
+import functools
 import json
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import sqlalchemy as sa
 
-from cloud_sync.errors import DeviceRevoked, InvalidArgument, NotFound
+from cloud_sync.errors import CloudSyncError, DeviceRevoked, InvalidArgument, NotFound
 from cloud_sync.store.database import Database, now_ms
 from cloud_sync.store.schema import devices, metadata
 from edgefleet.proto.edgefleet.v1.state_pb2 import DesiredState, ModelRole, ModelState, ReportedState
@@ -22,7 +24,9 @@ __all__ = [
     "MAX_STATE_BYTES",
     "POLICY_SECTIONS",
     "ControlStore",
+    "StaleReport",
     "StoredReport",
+    "StoredState",
     "check_desired",
     "check_reported",
     "desired_state",
@@ -41,6 +45,9 @@ POLICY_SECTIONS = ("inference", "upload", "buffer", "telemetry")
 _ROLES = frozenset(ModelRole.values())
 _STATES = frozenset(ModelState.values())
 _IN_CHUNK = 1000
+# Devices per transaction of set_desired_many: one reconcile of 10,000 devices is 20 short transactions, so
+# ingest and reports on the same SQLite file wait at most one chunk's time for the write lock.
+DESIRED_CHUNK = 500
 
 # One row per device that was ever given a desired state. The generation lives in its own column (the
 # payload holds the message without it), so assigning the next one is a single UPDATE under the row lock.
@@ -68,6 +75,21 @@ class StoredReport:
     device_id: str
     state: ReportedState
     received_at_ms: int
+
+
+class StaleReport(InvalidArgument):
+    """A report below the generation the device reported before (it arrived late); dropped."""
+
+
+@dataclass(frozen=True)
+class StoredState:
+    """A device's current desired generation and its last report's generation and time (None: no report)."""
+
+    device_id: str
+    desired_generation: int
+    issued_at_ms: int
+    reported_generation: int | None
+    received_at_ms: int | None
 
 
 def _check_text(value: str, what: str, limit: int = _MAX_TEXT_CHARS) -> None:
@@ -181,10 +203,21 @@ class ControlStore:
     def __init__(self, db: Database) -> None:
         self._db = db
         self._listeners: list[Callable[[str, int], None]] = []
+        self._state_listeners: list[Callable[[DesiredState], None]] = []
 
     def on_desired(self, listener: Callable[[str, int], None]) -> None:
         """Call `listener(device_id, generation)` after each committed set_desired."""
         self._listeners.append(listener)
+
+    def on_desired_state(self, listener: Callable[[DesiredState], None]) -> None:
+        """Call `listener(state)` with each new desired state (device id and generation set) after its commit."""
+        self._state_listeners.append(listener)
+
+    def _committed(self, body: DesiredState) -> None:
+        for listener in self._listeners:
+            listener(body.device_id, body.generation)
+        for state_listener in self._state_listeners:
+            state_listener(body)
 
     def set_desired(self, device_id: str, state: DesiredState) -> DesiredState:
         """Make `state` the device's desired state under the next generation; returns it as stored.
@@ -211,10 +244,8 @@ class ControlStore:
                 conn.execute(desired_state.insert().values(device_id=device_id, **row))
             return generation
 
-        generation = self._db.write(write)
-        for listener in self._listeners:
-            listener(device_id, generation)
-        body.generation = generation
+        body.generation = self._db.write(write)
+        self._committed(body)
         return body
 
     def desired(self, device_id: str) -> DesiredState | None:
@@ -269,7 +300,7 @@ class ControlStore:
                 conn.execute(reported_state.insert().values(device_id=device_id, **row))
                 return
             if state.generation < before:
-                raise InvalidArgument(
+                raise StaleReport(
                     f"reported generation {state.generation} is below the {before} reported before: a stale report"
                 )
             conn.execute(reported_state.update().where(reported_state.c.device_id == device_id).values(**row))
@@ -283,3 +314,208 @@ class ControlStore:
         if row is None:
             return None
         return StoredReport(device_id, ReportedState.FromString(bytes(row.payload)), row.received_at_ms)
+
+    # -- bulk reads and writes (the reconciler, the MQTT control link) ------------------------------------
+
+    def set_desired_many(self, states: Mapping[str, DesiredState]) -> dict[str, int]:
+        """Give each device its new desired state, DESIRED_CHUNK devices per transaction; {device: generation}.
+
+        Generations are assigned as set_desired's. A device that is unknown or was revoked meanwhile is left
+        out of the result (the reconciler reads the fleet before writing). Listeners are called per device
+        after its chunk committed. Raises InvalidArgument (before any write) if any state is malformed.
+        """
+        for state in states.values():
+            check_desired(state)
+        issued = now_ms()
+        messages: dict[str, DesiredState] = {}
+        bodies: dict[str, bytes] = {}
+        for device_id, state in states.items():
+            body = messages[device_id] = DesiredState()
+            body.CopyFrom(state)
+            body.device_id, body.generation, body.issued_at_ms = device_id, 0, issued
+            bodies[device_id] = body.SerializeToString()
+        written: dict[str, int] = {}
+        ids = sorted(bodies)
+        for start in range(0, len(ids), DESIRED_CHUNK):
+            chunk = {device_id: bodies[device_id] for device_id in ids[start : start + DESIRED_CHUNK]}
+            generations = self._db.write(functools.partial(_write_desired_chunk, chunk=chunk, issued=issued))
+            written.update(generations)
+            for device_id, generation in generations.items():
+                messages[device_id].generation = generation
+                self._committed(messages[device_id])
+        return written
+
+    def desired_many(self, device_ids: Iterable[str] | None = None) -> dict[str, DesiredState]:
+        """The current desired state of every device that has one (of `device_ids` only, if given)."""
+        rows = self._rows(desired_state, device_ids)
+        found: dict[str, DesiredState] = {}
+        for row in rows:
+            state = DesiredState.FromString(bytes(row.payload))
+            state.generation = row.generation
+            found[row.device_id] = state
+        return found
+
+    def reported_many(self, device_ids: Iterable[str] | None = None) -> dict[str, StoredReport]:
+        """The last report of every device that has one (of `device_ids` only, if given)."""
+        return {
+            row.device_id: StoredReport(row.device_id, ReportedState.FromString(bytes(row.payload)), row.received_at_ms)
+            for row in self._rows(reported_state, device_ids)
+        }
+
+    def generations(self) -> dict[str, StoredState]:
+        """Desired vs reported generation of every device that has a desired state, in one query."""
+        query = sa.select(
+            desired_state.c.device_id,
+            desired_state.c.generation,
+            desired_state.c.issued_at_ms,
+            reported_state.c.generation.label("reported"),
+            reported_state.c.received_at_ms,
+        ).select_from(desired_state.outerjoin(reported_state, desired_state.c.device_id == reported_state.c.device_id))
+        rows = self._db.read(lambda conn: conn.execute(query).all())
+        return {
+            r.device_id: StoredState(
+                r.device_id,
+                int(r.generation),
+                int(r.issued_at_ms),
+                None if r.reported is None else int(r.reported),
+                None if r.received_at_ms is None else int(r.received_at_ms),
+            )
+            for r in rows
+        }
+
+    def report_many(self, reports: Sequence[tuple[str, ReportedState]]) -> list[CloudSyncError | None]:
+        """Store many reports in one transaction; for each, None (stored) or why it was refused.
+
+        Each report is judged as `report` judges it (malformed, never issued, stale, unknown or revoked device:
+        refused, and nothing of it stored); refusals never fail the others. Of several reports of one device
+        in the batch, each is judged against the ones before it.
+        """
+        outcome: list[CloudSyncError | None] = [None] * len(reports)
+        payloads: dict[int, bytes] = {}
+        for i, (device_id, state) in enumerate(reports):
+            try:
+                check_reported(device_id, state)
+                payloads[i] = state.SerializeToString()
+            except InvalidArgument as exc:
+                outcome[i] = exc
+        if not payloads:
+            return outcome
+        received = now_ms()
+
+        def write(conn: sa.Connection) -> list[CloudSyncError | None]:
+            judged = list(outcome)
+            ids = sorted({reports[i][0] for i in payloads})
+            known = _select_in(conn, sa.select(devices.c.device_id, devices.c.revoked_at_ms), devices.c.device_id, ids)
+            revoked = {r.device_id for r in known if r.revoked_at_ms is not None}
+            registered = {r.device_id for r in known}
+            issued = _generations_in(conn, desired_state, ids)
+            before = _generations_in(conn, reported_state, ids)
+            had_report = set(before)
+            newest: dict[str, tuple[int, bytes]] = {}
+            for i, payload in payloads.items():
+                device_id, state = reports[i]
+                judged[i] = _judge_report(device_id, state.generation, registered, revoked, issued, before)
+                if judged[i] is None:
+                    before[device_id] = state.generation
+                    newest[device_id] = (state.generation, payload)
+            _store_reports(conn, newest, received, had_report)
+            return judged
+
+        return self._db.write(write)
+
+    def reporting(self, name: str, version: int) -> list[str]:
+        """The devices whose last report lists model `name` at `version` (in any state but FAILED)."""
+        return sorted(
+            device_id
+            for device_id, report in self.reported_many().items()
+            if any(
+                m.name == name and m.version == version and m.state != ModelState.MODEL_STATE_FAILED
+                for m in report.state.models
+            )
+        )
+
+    def _rows(self, table: sa.Table, device_ids: Iterable[str] | None) -> list[Any]:
+        if device_ids is None:
+            return list(self._db.read(lambda conn: conn.execute(sa.select(table)).all()))
+        ids = sorted(set(device_ids))
+        return self._db.read(lambda conn: _select_in(conn, sa.select(table), table.c.device_id, ids)) if ids else []
+
+
+def _select_in(conn: sa.Connection, query: sa.Select[Any], column: sa.ColumnElement[Any], ids: list[str]) -> list[Any]:
+    rows: list[Any] = []
+    for start in range(0, len(ids), _IN_CHUNK):
+        rows.extend(conn.execute(query.where(column.in_(ids[start : start + _IN_CHUNK]))).all())
+    return rows
+
+
+def _generations_in(conn: sa.Connection, table: sa.Table, ids: list[str]) -> dict[str, int]:
+    query = sa.select(table.c.device_id, table.c.generation)
+    return {r.device_id: int(r.generation) for r in _select_in(conn, query, table.c.device_id, ids)}
+
+
+def _judge_report(
+    device_id: str,
+    generation: int,
+    registered: set[str],
+    revoked: set[str],
+    issued: dict[str, int],
+    before: dict[str, int],
+) -> CloudSyncError | None:
+    if device_id not in registered:
+        return NotFound(f"no device {device_id!r} is registered")
+    if device_id in revoked:
+        return DeviceRevoked(f"device {device_id!r} was revoked")
+    newest = issued.get(device_id, 0)
+    if generation > newest:
+        return InvalidArgument(f"reported generation {generation} was never issued (the newest is {newest})")
+    if generation < before.get(device_id, 0):
+        return StaleReport(
+            f"reported generation {generation} is below the {before[device_id]} reported before: a stale report"
+        )
+    return None
+
+
+def _store_reports(
+    conn: sa.Connection, newest: dict[str, tuple[int, bytes]], received: int, had_report: set[str]
+) -> None:
+    updates = [
+        {"b_device_id": d, "generation": g, "payload": p, "received_at_ms": received}
+        for d, (g, p) in newest.items()
+        if d in had_report
+    ]
+    inserts = [
+        {"device_id": d, "generation": g, "payload": p, "received_at_ms": received}
+        for d, (g, p) in newest.items()
+        if d not in had_report
+    ]
+    if updates:
+        conn.execute(reported_state.update().where(reported_state.c.device_id == sa.bindparam("b_device_id")), updates)
+    if inserts:
+        conn.execute(reported_state.insert(), inserts)
+
+
+def _write_desired_chunk(conn: sa.Connection, chunk: dict[str, bytes], issued: int) -> dict[str, int]:
+    """One transaction of set_desired_many: lock the chunk's live devices, then bump their generations."""
+    ids = sorted(chunk)
+    lock = sa.select(devices.c.device_id, devices.c.revoked_at_ms).with_for_update()
+    live = sorted(r.device_id for r in _select_in(conn, lock, devices.c.device_id, ids) if r.revoked_at_ms is None)
+    desired_before = _generations_in(conn, desired_state, live)
+    reported_before = _generations_in(conn, reported_state, live)
+    generations = {d: 1 + max(desired_before.get(d, 0), reported_before.get(d, 0)) for d in live}
+    rows = [{"b_device_id": d, "generation": generations[d], "payload": chunk[d], "issued_at_ms": issued} for d in live]
+    updates = [row for row in rows if row["b_device_id"] in desired_before]
+    inserts = [
+        {
+            "device_id": row["b_device_id"],
+            "generation": row["generation"],
+            "payload": row["payload"],
+            "issued_at_ms": issued,
+        }
+        for row in rows
+        if row["b_device_id"] not in desired_before
+    ]
+    if updates:
+        conn.execute(desired_state.update().where(desired_state.c.device_id == sa.bindparam("b_device_id")), updates)
+    if inserts:
+        conn.execute(desired_state.insert(), inserts)
+    return generations

@@ -1,0 +1,174 @@
+"""The admin API's desired-state routes: model assignments, and each device's desired vs reported state.
+
+Added to the app through ApiContext.extra_routes (process.py); `DeviceStates` also gives GET /v1/devices its
+generation columns. Every change calls `on_change` (the reconciler recomputes the devices' desired states
+before the call answers). Not the computation (desired.py, reconciler.py) nor the store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Annotated, Any
+
+from fastapi import FastAPI, Query
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
+from pydantic import BaseModel, ConfigDict, Field
+
+from cloud_sync.api import admin_auth
+from cloud_sync.errors import InvalidArgument
+from cloud_sync.selectors import check_selector
+from cloud_sync.store.assignments import AssignmentStore, check_model_name
+from cloud_sync.store.control import ControlStore, StoredReport
+from cloud_sync.store.devices import DeviceRegistry
+from edgefleet.proto.edgefleet.v1.state_pb2 import DesiredState, ModelState, ModelStatus
+
+__all__ = ["DeviceStates", "state_routes"]
+
+# (name, version) -> the registry's sha256, or None when the registry holds no such version.
+VersionLookup = Callable[[str, int], str | None]
+
+
+class AssignmentBody(BaseModel):
+    """PUT /v1/assignments."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(min_length=1, max_length=63, description="Model name, e.g. digits.")
+    version: int = Field(ge=1, le=2**31 - 1, description="A version the registry holds.")
+    selector: dict[str, str] = Field(default_factory=dict, description="Label key -> value; {} matches every device.")
+    priority: int = Field(
+        0, ge=-1_000_000, le=1_000_000, description="Where assignments of a model overlap, the higher wins."
+    )
+
+
+class UnassignBody(BaseModel):
+    """DELETE /v1/assignments."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(min_length=1, max_length=63)
+    selector: dict[str, str] = Field(default_factory=dict)
+
+
+def _message_json(message: Message) -> dict[str, Any]:
+    return MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+
+
+def _state_name(state: int) -> str:
+    return ModelState.Name(state).removeprefix("MODEL_STATE_")  # type: ignore[arg-type]
+
+
+def _status_json(name: str, desired_version: int | None, statuses: list[ModelStatus]) -> dict[str, Any]:
+    """One model of a device: what it should run, what it runs, and how far the change is."""
+    running = next((s for s in statuses if s.state == ModelState.MODEL_STATE_ACTIVE), None)
+    wanted = next((s for s in statuses if s.version == desired_version), None)
+    about = wanted or running
+    return {
+        "name": name,
+        "desired_version": desired_version,
+        "reported_version": running.version if running is not None else None,
+        "state": _state_name(about.state) if about is not None else ("PENDING" if desired_version else "UNKNOWN"),
+        "reason": about.reason if about is not None else "",
+        "progress": about.progress if about is not None else 0.0,
+        "attempts": about.attempts if about is not None else 0,
+        "next_attempt_at_ms": about.next_attempt_at_ms if about is not None else 0,
+    }
+
+
+def device_state_json(
+    device_id: str, desired: DesiredState | None, reported: StoredReport | None, problems: list[str]
+) -> dict[str, Any]:
+    """GET /v1/devices/{id}/state: desired and reported side by side, per model, and whether they agree."""
+    statuses: dict[str, list[ModelStatus]] = {}
+    if reported is not None:
+        for status in reported.state.models:
+            statuses.setdefault(status.name, []).append(status)
+    wanted = {m.name: m.version for m in desired.models} if desired is not None else {}
+    names = sorted({*wanted, *statuses})
+    in_sync = desired is not None and reported is not None and reported.state.generation == desired.generation
+    return {
+        "device_id": device_id,
+        "desired": _message_json(desired) if desired is not None else None,
+        "reported": {**_message_json(reported.state), "received_at_ms": reported.received_at_ms} if reported else None,
+        "models": [_status_json(name, wanted.get(name), statuses.get(name, [])) for name in names],
+        "in_sync": in_sync,
+        "converged": in_sync and reported is not None and reported.state.converged,
+        "problems": problems,
+    }
+
+
+class DeviceStates:
+    """Desired vs reported state of devices, as the API shows them (blocking: from FastAPI's threadpool)."""
+
+    def __init__(self, control: ControlStore, problems: Callable[[str], list[str]] | None = None) -> None:
+        self._control = control
+        self._problems = problems or (lambda _device_id: [])
+
+    def summaries(self) -> dict[str, dict[str, Any]]:
+        """Per device with a desired state: its generations and whether it converged (a few queries)."""
+        generations = self._control.generations()
+        reports = self._control.reported_many()
+        shown: dict[str, dict[str, Any]] = {}
+        for device_id, g in generations.items():
+            report = reports.get(device_id)
+            in_sync = report is not None and report.state.generation == g.desired_generation
+            shown[device_id] = {
+                "desired_generation": g.desired_generation,
+                "reported_generation": g.reported_generation,
+                "converged": in_sync and report is not None and report.state.converged,
+                "state_error": report.state.error if report is not None else "",
+            }
+        return shown
+
+    def state(self, device_id: str) -> dict[str, Any]:
+        return device_state_json(
+            device_id, self._control.desired(device_id), self._control.reported(device_id), self._problems(device_id)
+        )
+
+
+def _checked_version(versions: VersionLookup, model: str, version: int) -> None:
+    check_model_name(model)
+    if versions(model, version) is None:
+        raise InvalidArgument(f"model {model}:{version} is not in the registry: push it first (fleetctl models push)")
+
+
+def state_routes(
+    assignments: AssignmentStore,
+    devices: DeviceRegistry,
+    states: DeviceStates,
+    admin_token: str,
+    versions: VersionLookup,
+    on_change: Callable[[], None],
+) -> Callable[[FastAPI], None]:
+    """The routes, for ApiContext.extra_routes."""
+    auth = admin_auth(admin_token)
+
+    def add(app: FastAPI) -> None:
+        @app.put("/v1/assignments", tags=["assignments"], dependencies=auth)
+        def assign(body: AssignmentBody) -> dict[str, Any]:
+            """Assign a model version to the devices a selector matches (replaces that model+selector's one)."""
+            selector = check_selector(body.selector)
+            _checked_version(versions, body.model, body.version)
+            assignment = assignments.assign(body.model, body.version, selector, body.priority)
+            on_change()
+            return assignment.to_json()
+
+        @app.delete("/v1/assignments", tags=["assignments"], dependencies=auth)
+        def unassign(body: UnassignBody) -> dict[str, Any]:
+            """Remove a model's assignment to a selector; devices keep what they run unless another applies."""
+            assignments.unassign(body.model, check_selector(body.selector))
+            on_change()
+            return {"model": body.model, "selector": body.selector, "removed": True}
+
+        @app.get("/v1/assignments", tags=["assignments"], dependencies=auth)
+        def list_assignments(
+            model: Annotated[str | None, Query(min_length=1, max_length=63)] = None,
+        ) -> dict[str, Any]:
+            return {"assignments": [a.to_json() for a in assignments.list(model)]}
+
+        @app.get("/v1/devices/{device_id}/state", tags=["devices"], dependencies=auth)
+        def device_state(device_id: str) -> dict[str, Any]:
+            """The device's desired state, its last report, per model desired vs reported, and whether in sync."""
+            devices.get_device(device_id)  # NotFound: 404
+            return states.state(device_id)
+
+    return add
