@@ -124,6 +124,51 @@ class ModelRepository:
                 self._event("model.activated", name, version, previous=old)
             return served
 
+    def prepare(self, name: str, version: int) -> ServedModel:
+        """Load, check and warm up an installed `version` without switching to it (a converging device's
+        BUILDING step): until `activate` switches to it, it answers only requests that name its version.
+
+        The load runs outside the switch lock, so a live policy change or a switch of another model does not
+        wait for an engine build; the version is registered under the lock (the current policy applied).
+        """
+        with self._switch:
+            self._check_open()
+            served = self._served.get(name, {}).get(version)
+            if served is not None:
+                return served
+            ctx = self._load_context()
+        built = self._build(name, version, ctx)
+        with self._switch:
+            raced = self._served.get(name, {}).get(version)
+            if self._closed or raced is not None:
+                built.close(0)
+                self._check_open()
+                assert raced is not None
+                return raced
+            if self._policy != ctx.policy:
+                built.apply_policy(self._policy)
+            self._served.setdefault(name, {})[version] = built
+            self._set_status(_ready_status(built, active=False))
+            return built
+
+    def running(self, name: str) -> tuple[int, str] | None:
+        """(version, sha256 of its ONNX file) of the version answering `name`'s requests, if one does."""
+        with self._switch:
+            version = self._active.get(name)
+            served = self._served.get(name, {}).get(version) if version is not None else None
+            return None if served is None else (served.version, served.manifest.sha256)
+
+    def loaded_versions(self, name: str) -> list[int]:
+        return sorted(self._served.get(name, {}))
+
+    def unload(self, name: str, version: int) -> None:
+        """Unload a loaded version that is not answering `name`'s requests (a build a newer desired state
+        superseded); queued requests naming it finish first. Refused for the active version."""
+        with self._switch:
+            if self._active.get(name) == version:
+                raise EdgeRuntimeError(f"{name}:{version} is the active version; switch to another one first")
+            self._retire(name, version)
+
     def rollback(self, name: str) -> ServedModel:
         """Return `name` to the version that was active before the current one."""
         pointer = self.store.active(name)
@@ -223,8 +268,13 @@ class ModelRepository:
             raise ShuttingDown("the model repository is closed")
 
     def _load(self, name: str, version: int) -> ServedModel:
-        self._set_status(ModelStatus(name, version, ModelState.LOADING))
-        ctx = LoadContext(
+        served = self._build(name, version, self._load_context())
+        self._served.setdefault(name, {})[version] = served
+        self._set_status(_ready_status(served, active=False))
+        return served
+
+    def _load_context(self) -> LoadContext:
+        return LoadContext(
             engine=self.config.engine,
             policy=self._policy,
             max_request_bytes=self.config.server.max_request_bytes,
@@ -232,16 +282,17 @@ class ModelRepository:
             metrics=self.metrics,
             keeper=self.keeper,
         )
+
+    def _build(self, name: str, version: int, ctx: LoadContext) -> ServedModel:
+        """Load, check and warm up one version (status LOADING, then FAILED with the reason if it fails)."""
+        self._set_status(ModelStatus(name, version, ModelState.LOADING))
         try:
-            served = ServedModel.load(self.store.package(name, version, verify=True), ctx)
+            return ServedModel.load(self.store.package(name, version, verify=True), ctx)
         except EdgeRuntimeError as exc:
             self._set_status(ModelStatus(name, version, ModelState.FAILED, reason=str(exc)))
             log.error("model.failed", model=name, version=version, reason=str(exc))
             self._event("model.failed", name, version, reason=str(exc))
             raise
-        self._served.setdefault(name, {})[version] = served
-        self._set_status(_ready_status(served, active=False))
-        return served
 
     def _serve(self, served: ServedModel, why: str = "") -> int | None:
         """Make `served` the version answering its model's requests; retire the one it replaces."""
