@@ -3,7 +3,17 @@
 Run them all with `python -m bench --models build/models` (`make bench`); results land in bench/results/.
 """
 
-__all__ = ["BENCHMARKS"]
+__all__ = ["BENCHMARKS", "MODULES"]
 
-# name -> module under bench/ with run(options) -> Report
-BENCHMARKS = ("inproc", "kserve_grpc", "agent_footprint", "outbox_append", "uplink_e2e", "telemetry_ingest")
+# name -> module under bench/ with run(options) -> Report (bench/results/<name>.json)
+BENCHMARKS = (
+    "inproc",
+    "kserve_grpc",
+    "agent_footprint",
+    "outbox_append",
+    "uplink_e2e",
+    "telemetry_ingest",
+    "control_fanout",
+)
+# Benchmarks whose module is not named like the benchmark (bench/<module>.py); the rest: bench/<name>.py.
+MODULES = {"control_fanout": "bench_control_fanout"}

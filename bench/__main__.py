@@ -9,7 +9,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench import BENCHMARKS
+from bench import BENCHMARKS, MODULES
 from bench._harness import RESULTS_DIR, Options, Report
 
 __all__ = ["main"]
@@ -45,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     reports: list[Report] = []
     for name in args.only or BENCHMARKS:
-        module = importlib.import_module(f"bench.{name}")
+        module = importlib.import_module(f"bench.{MODULES.get(name, name)}")
         report: Report = module.run(options)
         report.write()
         reports.append(report)

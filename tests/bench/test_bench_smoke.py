@@ -18,6 +18,7 @@ TARGETS = {
     "outbox_append": 1,
     "uplink_e2e": 1,
     "telemetry_ingest": 2,
+    "control_fanout": 1,
 }
 
 
