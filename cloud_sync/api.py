@@ -13,7 +13,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol
 
 import structlog
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
@@ -44,6 +44,14 @@ MAX_ID = MAX_SEQ
 MAX_QUARANTINE_PAGE = 1000
 
 
+class DeviceStateView(Protocol):
+    """Desired vs reported state for the device routes (cloud_sync/api_state.py's DeviceStates)."""
+
+    def summaries(self) -> dict[str, dict[str, Any]]: ...
+
+    def state(self, device_id: str) -> dict[str, Any]: ...
+
+
 class ApiContext:
     """What the endpoints need; built by the cloud-sync process (or a test)."""
 
@@ -56,6 +64,7 @@ class ApiContext:
         extra_routes: list[Callable[[FastAPI], None]] | None = None,
         telemetry: TelemetryStore | None = None,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        device_states: DeviceStateView | None = None,
     ) -> None:
         self.devices = devices
         self.results = results
@@ -64,6 +73,7 @@ class ApiContext:
         self.extra_routes = extra_routes or []
         self.telemetry = telemetry
         self.max_body_bytes = max_body_bytes
+        self.device_states = device_states
 
 
 class NewDevice(BaseModel):
@@ -111,6 +121,12 @@ class _InternalErrors:
             await JSONResponse({"detail": INTERNAL_MESSAGE}, status_code=500)(scope, receive, send)
 
 
+def _streamed_upload(scope: Scope) -> bool:
+    """PUT /v1/blobs/{sha256}: a model file, streamed to the blob store under its own limit (api_models.py)."""
+    path = str(scope.get("path", ""))
+    return scope.get("method") == "PUT" and path.startswith("/v1/blobs/") and path.count("/") == 3
+
+
 class _BodyLimit:
     """ASGI middleware: a request body past `max_bytes` gets 413 with the limit, and is not read past it.
 
@@ -130,7 +146,7 @@ class _BodyLimit:
         return HTTPException(status_code=413, detail=detail, headers={"Connection": "close"})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or _streamed_upload(scope):
             await self.app(scope, receive, send)
             return
         declared = dict(scope.get("headers") or ()).get(b"content-length")
@@ -153,6 +169,8 @@ class _BodyLimit:
         await self.app(scope, counted, send)
 
 
+# A device never given a desired state (GET /v1/devices rows).
+_NO_STATE = {"desired_generation": None, "reported_generation": None, "converged": None, "state_error": ""}
 # How far back a device's per-model figures reach in GET /v1/devices/{id}.
 RECENT_S = 300
 
@@ -242,9 +260,15 @@ def create_app(ctx: ApiContext) -> FastAPI:
     @app.get("/v1/devices", tags=["devices"], dependencies=auth)
     def list_devices() -> dict[str, Any]:
         presence = {p.device_id: p for p in ctx.telemetry.fleet_presence()} if ctx.telemetry else {}
+        states = ctx.device_states.summaries() if ctx.device_states is not None else {}
         return {
             "devices": [
-                {**_device_json(d), **_presence_json(presence.get(d.device_id))} for d in ctx.devices.list_devices()
+                {
+                    **_device_json(d),
+                    **_presence_json(presence.get(d.device_id)),
+                    **states.get(d.device_id, _NO_STATE),
+                }
+                for d in ctx.devices.list_devices()
             ]
         }
 
@@ -257,6 +281,8 @@ def create_app(ctx: ApiContext) -> FastAPI:
     def show_device(device_id: str) -> dict[str, Any]:
         device = ctx.devices.get_device(device_id)
         shown = {**_device_json(device), "uplink": asdict(ctx.results.reconcile(device_id))}
+        if ctx.device_states is not None:
+            shown["state"] = ctx.device_states.state(device_id)
         if ctx.telemetry is not None:
             presence = {p.device_id: p for p in ctx.telemetry.fleet_presence()}.get(device_id)
             latest = ctx.telemetry.latest(device_id)

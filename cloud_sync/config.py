@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from cloud_sync.errors import InvalidArgument
-from edgefleet.addresses import parse_host_port
+from edgefleet.addresses import parse_broker_url, parse_host_port
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -31,6 +31,21 @@ def _listen_address(value: str) -> str:
     return value
 
 
+def _optional_address(value: str) -> str:
+    return _listen_address(value) if value else value
+
+
+def _optional_broker_url(value: str) -> str:
+    if value:
+        parse_broker_url(value)
+    return value
+
+
+# host:port, or empty.
+OptionalAddress = Annotated[str, AfterValidator(_optional_address)]
+# mqtt:// or mqtts:// URL, or empty.
+OptionalBrokerUrl = Annotated[str, AfterValidator(_optional_broker_url)]
+
 # Checked here, so that check-config refuses what `run` could not listen on (a port past 65535 once bound
 # gRPC to that port modulo 65536, and made the admin API fail with an OverflowError).
 ListenAddress = Annotated[str, AfterValidator(_listen_address)]
@@ -44,6 +59,11 @@ class ServerSection(_Section):
     data_dir: str = Field("./cloud-sync-data", description="Where the signing key, admin token and SQLite file live.")
     log_level: str = Field("info", pattern="^(debug|info|warning|error)$", description="Lowest level logged.")
     shutdown_grace_s: float = Field(10.0, ge=0, le=600, description="How long calls in flight may finish on SIGTERM.")
+    public_grpc_target: OptionalAddress = Field(
+        "",
+        description="host:port devices reach the gRPC services at, told them at enrollment (behind a load balancer "
+        "or NAT); empty: the grpc.listen address.",
+    )
 
 
 class GrpcSection(_Section):
@@ -96,6 +116,34 @@ class MqttSection(_Section):
         description="This replica's MQTT client id, starting with cloud-sync, stable across its restarts (the broker "
         "keeps its session) and distinct between replicas; empty: cloud-sync-<hostname>.",
     )
+    device_url: OptionalBrokerUrl = Field(
+        "", description="Broker URL devices are told at enrollment (mqtts://broker.example:8883); empty: url."
+    )
+    manage_accounts: Literal["none", "mosquitto-dynsec"] = Field(
+        "none",
+        description="none: the operator manages device accounts on the broker; mosquitto-dynsec: cloud-sync creates "
+        "each enrolled device's account (user = device id, password = its token, only its own topics) and "
+        "disables a revoked one, through Mosquitto's dynamic security plugin.",
+    )
+    accounts_username: str = Field(
+        "", description="Broker user allowed to send dynamic-security commands; empty: username."
+    )
+    accounts_password_file: str = Field("", description="File holding that user's password; empty: password_file.")
+
+
+class RegistrySection(_Section):
+    blob_dir: str = Field(
+        "",
+        description="Where model blobs live (content-addressed); empty: <data_dir>/blobs. Replicas share it (NFS/EFS).",
+    )
+    max_blob_bytes: int = Field(
+        4 * 1024**3, ge=1024, le=2**40, description="Largest model file (blob) the admin API takes; larger: 413."
+    )
+    signing_key_file: str = Field(
+        "",
+        description="The fleet's ed25519 signing key (PEM, 0600, made on first start); empty: "
+        "<data_dir>/fleet-signing.key.",
+    )
 
 
 class CloudSyncConfig(_Section):
@@ -104,6 +152,7 @@ class CloudSyncConfig(_Section):
     http: HttpSection = HttpSection()
     database: DatabaseSection = DatabaseSection()
     mqtt: MqttSection = MqttSection()
+    registry: RegistrySection = RegistrySection()
 
     @property
     def data_dir(self) -> Path:

@@ -38,6 +38,9 @@ WATCH_OPEN_METADATA = (("edgefleet-watch", "open"),)
 # How often open streams look for desired states written by another replica (or another process). One query
 # for every device watched here, not one per stream.
 POLL_S = 2.0
+# How often an open WatchDesired stream checks its device's credential again: a device revoked on another
+# replica loses its stream within this (plus the authenticator's cache); one revoked here loses it at once.
+RECHECK_S = 10.0
 
 
 class DesiredChanges:
@@ -75,6 +78,16 @@ class DesiredChanges:
         self._seen[device_id] = generation
         for event in self._waiters.get(device_id, ()):
             event.set()
+
+    def wake(self, device_id: str) -> None:
+        """On the loop: wake every stream of `device_id` (to check its credential again)."""
+        for event in self._waiters.get(device_id, ()):
+            event.set()
+
+    def revoked(self, device_id: str) -> None:
+        """From any thread: `device_id` was revoked; its open streams check their credential now."""
+        with contextlib.suppress(RuntimeError):  # the loop is closed: cloud-sync is stopping
+            self._loop.call_soon_threadsafe(self.wake, device_id)
 
     def _changed_elsewhere(self, device_id: str, generation: int) -> None:
         with contextlib.suppress(RuntimeError):  # the loop is closed: cloud-sync is stopping
@@ -176,7 +189,8 @@ class ControlServicer:
         device_id = "?"
         known = request.known_generation
         try:
-            device_id = await self._device(context)
+            token = bearer_token(context.invocation_metadata())
+            device_id = await self._run(self._auth.device_for, token)
         except Exception as exc:
             await self._refuse(context, "WatchDesired", device_id, exc)
         self._metrics.calls.labels("WatchDesired").inc()
@@ -194,7 +208,13 @@ class ControlServicer:
                 if state is not None and state.generation > known:
                     known = state.generation
                     yield state
-                await wake.wait()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(wake.wait(), RECHECK_S)
+                try:
+                    # Revoked since the stream opened: the stream ends (the device's retries are refused).
+                    await self._run(self._auth.device_for, token)
+                except Exception as exc:
+                    await self._refuse(context, "WatchDesired", device_id, exc)
         finally:
             self._changes.unwatch(device_id, wake)
             # Shielded: a cancelled stream (the device went away) must still be recorded as offline.

@@ -10,11 +10,13 @@ __all__ = [
     "AlreadyExists",
     "CloudSyncError",
     "DeviceRevoked",
+    "FailedPrecondition",
     "InvalidArgument",
     "InvalidBatch",
     "NotFound",
     "SchemaMismatch",
     "StoreUnavailable",
+    "TooLarge",
     "Unauthenticated",
 ]
 
@@ -36,6 +38,15 @@ class InvalidBatch(InvalidArgument):
 
     Nothing of the batch was stored and the device's watermark did not move.
     """
+
+
+class TooLarge(InvalidArgument):
+    """An upload (a model blob) is past its configured limit; nothing of it was kept."""
+
+
+class FailedPrecondition(CloudSyncError):
+    """The object is in a state that forbids the call (a model version still assigned or running); the message
+    names what holds it."""
 
 
 class Unauthenticated(CloudSyncError):

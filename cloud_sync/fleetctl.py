@@ -27,6 +27,10 @@ from rich.text import Text
 
 from cloud_sync.cli import parse_labels
 from cloud_sync.errors import InvalidArgument
+from cloud_sync.fleetctl_enrollment import token_app
+from cloud_sync.fleetctl_models import models_app
+from cloud_sync.fleetctl_policies import policies_app
+from cloud_sync.fleetctl_state import add_state_commands, print_device_state, state_cell
 from edgefleet.proto.edgefleet.v1 import results_pb2
 
 __all__ = ["app", "main"]
@@ -43,6 +47,10 @@ devices_app = typer.Typer(
 results_app = typer.Typer(help="Results devices uploaded.", no_args_is_help=True)
 app.add_typer(devices_app, name="devices")
 app.add_typer(results_app, name="results")
+devices_app.add_typer(token_app, name="token")
+app.add_typer(policies_app, name="policies")
+app.add_typer(models_app, name="models")
+add_state_commands(models_app)
 
 # soft_wrap: a line is never folded at the terminal's width (scripts grep fleetctl's output and messages).
 out = Console(soft_wrap=True)
@@ -164,7 +172,7 @@ def devices_list(ctx: typer.Context) -> None:
     if s.as_json:
         out.print_json(data=devices)
         return
-    table = Table("device", "labels", "presence", "last seen", "created", "revoked")
+    table = Table("device", "labels", "presence", "last seen", "state", "created", "revoked")
     for d in devices:
         labels = ",".join(f"{k}={v}" for k, v in sorted(d["labels"].items()))
         presence = {True: "online", False: "offline"}.get(d.get("online"), "-")
@@ -174,6 +182,7 @@ def devices_list(ctx: typer.Context) -> None:
             Text(labels),
             presence,
             _when(d.get("last_seen_ms")),
+            state_cell(d),
             _when(d["created_at_ms"]),
             "yes" if d["revoked"] else "",
         )
@@ -225,6 +234,8 @@ def devices_show(ctx: typer.Context, device_id: DeviceIdArgument) -> None:
         )
     if device.get("online") is not None:
         out.print(f"{'online' if device['online'] else 'offline'}, last seen {_when(device['last_seen_ms'])}")
+    if "state" in device:
+        print_device_state(out, device["state"])
     telemetry = device.get("telemetry")
     if telemetry:
         system, outbox = telemetry.get("system", {}), telemetry.get("outbox", {})

@@ -25,10 +25,23 @@ import uvicorn
 from prometheus_client import CollectorRegistry
 
 from cloud_sync.api import ApiContext, create_app
+from cloud_sync.api_enrollment import enrollment_routes
+from cloud_sync.api_models import model_routes
+from cloud_sync.api_policies import policy_routes
+from cloud_sync.api_state import DeviceStates, state_routes
+from cloud_sync.broker_accounts import DynsecAccounts
 from cloud_sync.config import CloudSyncConfig, ConfigProblem
 from cloud_sync.control import ControlServicer, DesiredChanges
-from cloud_sync.store import Database, DeviceRegistry, ResultStore, TelemetryStore, open_database
+from cloud_sync.control_mqtt import MqttControl
+from cloud_sync.enrollment import EnrollmentServicer
+from cloud_sync.reconciler import Reconciler
+from cloud_sync.registry import DirectoryBlobStore, FleetSigner, ModelRegistry
+from cloud_sync.registry.artifacts import ArtifactsServicer
+from cloud_sync.registry.signer import SIGNING_KEY_FILE
+from cloud_sync.store import Database, DeviceRegistry, PolicyStore, ResultStore, TelemetryStore, open_database
+from cloud_sync.store.assignments import AssignmentStore
 from cloud_sync.store.control import ControlStore
+from cloud_sync.store.enrollment import EnrollmentTokens
 from cloud_sync.telemetry.metrics import TelemetryMetrics
 from cloud_sync.telemetry.subscriber import TelemetrySubscriber
 from cloud_sync.uplink import DeviceAuthenticator, UplinkServicer
@@ -118,6 +131,93 @@ class CloudSync:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._io = ThreadPoolExecutor(config.grpc.ingest_threads, thread_name_prefix="ingest")
         self.control_store: ControlStore | None = None  # set once the database is open
+        self.policy_store: PolicyStore | None = None  # set once the database is open
+        self.model_registry: ModelRegistry | None = None  # set once the database is open
+        self.enrollment_tokens: EnrollmentTokens | None = None  # set once the database is open
+        self.broker_accounts: DynsecAccounts | None = None  # with mqtt.manage_accounts = "mosquitto-dynsec"
+        self.assignment_store: AssignmentStore | None = None  # set once the database is open
+        self.reconciler: Reconciler | None = None  # set once the database is open
+        self.control_link: MqttControl | None = None  # with a broker: desired states out, reports in
+
+    def model_in_use(self, name: str, version: int) -> list[str]:
+        """What holds a model version (its delete is refused while any does): the assignments naming it, the
+        devices whose desired state names it and the devices that report running it."""
+        assert self.model_registry is not None and self.reconciler is not None
+        held = self.reconciler.in_use(name, version)
+        told = [f"device {d}" for d in self.model_registry.assigned(name, version)]
+        return [*held, *(t for t in told if t not in held)]
+
+    def _open_registry(self, db: Database) -> ModelRegistry:
+        """The model registry: blobs in registry.blob_dir, the fleet key made on first start (blocking)."""
+        registry = self.config.registry
+        blobs = DirectoryBlobStore(Path(registry.blob_dir) if registry.blob_dir else self.config.data_dir / "blobs")
+        key = Path(registry.signing_key_file) if registry.signing_key_file else self.config.data_dir / SIGNING_KEY_FILE
+        return ModelRegistry(db, blobs, FleetSigner.open(key))
+
+    def on_enrolled(self, device_id: str) -> None:
+        """A device enrolled (called on an ingest thread, after the commit).
+
+        The reconciler computes the device's first desired state now (its failure is logged; the periodic
+        pass picks the device up).
+        """
+        log.debug("cloud_sync.device_enrolled", device=device_id)
+        if self.reconciler is not None:
+            self.reconciler.on_enrolled(device_id)
+
+    def device_endpoints(self) -> services_pb2.Endpoints:
+        """Where an enrolling device is told to connect: server.public_grpc_target (else the gRPC address this
+        process listens on) and mqtt.device_url (else mqtt.url; empty: no broker, control over gRPC)."""
+        mqtt = self.config.mqtt
+        return services_pb2.Endpoints(
+            grpc_target=self.config.server.public_grpc_target or self.endpoints.grpc_target,
+            mqtt_url=mqtt.device_url or mqtt.url,
+            topic_prefix=mqtt.topic_prefix,
+        )
+
+    def _start_accounts(self, devices: DeviceRegistry) -> DynsecAccounts | None:
+        """The broker's device accounts, when cloud-sync manages them (reads a password file: off the loop).
+
+        Enrolling creates a device's account, revoking disables it; at start every revoked device's account
+        is disabled again (a revocation made while the broker was away), in the background."""
+        mqtt = self.config.mqtt
+        if mqtt.manage_accounts == "none":
+            return None
+        if not mqtt.url:
+            raise ConfigProblem("mqtt.manage_accounts = mosquitto-dynsec needs mqtt.url (the broker to manage)")
+        # Its own client id with a random part: it keeps no session, and a second cloud-sync started by
+        # mistake cannot take over this one's.
+        client_id = f"{mqtt.client_id or f'cloud-sync-{socket.gethostname()}'}-accounts-{secrets.token_hex(3)}"
+        accounts = DynsecAccounts.from_config(mqtt, client_id)
+        accounts.start()
+        devices.on_revoked.append(accounts.disable)
+        revoked = [d.device_id for d in devices.list_devices() if d.revoked]
+        if revoked:
+            future = self._io.submit(accounts.disable_all, revoked)
+            future.add_done_callback(
+                lambda f: f.exception() and log.warning("broker_accounts.resync_failed", error=str(f.exception()))
+            )
+        return accounts
+
+    def _enrollment(self) -> EnrollmentServicer:
+        assert self.enrollment_tokens is not None and self.model_registry is not None
+        return EnrollmentServicer(
+            self.enrollment_tokens,
+            self.model_registry.signer.public_key,
+            self.device_endpoints,
+            self._io,
+            self.on_enrolled,
+            self.broker_accounts,
+        )
+
+    def on_policy_change(self) -> None:
+        """A policy was set or deleted (called on the admin API's thread, after the commit).
+
+        The reconciler recomputes every device's desired state before the API answers (its failure is
+        logged; the periodic pass retries).
+        """
+        log.info("cloud_sync.policy_changed")
+        if self.reconciler is not None:
+            self.reconciler.on_change()
 
     def stop(self) -> None:
         """Drain and exit (what SIGTERM does); safe from any thread."""
@@ -141,10 +241,22 @@ class CloudSync:
             started.push_async_callback(asyncio.to_thread, db.close)
             devices, results, telemetry = DeviceRegistry(db), ResultStore(db), TelemetryStore(db)
             self.control_store = control_store = ControlStore(db)
+            self.policy_store = PolicyStore(db)
+            self.model_registry = await asyncio.to_thread(self._open_registry, db)
+            self.enrollment_tokens = EnrollmentTokens(db, devices)
+            self.assignment_store = AssignmentStore(db)
+            self.reconciler = Reconciler(
+                devices, self.assignment_store, self.policy_store, self.model_registry, control_store
+            )
+            self.broker_accounts = await asyncio.to_thread(self._start_accounts, devices)
+            if self.broker_accounts is not None:
+                started.push_async_callback(asyncio.to_thread, self.broker_accounts.close)
             changes = DesiredChanges(control_store, loop)
             # One authenticator (one token cache) for both device services: a token is looked up once per
             # AUTH_CACHE_S whichever service the device calls, and revocation takes effect in both together.
             auth = DeviceAuthenticator(devices)
+            # A revocation made here cuts the device off at once: its cached token and its open control streams.
+            devices.on_revoked += [auth.forget, changes.revoked]
             control = ControlServicer(auth, control_store, telemetry, self._io, changes, self.registry)
             started.push_async_callback(asyncio.to_thread, control.presence.close)
             # Both ports are claimed before anything else starts: a second `cloud-sync run` on the same config
@@ -159,6 +271,9 @@ class CloudSync:
                 # Closing stores and acknowledges what is queued (blocking): off the loop.
                 started.push_async_callback(asyncio.to_thread, subscriber.close)
             self.registry.register(TelemetryMetrics(telemetry, subscriber))
+            self.control_link = await asyncio.to_thread(self._start_control_link, control_store)
+            if self.control_link is not None:
+                started.push_async_callback(asyncio.to_thread, self.control_link.close)
             http = await self._start_http(sock, devices, results, telemetry)
             started.push_async_callback(self._stop_http, http)
             await server.start()
@@ -166,6 +281,9 @@ class CloudSync:
             started.push_async_callback(server.stop, grace)
             polling = asyncio.ensure_future(changes.poll(self._io))
             started.callback(polling.cancel)
+            assert self.reconciler is not None
+            reconciling = asyncio.ensure_future(self.reconciler.run_periodically(self._io))
+            started.callback(reconciling.cancel)
             if handle_signals:
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     loop.add_signal_handler(sig, self.stop)
@@ -198,6 +316,10 @@ class CloudSync:
             UplinkServicer(auth, results, self._io, self.registry),
         )
         add_service(server, services_pb2, "Control", control)
+        assert self.model_registry is not None and self.control_store is not None
+        artifacts = ArtifactsServicer(auth, self.model_registry, self.control_store, self._io, self.registry)
+        add_service(server, services_pb2, "Artifacts", artifacts)
+        add_service(server, services_pb2, "Enrollment", self._enrollment())
         return server
 
     async def _claim_grpc_port(self, server: grpc.aio.Server) -> None:
@@ -234,14 +356,52 @@ class CloudSync:
         self.endpoints.extra["mqtt"] = mqtt.url
         return subscriber
 
+    def _start_control_link(self, control: ControlStore) -> MqttControl | None:
+        """Desired states out and reported states in over the broker, when one is configured (with none, the
+        gRPC Control stream delivers). Reads the broker's password file: call it off the loop."""
+        mqtt = self.config.mqtt
+        if not mqtt.url:
+            return None
+        base = mqtt.client_id or f"cloud-sync-{socket.gethostname()}"
+        link = MqttControl.from_config(mqtt, control, client_id=f"{base}-control")
+        link.start()
+        return link
+
     async def _start_http(
         self, sock: socket.socket, devices: DeviceRegistry, results: ResultStore, telemetry: TelemetryStore
     ) -> uvicorn.Server:
         # The first start writes the token file (and fsyncs it and its directory); building the app costs
         # 0.1-0.15 s of CPU (FastAPI's routes and models, measured): both off the loop.
         token = await asyncio.to_thread(admin_token, self.config.data_dir)
+        assert self.policy_store is not None, "the database is open before the admin API starts"
+        routes = [policy_routes(self.policy_store, devices, token, self.on_policy_change)]
+        assert self.model_registry is not None
+        max_blob = self.config.registry.max_blob_bytes
+        routes.append(model_routes(self.model_registry, token, self.model_in_use, max_blob))
+        assert self.enrollment_tokens is not None
+        routes.append(enrollment_routes(self.enrollment_tokens, token))
+        assert self.assignment_store is not None and self.reconciler is not None and self.control_store is not None
+        states = DeviceStates(self.control_store, self.reconciler.problems)
+        digests = self.model_registry.digests
+        routes.append(
+            state_routes(
+                self.assignment_store,
+                devices,
+                states,
+                token,
+                lambda name, version: digests().get((name, version)),
+                self.reconciler.on_change,
+            )
+        )
         context = ApiContext(
-            devices, results, token, self.registry, telemetry=telemetry, max_body_bytes=self.config.http.max_body_bytes
+            devices,
+            results,
+            token,
+            self.registry,
+            extra_routes=routes,
+            telemetry=telemetry,
+            max_body_bytes=self.config.http.max_body_bytes,
+            device_states=states,
         )
         app = await asyncio.to_thread(create_app, context)
         server = _EmbeddedServer(uvicorn.Config(app, log_config=None, access_log=False, lifespan="off"))

@@ -12,13 +12,18 @@ from cloud_sync.errors import (
     AlreadyExists,
     CloudSyncError,
     DeviceRevoked,
+    FailedPrecondition,
     InvalidArgument,
     InvalidBatch,
     NotFound,
     SchemaMismatch,
     StoreUnavailable,
+    TooLarge,
     Unauthenticated,
 )
+from cloud_sync.policies import PolicyInvalid
+from cloud_sync.store.control import StaleReport
+from cloud_sync.store.enrollment import EnrollmentRefused
 
 __all__ = ["GRPC_CODES", "HTTP_CODES", "INTERNAL_MESSAGE", "grpc_code", "http_code", "unexpected_error_fields"]
 
@@ -29,7 +34,13 @@ GRPC_CODES: dict[type[CloudSyncError], grpc.StatusCode] = {
     CloudSyncError: grpc.StatusCode.INTERNAL,
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     InvalidBatch: grpc.StatusCode.INVALID_ARGUMENT,
+    TooLarge: grpc.StatusCode.INVALID_ARGUMENT,
+    PolicyInvalid: grpc.StatusCode.INVALID_ARGUMENT,
+    # A report that arrived after a newer one: refused with its reason, as any report that cannot be stored.
+    StaleReport: grpc.StatusCode.INVALID_ARGUMENT,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    EnrollmentRefused: grpc.StatusCode.UNAUTHENTICATED,
     DeviceRevoked: grpc.StatusCode.PERMISSION_DENIED,
     NotFound: grpc.StatusCode.NOT_FOUND,
     AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
@@ -43,7 +54,12 @@ HTTP_CODES: dict[type[CloudSyncError], int] = {
     CloudSyncError: 500,
     InvalidArgument: 422,
     InvalidBatch: 422,
+    TooLarge: 413,
+    PolicyInvalid: 422,
+    StaleReport: 422,
+    FailedPrecondition: 409,
     Unauthenticated: 401,
+    EnrollmentRefused: 401,
     DeviceRevoked: 403,
     NotFound: 404,
     AlreadyExists: 409,

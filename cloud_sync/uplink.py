@@ -67,6 +67,13 @@ class DeviceAuthenticator:
             self._cache[key] = (device_id, now)
         return device_id
 
+    def forget(self, device_id: str) -> None:
+        """Drop the cached tokens of `device_id` (it was revoked here: its next call is refused at once, not
+        after AUTH_CACHE_S). Thread-safe."""
+        with self._lock:
+            for key in [k for k, (device, _) in self._cache.items() if device == device_id]:
+                del self._cache[key]
+
 
 class UplinkMetrics:
     """Fleet-wide uplink counters (no per-device labels: a fleet has too many devices for that)."""

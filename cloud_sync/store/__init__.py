@@ -9,12 +9,17 @@ Everything here is synchronous and thread-safe; async callers run it in a thread
 
 from __future__ import annotations
 
+from cloud_sync.registry import store as _registry_store  # noqa: F401  (model_versions on the metadata)
+
 # control and telemetry are imported here also so that their tables are on the schema's metadata before
 # open_database creates the schema.
+from cloud_sync.store import assignments as _assignments  # noqa: F401  (model_assignments on the metadata)
 from cloud_sync.store.batches import IngestLimits
 from cloud_sync.store.control import ControlStore
 from cloud_sync.store.database import Database, open_database
 from cloud_sync.store.devices import Device, DeviceRegistry
+from cloud_sync.store.enrollment import EnrollmentTokens  # noqa: F401  (its table on the metadata)
+from cloud_sync.store.policies import PolicyStore
 from cloud_sync.store.results import IngestOutcome, QuarantineEntry, Reconciliation, ResultStore, StoredResult
 from cloud_sync.store.telemetry import TelemetryStore
 
@@ -25,6 +30,7 @@ __all__ = [
     "DeviceRegistry",
     "IngestLimits",
     "IngestOutcome",
+    "PolicyStore",
     "QuarantineEntry",
     "Reconciliation",
     "ResultStore",

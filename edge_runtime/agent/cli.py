@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edge_runtime import __version__
+from edge_runtime.agent.identity import apply_identity
 from edge_runtime.config import AgentConfig, field_docs, load_config
 from edge_runtime.errors import ConfigError, EdgeRuntimeError, EngineError, PackageError
 from edgefleet.logs import configure_logging
@@ -72,6 +73,20 @@ def _parser() -> argparse.ArgumentParser:
 
     models = commands.add_parser("models", help="list installed model versions and which is active")
     models.add_argument("--config", default=DEFAULT_CONFIG, help="TOML config file (for the data dir)")
+
+    enroll = commands.add_parser(
+        "enroll",
+        help="enroll this device with a one-time token",
+        description="Trade a one-time enrollment token (fleetctl devices token create) for this device's identity: "
+        "its id, credential, the fleet's signing key and the endpoints, written 0600 into DATA_DIR/identity/. "
+        "`run` then takes every cloud and broker setting the config leaves empty from there.",
+    )
+    enroll.add_argument("--url", required=True, help="cloud-sync's gRPC address: HOST:PORT or grpc://HOST:PORT")
+    enroll.add_argument("--token", required=True, help="the one-time enrollment token")
+    enroll.add_argument("--config", default=DEFAULT_CONFIG, help="TOML config file (its data dir and CA file)")
+    enroll.add_argument("--data-dir", type=Path, help="where to write the identity (default: the config's data dir)")
+    enroll.add_argument("--ca-file", help="PEM CA bundle to reach cloud-sync over TLS (default: cloud.ca_file)")
+    enroll.add_argument("--force", action="store_true", help="replace an existing identity")
 
     check = commands.add_parser("check-config", help="validate a config file and print the effective values")
     check.add_argument("config", help="TOML config file")
@@ -218,6 +233,29 @@ def _models(config: AgentConfig) -> int:
     return 0
 
 
+def _enroll(args: argparse.Namespace) -> int:
+    from edge_runtime.agent.enroll import EnrollmentRefused, enroll
+
+    # The config (for the data dir and cloud.ca_file) may be absent when --data-dir is given.
+    config = AgentConfig()
+    if args.data_dir is None or Path(args.config).exists():
+        config = load_config(args.config)
+    data_dir = args.data_dir or config.data_dir
+    try:
+        identity = enroll(
+            args.url, args.token, data_dir, ca_file=args.ca_file or config.cloud.ca_file, force=args.force
+        )
+    except EnrollmentRefused as exc:
+        print(f"edge-agent: error: {exc}", file=sys.stderr)
+        return 2
+    labels = ",".join(f"{k}={v}" for k, v in sorted(identity.labels.items()))
+    print(
+        f"enrolled as {identity.device_id}{f' ({labels})' if labels else ''}: identity in {identity.directory}; "
+        f"cloud-sync {identity.grpc_target}, broker {identity.mqtt_url or 'none (control over gRPC)'}"
+    )
+    return 0
+
+
 def _check(config: AgentConfig) -> int:
     docs = field_docs()
     values = {}
@@ -234,7 +272,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in ("inspect", "package"):
             configure_logging("warning", sys.stderr)
             return _inspect(args) if args.command == "inspect" else _package(args)
+        if args.command == "enroll":
+            configure_logging("warning", sys.stderr)
+            return _enroll(args)
         config = load_config(args.config)
+        if args.command in ("run", "install", "models"):
+            config = apply_identity(config)
         if args.command == "run":
             configure_logging(config.agent.log_level)
             return _run(config)

@@ -12,21 +12,27 @@ import platform
 import signal
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http.server import HTTPServer
+from pathlib import Path
 
+import grpc
 import structlog
 from prometheus_client import start_http_server
 
 from edge_runtime import __version__
 from edge_runtime.agent.systemd import SystemdNotifier
 from edge_runtime.config import AgentConfig
-from edge_runtime.errors import ConfigError
+from edge_runtime.control.converge import Converger
+from edge_runtime.control.desired_store import DesiredStore
+from edge_runtime.control.trust import TrustStore
+from edge_runtime.errors import ConfigError, EdgeRuntimeError
 from edge_runtime.inference.keeping import Keeper
 from edge_runtime.kserve.server import InferenceServer, parse_tcp_address
-from edge_runtime.models.repository import ModelRepository, ModelStatus
-from edge_runtime.models.served import ModelState, ServedModel
+from edge_runtime.models.repository import ModelRepository
+from edge_runtime.models.served import ServedModel
 from edge_runtime.observability.metrics import AgentMetrics
 from edge_runtime.outbox import Outbox
 from edge_runtime.policy import EffectivePolicy, PolicyChange, parse_policy
@@ -35,9 +41,13 @@ from edge_runtime.sync.uplink import CloudChannel, Uploader, read_token
 from edge_runtime.telemetry import TelemetryCollector, deferred_probe
 from edgefleet.proto.edgefleet.v1 import state_pb2
 
-__all__ = ["OUTBOX_FILE", "Agent", "AgentEndpoints"]
+__all__ = ["DOWNLOADS_DIR", "NO_SIGNING_KEY", "OUTBOX_FILE", "Agent", "AgentEndpoints"]
 
 OUTBOX_FILE = "outbox.db"
+DOWNLOADS_DIR = "downloads"
+# Where enrollment leaves the fleet's public key when the config names no cloud.signing_key_file.
+IDENTITY_SIGNING_KEY = "identity/fleet-signing.pub"
+NO_SIGNING_KEY = "no fleet signing key: enroll the device (edge-agent enroll) or set cloud.signing_key_file"
 
 log = structlog.get_logger(__name__)
 
@@ -75,18 +85,43 @@ class Agent:
         )
         # The config file's policy sections are the base every policy from the cloud is laid over.
         self.base_policy = self.policy = EffectivePolicy.from_config(config)
-        self.applied_generation = 0  # of the last desired state applied (not persisted yet: 0 after a restart)
-        self.policy_hash = ""  # the applied desired state's policy_hash ("" on the config file's policy)
         self.collector: TelemetryCollector | None = None
         self._agent_info = _agent_info()  # platform.platform() reads files: once, here, off the loop
-        self._converging: set[asyncio.Future[None]] = set()
         self.endpoints = AgentEndpoints()
         self.started = asyncio.Event()
         self._stop = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-loader")
+        # Installs and engine builds of converging models: a long build never holds up the loader's switches
+        # or a live inference-policy change.
+        self._builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-builder")
         self._policy_lock: asyncio.Lock | None = None  # made on the loop
-        self._converge_lock: asyncio.Lock | None = None
+        self._cloud = cloud
+        self._token = token
+        self._artifacts: grpc.aio.Channel | None = None  # opened on the loop at the first download
+        self.converger = Converger(
+            device_id=config.cloud.device_id,
+            repository=self.repository,
+            persistence=DesiredStore(config.data_dir) if self.control is not None else None,
+            accept_policy=self._accept_policy,
+            publish=self._publish_reported,
+            loader=self._loader,
+            builder=self._builder,
+            fetch=self._fetch if cloud is not None and token else None,
+            no_fetch_reason="model assignments need cloud-sync's artifact service: set cloud.grpc_target and "
+            "cloud.token_file",
+            agent_info=self._agent_info,
+        )
+
+    @property
+    def applied_generation(self) -> int:
+        """The generation of the desired state accepted (its policy applied; its models converging)."""
+        return self.converger.generation
+
+    @property
+    def policy_hash(self) -> str:
+        """The accepted desired state's policy_hash ("" on the config file's policy)."""
+        return self.converger.policy_hash
 
     def stop(self) -> None:
         """Ask the agent to drain and exit (what SIGTERM does); safe to call from any thread."""
@@ -127,7 +162,10 @@ class Agent:
             # build may take minutes, longer than any sensible TimeoutStartSec).
             self.notifier.notify(READY="1", STATUS="listening; loading models")
             self.started.set()
-            statuses = await loop.run_in_executor(self._loader, self.repository.load_active)
+            loading = loop.run_in_executor(self._loader, self.repository.load_active)
+            # Queued behind that load on the loader thread: the persisted desired state finds what it runs.
+            await self.converger.start()
+            statuses = await loading
             ready = sum(1 for s in statuses if s.active)
             self.notifier.notify(STATUS=f"serving {ready} model(s)")
             log.info(
@@ -144,10 +182,12 @@ class Agent:
             served = self.repository.models()
             log.info("agent.stopping", grace_s=grace, pending={_ref(s): s.batcher.pending() for s in served})
             await server.stop(grace)
-            for converging in list(self._converging):
-                converging.cancel()
-            await asyncio.gather(*self._converging, return_exceptions=True)
+            await self.converger.aclose()  # partial downloads stay for the next start
+            if self._artifacts is not None:
+                await self._artifacts.close()
             await loop.run_in_executor(self._loader, self.repository.close, grace)
+            # A build still running cannot be stopped: the closed repository unloads it when it ends.
+            self._builder.shutdown(wait=False, cancel_futures=True)
             if uploading is not None:
                 # A stream cut here is safe: its records stay in the outbox, marked in doubt, and go again.
                 uploading.cancel()
@@ -220,56 +260,59 @@ class Agent:
         return asyncio.ensure_future(self.collector.run(self.control.publish_telemetry))
 
     def _on_desired(self, state: state_pb2.DesiredState) -> None:
-        """A desired state arrived (on the loop): converge to it in a task of its own, one at a time."""
-        task = asyncio.ensure_future(self._converge(state))
-        self._converging.add(task)
-        task.add_done_callback(self._converging.discard)
+        """A desired state arrived (on the loop): the converger takes the newest, one at a time."""
+        self.converger.offer(state)
 
-    async def _converge(self, state: state_pb2.DesiredState) -> None:
-        """Apply a desired state's policy and report the outcome, one desired state at a time. Model
-        assignments are the control plane's next step: logged, not yet acted on."""
-        if self._converge_lock is None:
-            self._converge_lock = asyncio.Lock()
-        # Whole, under one lock: two states arriving together must not both pass the generation check and
-        # then apply in the wrong order (the older one last).
-        async with self._converge_lock:
-            await self._converge_one(state)
+    async def _accept_policy(self, state: state_pb2.DesiredState) -> Callable[[], Awaitable[PolicyChange]]:
+        """Validate a desired state's policy over the config file's (ConfigError names the key, nothing
+        changes); what applies it live once the converger accepted the state."""
+        policy = parse_policy(state.policy_json, self.base_policy)
 
-    async def _converge_one(self, state: state_pb2.DesiredState) -> None:
-        device_id = self.config.cloud.device_id
-        if state.device_id != device_id:
-            # A broker ACL that lets another device's state through: refuse it, say so, change nothing.
-            reason = f"desired state for device {state.device_id[:128]!r} arrived at {device_id!r}"
-            log.error("control.desired_refused", generation=state.generation, reason=reason)
-            self._report(error=reason)
-            return
-        if state.generation <= self.applied_generation:
-            return  # the retained copy again (every MQTT connect), or one overtaken by a newer state
-        try:
-            policy = parse_policy(state.policy_json, self.base_policy)
-        except ConfigError as exc:
-            log.error("control.desired_refused", generation=state.generation, reason=str(exc))
-            self._report(error=f"generation {state.generation} refused: {exc}")
-            return
-        await self.apply_policy(policy)
-        self.applied_generation, self.policy_hash = state.generation, state.policy_hash
-        log.info("control.desired_applied", generation=state.generation, models=len(state.models))
-        self._report()
+        async def apply() -> PolicyChange:
+            return await self.apply_policy(policy)
 
-    def _report(self, error: str = "") -> None:
-        if self.control is None:
-            return
-        self.control.publish_reported(
-            state_pb2.ReportedState(
-                device_id=self.config.cloud.device_id,
-                generation=self.applied_generation,
-                models=[_model_status(s) for s in self.repository.status()],
-                policy_hash=self.policy_hash,
-                agent=self._agent_info,
-                reported_at_ms=time.time_ns() // 1_000_000,
-                error=error,
-            )
+        return apply
+
+    def _publish_reported(self, state: state_pb2.ReportedState) -> None:
+        if self.control is not None:
+            self.control.publish_reported(state)
+
+    async def _fetch(
+        self,
+        name: str,
+        version: int,
+        sha256: str,
+        on_progress: Callable[[float], None],
+        on_phase: Callable[[int], None],
+    ) -> Path:
+        """Download and verify name:version from cloud-sync's artifact service (the converger's Fetch)."""
+        from edge_runtime.control.fetch import fetch_package
+
+        trust = await asyncio.to_thread(self._trust_store)
+        if self._artifacts is None:
+            assert self._cloud is not None
+            self._artifacts = self._cloud.open()
+        assert self._token is not None
+        downloads = self.config.data_dir / DOWNLOADS_DIR
+        return await fetch_package(
+            self._artifacts, self._token, trust, name, version, sha256, downloads, on_progress, on_phase
         )
+
+    def _trust_store(self) -> TrustStore:
+        """The fleet key (read at every download: enrollment may bring it while the agent runs) and the serials
+        seen. Blocks: off the loop."""
+        configured = getattr(self.config.cloud, "signing_key_file", "")  # stream E's key; the identity's else
+        path = Path(configured) if configured else self.config.data_dir / IDENTITY_SIGNING_KEY
+        try:
+            key = path.read_bytes()
+        except FileNotFoundError:
+            raise EdgeRuntimeError(f"{NO_SIGNING_KEY} ({path} does not exist)") from None
+        except OSError as exc:
+            raise EdgeRuntimeError(f"cannot read the fleet signing key {path}: {exc.strerror}") from None
+        try:
+            return TrustStore(self.config.data_dir, key)
+        except ValueError as exc:
+            raise EdgeRuntimeError(f"{path}: {exc}; enroll the device again") from None
 
     def _start_metrics(self) -> HTTPServer | None:
         address = self.config.server.metrics_address
@@ -315,20 +358,6 @@ def _agent_info() -> state_pb2.AgentInfo:
         hostname=socket.gethostname(),
         onnxruntime_version=onnxruntime.__version__,
         providers=onnxruntime.get_available_providers(),
-    )
-
-
-def _model_status(status: ModelStatus) -> state_pb2.ModelStatus:
-    """A version's state as the control plane reports it (LOADING covers verifying and building)."""
-    if status.state is ModelState.FAILED:
-        state = state_pb2.MODEL_STATE_FAILED
-    elif status.state is ModelState.LOADING:
-        state = state_pb2.MODEL_STATE_BUILDING
-    else:
-        state = state_pb2.MODEL_STATE_ACTIVE if status.active else state_pb2.MODEL_STATE_READY
-    role = state_pb2.MODEL_ROLE_ACTIVE if status.active else state_pb2.MODEL_ROLE_UNSPECIFIED
-    return state_pb2.ModelStatus(
-        name=status.name, version=status.version, role=role, state=state, reason=status.reason, backend=status.backend
     )
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 import pytest
 
-from cloud_sync.control import WATCH_OPEN_METADATA, ControlServicer, DesiredChanges
+from cloud_sync.control import RECHECK_S, WATCH_OPEN_METADATA, ControlServicer, DesiredChanges
 from cloud_sync.errors import InvalidArgument, NotFound
 from cloud_sync.store import Database, DeviceRegistry, open_database
 from cloud_sync.store.control import MAX_STATE_BYTES, ControlStore, desired_state
@@ -91,7 +91,9 @@ def cloud(store_url: str) -> Iterator[ControlCloud]:
 
     async def start() -> tuple[Any, ControlServicer, DesiredChanges, int]:
         changes = DesiredChanges(store, loop.loop)
-        servicer = ControlServicer(DeviceAuthenticator(devices), store, telemetry_store, io, changes)
+        auth = DeviceAuthenticator(devices)
+        devices.on_revoked += [auth.forget, changes.revoked]  # as cloud-sync wires them
+        servicer = ControlServicer(auth, store, telemetry_store, io, changes)
         server = grpc.aio.server()
         add_service(server, services_pb2, "Control", servicer)
         port = server.add_insecure_port("127.0.0.1:0")
@@ -181,6 +183,18 @@ def test_a_stream_gets_the_current_desired_state_then_each_change_at_once(
     wait_for(lambda: len(stream.states) == 2, 10, "the change")
     assert [s.generation for s in stream.states] == [1, 2]
     assert stream.states[1].policy_hash == "p2"
+
+
+def test_revoking_a_device_ends_its_open_stream_at_once(cloud: ControlCloud, watches: list[Watch]) -> None:
+    token = cloud.device("cam-1")
+    stream = watch(cloud, watches, token)
+    wait_for(stream.opened, 10, "the stream to open")
+    began = time.monotonic()
+    cloud.devices.revoke("cam-1")
+    error = wait_for(lambda: stream.error, 10, "the stream to end")
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED and "revoked" in (error.details() or "")
+    assert time.monotonic() - began < RECHECK_S  # woken by the revocation, not by the periodic check
+    assert refused(lambda: list(cloud.stub.WatchDesired(services_pb2.WatchDesiredRequest(), metadata=creds(token))))
 
 
 def test_a_stream_resumes_after_the_generation_the_device_knows(cloud: ControlCloud, watches: list[Watch]) -> None:

@@ -109,7 +109,11 @@ def test_after_cloud_sync_restarts_the_stream_resumes_and_only_the_newest_teleme
     cloud: InProcessCloud, make_control: MakeControl, loop: LoopThread
 ) -> None:
     token = cloud.add_device(DEVICE)
-    cloud.control.set_desired(DEVICE, DesiredState(policy_hash="g1"))
+    # A policy for the whole fleet: the desired state cloud-sync's reconciler computes from it (and computes
+    # again, unchanged, in its pass at the restart below).
+    assert cloud.app is not None
+    cloud.app.policy_store.set("fleet", {}, 0, {"telemetry": {"interval_s": 2.0}})
+    cloud.app.on_policy_change()
     desired = Desired()
     control = make_control(cloud.target, token, desired)
     wait_for(lambda: desired.generations() == [1], 10, "the first desired state")
