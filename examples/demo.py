@@ -1,9 +1,15 @@
-"""The end-to-end demo behind `make demo`: a cloud-sync and three edge-agents doing real inference.
+"""The end-to-end demo behind `make demo`: one fleet, from enrollment to a live model rollout.
 
-Everything runs as real processes under build/demo: cloud-sync (SQLite store), a Mosquitto broker for
-telemetry and presence when one is installed, and three agents serving digits and mobilenet-bench to
-"apps" over their Unix sockets. The apps classify held-out digits and ask to keep the results; the agents
-upload them; fleetctl shows them arriving in the cloud store, exactly once, with the counts reconciled.
+Everything runs as real processes under build/demo: cloud-sync (SQLite store), a Mosquitto broker carrying
+the control plane when one is installed (else the agents take their desired state over the gRPC Control
+stream), and three edge-agents that start with no identity and no model. The operator's path, with fleetctl:
+mint one-time enrollment tokens (`edge-agent enroll` redeems them), push digits v1 to the registry and assign
+it by label selector, change a policy, push and assign v2. The agents download, verify, load and activate
+what is assigned to them, apply the policy live, and report it; apps classify the held-out digits on every
+device and keep the results, which upload exactly once with the ledger reconciled.
+
+Not a test (tests/ has those) and not a benchmark: it prints what each step shows and exits 0 when every
+program stopped cleanly.
 """
 
 from __future__ import annotations
@@ -13,15 +19,20 @@ import json
 import os
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
+from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import grpc
+import httpx
 import numpy as np
 
 from edge_runtime.kserve import KServeClient
@@ -29,10 +40,21 @@ from models.build import digits_holdout
 
 ROOT = Path(__file__).resolve().parent.parent
 DEVICES = ("cam-1", "cam-2", "cam-3")
+SELECTOR = "site=demo"
+STEPS = 8
 
 
-def say(text: str) -> None:
-    print(f"\n== {text}", flush=True)
+class Step:
+    """Numbered step headings, each saying what it shows, and the time since the demo began."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.number = 0
+
+    def __call__(self, title: str, shows: str) -> None:
+        self.number += 1
+        print(f"\n== {self.number}/{STEPS} {title}  [{time.monotonic() - self.started:.1f} s]", flush=True)
+        print(f"   shows: {shows}", flush=True)
 
 
 def toml(data: dict[str, dict[str, Any]]) -> str:
@@ -42,19 +64,24 @@ def toml(data: dict[str, dict[str, Any]]) -> str:
 class Proc:
     """A program of ours in the background, its JSON log in a file; waits for a named log event."""
 
-    def __init__(self, argv: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, argv: list[str], log: Path) -> None:
         self.log = log
-        self.proc = subprocess.Popen(
-            argv, stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **(env or {})}
-        )
+        self.proc = subprocess.Popen(argv, stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=ROOT)
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        found = []
+        for line in self.log.read_text(errors="replace").splitlines():
+            if f'"{name}"' in line:
+                event: dict[str, Any] = json.loads(line)
+                if event.get("event") == name:
+                    found.append(event)
+        return found
 
     def wait_event(self, name: str, timeout: float = 60) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for line in self.log.read_text(errors="replace").splitlines():
-                if f'"{name}"' in line:
-                    event: dict[str, Any] = json.loads(line)
-                    return event
+            if found := self.events(name):
+                return found[0]
             if self.proc.poll() is not None:
                 raise SystemExit(f"{self.log.name}: exited before {name}; see {self.log}")
             time.sleep(0.05)
@@ -67,19 +94,27 @@ class Proc:
 
 
 def run(argv: list[str], **kwargs: Any) -> str:
-    return subprocess.run(argv, check=True, capture_output=True, text=True, cwd=ROOT, **kwargs).stdout
+    result = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, **kwargs)
+    if result.returncode != 0:
+        raise SystemExit(f"{' '.join(argv[:6])}... exited {result.returncode}: {result.stderr.strip()}")
+    stdout: str = result.stdout
+    return stdout
 
 
-def start_broker(workdir: Path) -> tuple[Proc | None, str]:
-    mosquitto = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else "")
-    if not mosquitto:
-        print("no mosquitto installed: telemetry and presence are skipped (results still flow over gRPC)")
-        return None, ""
-    import socket
-
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
+
+
+def start_broker(workdir: Path, wanted: bool) -> tuple[Proc | None, str]:
+    mosquitto = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else "")
+    if not mosquitto or not wanted:
+        why = "no mosquitto installed" if wanted else "--no-broker"
+        print(f"{why}: the agents take desired state and send telemetry over the gRPC Control stream")
+        return None, ""
+    port = free_port()
     conf = workdir / "mosquitto.conf"
     conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 0\n")
     broker = Proc([mosquitto, "-c", str(conf)], workdir / "mosquitto.log")
@@ -92,36 +127,117 @@ def start_broker(workdir: Path) -> tuple[Proc | None, str]:
     raise SystemExit("mosquitto did not start")
 
 
-def app(socket_path: Path, pixels: np.ndarray[Any, Any]) -> tuple[int, float, int]:
-    """One app on a device: classify every held-out digit, asking to keep each result."""
+def wait_fleet(
+    api: httpx.Client, what: str, done: Callable[[dict[str, Any]], bool], timeout: float = 60
+) -> dict[str, dict[str, Any]]:
+    """Poll each device's desired-vs-reported state until `done(state)` holds for all; print what changes."""
+    deadline = time.monotonic() + timeout
+    last: dict[str, str] = {}
+    while True:
+        states = {d: api.get(f"/v1/devices/{d}/state").raise_for_status().json() for d in DEVICES}
+        for device, state in states.items():
+            line = progress_line(state)
+            if line != last.get(device):
+                print(f"   {device}: {line}", flush=True)
+                last[device] = line
+        if all(done(s) for s in states.values()):
+            return states
+        if time.monotonic() > deadline:
+            raise SystemExit(f"the fleet did not reach '{what}' within {timeout} s; see the logs in build/demo")
+        time.sleep(0.1)
+
+
+def progress_line(state: dict[str, Any]) -> str:
+    desired, reported = state.get("desired") or {}, state.get("reported") or {}
+    parts = [f"generation {desired.get('generation', '-')}/{reported.get('generation', '-')}"]
+    for m in state["models"]:
+        detail = f" {m['progress']:.0%}" if m["state"] == "DOWNLOADING" else ""
+        detail += f" ({m['reason']})" if m["reason"] else ""
+        running = m["reported_version"] if m["reported_version"] is not None else "-"
+        parts.append(f"{m['name']} desired {m['desired_version']} running {running}: {m['state']}{detail}")
+    parts.append("converged" if state["converged"] else "converging")
+    return ", ".join(parts)
+
+
+def settled(up: dict[str, Any], want: int) -> bool:
+    """Every kept result stored, and the cloud's ledger agrees with the device's last report."""
+    return bool(up["stored"] >= want and up["stored"] + up["evicted"] + up["rejected"] == up["device_produced"])
+
+
+def runs(name: str, version: int) -> Callable[[dict[str, Any]], bool]:
+    def check(state: dict[str, Any]) -> bool:
+        models = {m["name"]: m for m in state["models"]}
+        m = models.get(name)
+        return bool(state["converged"] and m and m["reported_version"] == version and m["state"] == "ACTIVE")
+
+    return check
+
+
+def app(socket_path: Path, pixels: np.ndarray[Any, Any], keep: bool) -> tuple[int, float, int, Counter[str]]:
+    """One app on a device: classify every held-out digit (asking to keep each result when `keep`)."""
     latencies: list[float] = []
     kept = 0
     predictions = []
+    versions: Counter[str] = Counter()
     with KServeClient(f"unix:{socket_path}") as client:
         for i in range(len(pixels)):
             started = time.perf_counter()
             reply = client.infer(
-                "digits", {"pixels": pixels[i : i + 1]}, keep=True, request_id=f"{socket_path.stem}-{i}"
+                "digits", {"pixels": pixels[i : i + 1]}, keep=keep, request_id=f"{socket_path.stem}-{i}"
             )
             latencies.append(time.perf_counter() - started)
             kept += reply.parameters.get("edgefleet.kept") is True
+            versions[reply.model_version] += 1
             predictions.append(int(reply.outputs["probabilities"].argmax()))
     correct = int(np.sum(np.array(predictions) == digits_holdout()[1]))
-    return correct, statistics.median(latencies), kept
+    return correct, statistics.median(latencies), kept, versions
+
+
+class BusyApp(threading.Thread):
+    """An app calling its device without pause while the model is switched under it: which versions
+    answered, and how many calls failed (none should)."""
+
+    def __init__(self, socket_path: Path, pixels: np.ndarray[Any, Any]) -> None:
+        super().__init__(daemon=True)
+        self.socket_path, self.pixels = socket_path, pixels
+        self.versions: Counter[str] = Counter()
+        self.failed: list[str] = []
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        with KServeClient(f"unix:{self.socket_path}") as client:
+            i = 0
+            while not self.halt.is_set():
+                try:
+                    reply = client.infer("digits", {"pixels": self.pixels[i % len(self.pixels)][None]})
+                    self.versions[reply.model_version] += 1
+                except grpc.RpcError as exc:
+                    self.failed.append(f"{exc.code().name}: {exc.details()}")
+                i += 1
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", type=Path, default=ROOT / "build" / "models", help="built model packages")
     parser.add_argument("--workdir", type=Path, default=ROOT / "build" / "demo", help="demo state (recreated)")
+    parser.add_argument(
+        "--no-broker", action="store_true", help="no Mosquitto even where installed: control over the gRPC stream"
+    )
     args = parser.parse_args()
+    models = args.models.resolve()
+    for package in ("digits/1", "digits/2"):
+        if not (models / package / "manifest.json").is_file():
+            raise SystemExit(f"no model package {models / package}: build them with `make models`")
     shutil.rmtree(args.workdir, ignore_errors=True)
     args.workdir.mkdir(parents=True)
     py = sys.executable
+    agent_cli = [py, "-m", "edge_runtime.agent.cli"]
     procs: list[Proc] = []
+    step = Step()
+    failed = 0
     try:
-        say("cloud-sync (SQLite store) and a broker")
-        broker, mqtt_url = start_broker(args.workdir)
+        step("cloud-sync and a broker", "the cloud side: devices on gRPC, operators on the admin API")
+        broker, mqtt_url = start_broker(args.workdir, not args.no_broker)
         procs += [broker] if broker else []
         cs_conf = args.workdir / "cloud-sync.toml"
         cs_conf.write_text(
@@ -138,81 +254,172 @@ def main() -> int:
         procs.append(cloud)
         ready = cloud.wait_event("cloud_sync.ready")
         admin = run([py, "-m", "cloud_sync.cli", "admin-token", "--config", str(cs_conf)]).strip()
-        fleet_env = {**os.environ, "FLEETCTL_URL": str(ready["http"]), "FLEETCTL_TOKEN": admin, "COLUMNS": "140"}
-        fleetctl = [py, "-m", "cloud_sync.fleetctl"]
-        print(f"cloud-sync: devices on {ready['grpc']}, admin API on {ready['http']}")
+        fleet_env = {**os.environ, "FLEETCTL_URL": str(ready["http"]), "FLEETCTL_TOKEN": admin, "COLUMNS": "150"}
+        api = httpx.Client(base_url=str(ready["http"]), headers={"Authorization": f"Bearer {admin}"}, timeout=10)
 
-        say(f"{len(DEVICES)} devices: register, install models, start edge-agent")
-        sockets = []
-        for device in DEVICES:
-            home = args.workdir / device
-            home.mkdir()
-            token = run([*fleetctl, "devices", "add", device, "--labels", "site=demo"], env=fleet_env).strip()
-            (home / "device-token").write_text(token + "\n")
-            sockets.append(home / f"{device}.sock")
-            conf = home / "edge-agent.toml"
-            conf.write_text(
+        def fleetctl(*argv: str, show: bool = True) -> str:
+            if show:
+                print(f"$ fleetctl {' '.join(argv)}", flush=True)
+            return run([py, "-m", "cloud_sync.fleetctl", *argv], env=fleet_env)
+
+        control = f"MQTT via {mqtt_url}" if mqtt_url else "the gRPC Control stream"
+        print(f"cloud-sync: devices on {ready['grpc']}, admin API on {ready['http']}; control plane over {control}")
+
+        step(
+            f"enroll {len(DEVICES)} devices with one-time tokens",
+            "a device starts with no identity: `edge-agent enroll` trades a token for its id, credential,"
+            " the fleet's signing key and the endpoints; the agents then start serving nothing yet",
+        )
+        homes = {d: args.workdir / d for d in DEVICES}
+        sockets = {d: homes[d] / f"{d}.sock" for d in DEVICES}
+        confs = {d: homes[d] / "edge-agent.toml" for d in DEVICES}
+        tokens = {}
+        for n, device in enumerate(DEVICES, 1):
+            homes[device].mkdir()
+            # No [cloud] or [mqtt] section: enrollment supplies every endpoint and credential.
+            confs[device].write_text(
                 toml(
                     {
-                        "agent": {"data_dir": str(home / "data")},
-                        "server": {"unix_socket": str(sockets[-1]), "tcp_address": "", "metrics_address": ""},
+                        "agent": {"data_dir": str(homes[device] / "data")},
+                        "server": {"unix_socket": str(sockets[device]), "tcp_address": "", "metrics_address": ""},
                         "engine": {"backend": "auto", "intra_op_threads": 1},
                         "upload": {"interval_s": 0.2},
                         "telemetry": {"interval_s": 1.0},
-                        "cloud": {
-                            "grpc_target": str(ready["grpc"]),
-                            "device_id": device,
-                            "token_file": str(home / "device-token"),
-                        },
-                        "mqtt": {"url": mqtt_url},
                     }
                 )
             )
-            for package in ("digits/1", "mobilenet-bench/1"):
-                run([py, "-m", "edge_runtime.agent.cli", "install", str(args.models / package), "--config", str(conf)])
-            procs.append(Proc([py, "-m", "edge_runtime.agent.cli", "run", "--config", str(conf)], home / "agent.log"))
-        for proc, device in zip(procs[-len(DEVICES) :], DEVICES, strict=True):
-            event = proc.wait_event("agent.ready")
-            print(f"{device}: ready in {event['seconds']} s serving {event['models']}")
+            argv = ["devices", "token", "create", "--labels", f"{SELECTOR},cam={n}", "--device-id", device]
+            tokens[device] = fleetctl(*argv, "--expires", "10m", show=n == 1).strip()
+        print(f"   (the same for {', '.join(DEVICES[1:])}; each token works once, for 10 minutes)")
+        print(f"$ edge-agent enroll --url {ready['grpc']} --token efe_... --config {confs[DEVICES[0]]}")
 
-        say("apps classify the held-out digits on every device, keeping each result")
+        def enroll(device: str) -> str:
+            return run([*agent_cli, "enroll", "--url", str(ready["grpc"]), "--token", tokens[device],
+                        "--config", str(confs[device])])  # fmt: skip
+
+        with ThreadPoolExecutor(len(DEVICES)) as pool:
+            for device, said in zip(DEVICES, pool.map(enroll, DEVICES), strict=True):
+                print(f"   {device}: {said.strip()}")
+        identity = json.loads((homes[DEVICES[0]] / "data" / "identity" / "device.json").read_text())
+        print(f"   {DEVICES[0]}'s identity: {json.dumps({k: identity[k] for k in ('device_id', 'labels')})}")
+        replay = subprocess.run(
+            [*agent_cli, "enroll", "--url", str(ready["grpc"]), "--token", tokens[DEVICES[0]],
+             "--data-dir", str(args.workdir / "replayed-token")],
+            capture_output=True, text=True, cwd=ROOT,
+        )  # fmt: skip
+        print(f"   {DEVICES[0]}'s token again, elsewhere: exit {replay.returncode}, {replay.stderr.strip()}")
+        agents = {d: Proc([*agent_cli, "run", "--config", str(confs[d])], homes[d] / "agent.log") for d in DEVICES}
+        procs += agents.values()
+        for device, agent in agents.items():
+            event = agent.wait_event("agent.ready")
+            serving = ", ".join(event["models"]) or "no model yet"
+            print(f"   {device}: agent ready in {event['seconds']} s (pid {agent.proc.pid}), serving {serving}")
+
+        step(
+            "push digits v1 to the registry and assign it by selector",
+            "every device the selector matches downloads the signed package, verifies it, loads, warms up and"
+            " activates it, and reports each stage",
+        )
+        print(fleetctl("models", "push", str(models / "digits" / "1")), end="")
+        print(fleetctl("models", "assign", "digits", "1", "--selector", SELECTOR), end="")
+        wait_fleet(api, "digits 1 ACTIVE", runs("digits", 1))
+
+        step(
+            "apps classify the held-out digits on every device, keeping each result",
+            "local inference over KServe v2 on each agent's Unix socket, answered by v1",
+        )
         pixels = digits_holdout()[0]
         started = time.perf_counter()
-        with ThreadPoolExecutor(len(sockets)) as pool:
-            outcomes = list(pool.map(lambda s: app(s, pixels), sockets))
-        for device, (correct, p50, kept) in zip(DEVICES, outcomes, strict=True):
-            print(f"{device}: accuracy {correct / len(pixels):.3f}, p50 {p50 * 1e3:.2f} ms, {kept} results kept")
-        print(f"{len(pixels) * len(sockets)} requests in {time.perf_counter() - started:.1f} s")
-        with KServeClient(f"unix:{sockets[0]}") as client:
+        with ThreadPoolExecutor(len(DEVICES)) as pool:
+            outcomes = list(pool.map(lambda d: app(sockets[d], pixels, keep=True), DEVICES))
+        for device, (correct, p50, kept, versions) in zip(DEVICES, outcomes, strict=True):
+            print(
+                f"   {device}: accuracy {correct / len(pixels):.3f}, p50 {p50 * 1e3:.2f} ms, {kept} results kept, "
+                f"answered by version {', '.join(sorted(versions))}"
+            )
+        print(f"   {len(pixels) * len(DEVICES)} requests in {time.perf_counter() - started:.1f} s")
+        with KServeClient(f"unix:{sockets[DEVICES[0]]}") as client:
             try:
                 client.infer("digits", {"pixels": np.zeros((1, 64), np.float64)})
             except grpc.RpcError as exc:
-                print(f"a bad request gets its own error: {exc.code().name}: {exc.details()}")
+                print(f"   a bad request gets its own error: {exc.code().name}: {exc.details()}")
 
-        say("the results arrive in the cloud store (fleetctl results tail)")
+        step(
+            "the results arrive in the cloud store",
+            "exactly-once upload: per device, stored + evicted + rejected = produced",
+        )
         want = len(pixels)
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            shown = [json.loads(run([*fleetctl, "--json", "devices", "show", d], env=fleet_env)) for d in DEVICES]
-            if all(s["uplink"]["stored"] >= want for s in shown):
+        while True:
+            shown = [api.get(f"/v1/devices/{d}").raise_for_status().json() for d in DEVICES]
+            if all(settled(s["uplink"], want) for s in shown) or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
-        print(run([*fleetctl, "results", "tail", "--last", "5"], env=fleet_env), end="")
+        print(fleetctl("results", "tail", "--last", "3"), end="")
         for s in shown:
             up = s["uplink"]
             print(
-                f"{s['device_id']}: stored {up['stored']} + evicted {up['evicted']} + rejected {up['rejected']} = "
+                f"   {s['device_id']}: stored {up['stored']} + evicted {up['evicted']} + rejected {up['rejected']} = "
                 f"produced {up['device_produced']} (duplicates ignored: {up['duplicates_total']})"
             )
-        if mqtt_url:
-            say("telemetry and presence (MQTT)")
-            print(run([*fleetctl, "devices", "list"], env=fleet_env), end="")
-            print(run([*fleetctl, "devices", "show", DEVICES[0]], env=fleet_env), end="")
+
+        step(
+            "a policy change reaches the devices live",
+            "the agents apply new settings without a restart and report the policy hash they run",
+        )
+        policy = ["--selector", SELECTOR, "--priority", "10"]
+        policy += ["--set", "inference.max_queue_delay_ms=1", "--set", "telemetry.interval_s=2"]
+        print(fleetctl("policies", "set", "demo-tuning", *policy), end="")
+
+        def policy_applied(state: dict[str, Any]) -> bool:
+            desired, reported = state.get("desired") or {}, state.get("reported") or {}
+            return bool(desired.get("policy_hash")) and reported.get("policy_hash") == desired["policy_hash"]
+
+        states = wait_fleet(api, "the new policy applied", policy_applied)
+        for device, agent in agents.items():
+            applied = agent.events("policy.applied")
+            print(
+                f"   {device}: reports policy {states[device]['reported']['policy_hash']} (desired "
+                f"{states[device]['desired']['policy_hash']}); pid {agent.proc.pid} still running, started once "
+                f"({len(agent.events('agent.ready'))} agent.ready); policy.applied sections {applied[-1]['sections']}"
+            )
+
+        step(
+            "digits v2: push, assign, switched under load",
+            "each device switches to v2 atomically while an app keeps calling it: no call fails, and the held-out"
+            " accuracy rises",
+        )
+        busy = {d: BusyApp(sockets[d], pixels) for d in DEVICES}
+        for b in busy.values():
+            b.start()
+        print(fleetctl("models", "push", str(models / "digits" / "2")), end="")
+        print(fleetctl("models", "assign", "digits", "2", "--selector", SELECTOR), end="")
+        wait_fleet(api, "digits 2 ACTIVE", runs("digits", 2))
+        for b in busy.values():
+            b.halt.set()
+            b.join(timeout=10)
+        for device, b in busy.items():
+            answered = ", ".join(f"v{v} {n}" for v, n in sorted(b.versions.items()))
+            print(f"   {device}: during the switch {answered} calls answered, {len(b.failed)} failed")
+            for failure in b.failed[:3]:
+                print(f"     {failure}")
+        with ThreadPoolExecutor(len(DEVICES)) as pool:
+            outcomes = list(pool.map(lambda d: app(sockets[d], pixels, keep=False), DEVICES))
+        for device, (correct, _, _, versions) in zip(DEVICES, outcomes, strict=True):
+            print(
+                f"   {device}: held-out accuracy now {correct / len(pixels):.3f}, "
+                f"answered by version {', '.join(sorted(versions))}"
+            )
+        failed = sum(len(b.failed) for b in busy.values())
+
+        step("the fleet as the operator sees it", "desired vs reported generation, state, presence, per-model lines")
+        print(fleetctl("devices", "list"), end="")
+        print(fleetctl("devices", "show", DEVICES[0]), end="")
     finally:
-        say("stopping (SIGTERM: each program drains and exits)")
+        print("\n== stopping (SIGTERM: each program drains and exits)", flush=True)
         codes = [p.stop() for p in reversed(procs)]
-        print(f"exit codes {codes}; logs in {os.path.relpath(args.workdir)}")
-    return 0 if all(c == 0 for c in codes) else 1
+        print(f"exit codes {codes}; logs in {os.path.relpath(args.workdir)}; {time.monotonic() - step.started:.1f} s")
+    return 0 if all(c == 0 for c in codes) and not failed else 1
 
 
 if __name__ == "__main__":
