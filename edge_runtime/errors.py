@@ -9,7 +9,9 @@ from __future__ import annotations
 from edgefleet.settings import SettingsError
 
 __all__ = [
+    "ArtifactRefused",
     "ConfigError",
+    "DownloadFailed",
     "EdgeRuntimeError",
     "EngineError",
     "InvalidInput",
@@ -21,6 +23,7 @@ __all__ = [
     "RequestTimeout",
     "RequestTooLarge",
     "ShuttingDown",
+    "StepTimeout",
     "VerificationFailed",
 ]
 
@@ -78,3 +81,28 @@ class EngineError(EdgeRuntimeError):
 
 class OutboxUnusable(EdgeRuntimeError):
     """The outbox file cannot be used as it is (in use, newer schema, damaged past salvage); says what to do."""
+
+
+class ArtifactRefused(VerificationFailed):
+    """A downloaded manifest or file the device must not use. `reason` is one word an operator searches for
+    (wrong-key, bad-signature, malformed, expired, rollback, mismatch, too-large); the message says what to do.
+    Given one argument, it is the message and the reason is "refused"."""
+
+    def __init__(self, reason: str, message: str = "") -> None:
+        super().__init__(message or reason)
+        self.reason = reason if message else "refused"
+
+
+class DownloadFailed(EdgeRuntimeError):
+    """A download call that did not finish its file. `reason` says why in words an operator reads in the
+    reported state; `retryable` is False for refusals a person must fix (revoked, not assigned), which the
+    caller still retries, at its slowest backoff."""
+
+    def __init__(self, reason: str, retryable: bool = True) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retryable = retryable
+
+
+class StepTimeout(EdgeRuntimeError):
+    """A step of converging to a desired state ran past its deadline; it is retried like any failure."""

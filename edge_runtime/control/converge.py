@@ -25,7 +25,7 @@ from typing import Any, Protocol, TypeVar
 
 import structlog
 
-from edge_runtime.errors import ConfigError, EdgeRuntimeError, ModelNotFound, VerificationFailed
+from edge_runtime.errors import ConfigError, EdgeRuntimeError, ModelNotFound, StepTimeout, VerificationFailed
 from edge_runtime.models.repository import ModelRepository, ModelStatus
 from edge_runtime.models.served import ModelState
 from edgefleet.proto.edgefleet.v1 import state_pb2
@@ -79,10 +79,6 @@ class DesiredPersistence(Protocol):
     def save(self, state: state_pb2.DesiredState) -> None: ...
 
     def load(self) -> state_pb2.DesiredState | None: ...
-
-
-class StepTimeout(EdgeRuntimeError):
-    """A convergence step ran past its deadline; it is retried like any failure."""
 
 
 @dataclass(frozen=True)

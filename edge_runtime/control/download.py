@@ -17,8 +17,7 @@ from typing import Any, BinaryIO, TypeVar
 import grpc
 import structlog
 
-from edge_runtime.control.trust import ArtifactRefused
-from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.errors import ArtifactRefused, DownloadFailed
 from edgefleet.proto.edgefleet.v1 import models_pb2, services_pb2, services_pb2_grpc
 
 __all__ = [
@@ -53,17 +52,6 @@ ProgressHandler = Callable[[int, int], None]
 
 SizeFor = Callable[[models_pb2.SignedManifest, int], int]
 """size_for(signed manifest, total_size the cloud announced) -> the size the file must have; raises to refuse."""
-
-
-class DownloadFailed(EdgeRuntimeError):
-    """A download call that did not finish its file. `reason` says why in words an operator reads in the
-    reported state; `retryable` is False for refusals a person must fix (revoked, not assigned), which the
-    caller still retries, at its slowest backoff."""
-
-    def __init__(self, reason: str, retryable: bool) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.retryable = retryable
 
 
 async def download_file(

@@ -14,7 +14,7 @@ from typing import Any
 
 import structlog
 
-from edge_runtime.errors import PackageError, VerificationFailed
+from edge_runtime.errors import ArtifactRefused, PackageError
 from edge_runtime.models.package import ModelManifest, parse_manifest
 from edgefleet.durable import write_atomic
 from edgefleet.proto.edgefleet.v1.models_pb2 import SignedManifest
@@ -30,14 +30,6 @@ REASONS = ("wrong-key", "bad-signature", "malformed", "expired", "rollback", "mi
 _SEEN_FORMAT = 1
 # Far more (name, version) pairs than a device ever holds; a bigger file is not ours.
 _MAX_SEEN_BYTES = 4 * 1024 * 1024
-
-
-class ArtifactRefused(VerificationFailed):
-    """A manifest or file the device must not use. `reason` is one of REASONS; the message says what to do."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 class TrustStore:

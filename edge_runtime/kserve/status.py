@@ -5,7 +5,9 @@ from __future__ import annotations
 import grpc
 
 from edge_runtime.errors import (
+    ArtifactRefused,
     ConfigError,
+    DownloadFailed,
     EdgeRuntimeError,
     EngineError,
     InvalidInput,
@@ -17,6 +19,7 @@ from edge_runtime.errors import (
     RequestTimeout,
     RequestTooLarge,
     ShuttingDown,
+    StepTimeout,
     VerificationFailed,
 )
 
@@ -33,6 +36,10 @@ STATUS_CODES: dict[type[EdgeRuntimeError], grpc.StatusCode] = {
     RequestTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,
     PackageError: grpc.StatusCode.FAILED_PRECONDITION,
     VerificationFailed: grpc.StatusCode.FAILED_PRECONDITION,
+    # The control plane's own: they reach no app's call, but each has its status should one ever surface.
+    ArtifactRefused: grpc.StatusCode.FAILED_PRECONDITION,
+    DownloadFailed: grpc.StatusCode.UNAVAILABLE,
+    StepTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,
     OutboxUnusable: grpc.StatusCode.FAILED_PRECONDITION,
     EngineError: grpc.StatusCode.INTERNAL,
     EdgeRuntimeError: grpc.StatusCode.INTERNAL,

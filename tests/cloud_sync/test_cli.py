@@ -223,7 +223,9 @@ def test_a_second_run_on_a_taken_port_never_touches_the_first_one_s_broker_sessi
                 )
             names = first.event_names()
             assert names.count("telemetry.connected") == 1 and "telemetry.disconnected" not in names
-            assert broker.log_text().count(f"as {client_id}") == 1, broker.log_text()  # connected once, ever
+            # Each of the first one's clients (telemetry, and the control link's own) connected once, ever.
+            for client in (client_id, f"{client_id}-control"):
+                assert broker.log_text().count(f"as {client} (") == 1, broker.log_text()
         finally:
             first.signal(signal.SIGTERM)
             assert first.finish(30) == 0, first.stderr
