@@ -17,17 +17,15 @@ import threading
 from collections.abc import Iterable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from pathlib import Path
 from typing import Any
 
 import structlog
 from paho.mqtt.client import Client, MQTTMessage
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from cloud_sync.errors import InvalidArgument, StoreUnavailable
+from cloud_sync.mqtt_client import broker_address, mqtt_client, read_password
 from cloud_sync.store.devices import check_device_id, is_reserved
 from cloud_sync.telemetry.acl import DEVICE_READS, DEVICE_WRITES
-from edgefleet.addresses import AddressError, parse_broker_url
 
 __all__ = ["DynsecAccounts", "device_acls", "device_role"]
 
@@ -75,23 +73,15 @@ class DynsecAccounts:
         client_id: str,
         timeout_s: float = COMMAND_TIMEOUT_S,
     ) -> None:
-        try:
-            self._address = parse_broker_url(url)
-        except AddressError as exc:
-            raise InvalidArgument(f"mqtt.url: {exc}") from None
+        self._address = broker_address(url)
         self._prefix = prefix
         self._timeout_s = timeout_s
         self._pending: dict[str, Future[dict[str, Any]]] = {}
         self._lock = threading.Lock()
         self._subscribed = threading.Event()
-        self._client = Client(
-            callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id, protocol=MQTTProtocolVersion.MQTTv5
+        self._client = mqtt_client(
+            self._address, client_id, username=username, password=password, reconnect_delay=(1, 30)
         )
-        if username:
-            self._client.username_pw_set(username, password)
-        if self._address.tls:
-            self._client.tls_set()
-        self._client.reconnect_delay_set(1, 30)
         self._client.on_connect = self._on_connect
         self._client.on_subscribe = self._on_subscribe
         self._client.on_disconnect = self._on_disconnect
@@ -102,12 +92,7 @@ class DynsecAccounts:
         """From cloud-sync's [mqtt] section (reads the password file: call off the loop)."""
         username = mqtt.accounts_username or mqtt.username or None
         password_file = mqtt.accounts_password_file or mqtt.password_file
-        password = None
-        if password_file:
-            try:
-                password = Path(password_file).read_text().strip()
-            except OSError as exc:
-                raise InvalidArgument(f"mqtt.accounts_password_file {password_file!r}: {exc.strerror}") from exc
+        password = read_password(password_file, "mqtt.accounts_password_file")
         return cls(mqtt.url, prefix=mqtt.topic_prefix, username=username, password=password, client_id=client_id)
 
     # -- lifecycle ----------------------------------------------------------------------------------------

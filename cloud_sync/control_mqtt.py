@@ -15,23 +15,20 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import structlog
 from google.protobuf.message import DecodeError
-from paho.mqtt.client import Client, ConnectFlags, DisconnectFlags, MQTTMessage
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.client import Client, MQTTMessage
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
 
 from cloud_sync.config import MqttSection
 from cloud_sync.errors import CloudSyncError, InvalidArgument, NotFound, StoreUnavailable
+from cloud_sync.mqtt_client import SharedSubscription, subscription_options
 from cloud_sync.store.control import MAX_STATE_BYTES, ControlStore, StaleReport, StoredState
 from cloud_sync.store.database import now_ms
 from cloud_sync.store.devices import check_device_id
-from edgefleet.addresses import AddressError, BrokerAddress, parse_broker_url
 from edgefleet.proto.edgefleet.v1.state_pb2 import DesiredState, ReportedState
 
 __all__ = ["DESIRED_CONTENT_TYPE", "ControlLinkStats", "MqttControl", "behind_devices"]
@@ -101,7 +98,7 @@ def _parse_reported_topic(topic: str, prefix: str) -> str:
     return check_device_id(device_id)
 
 
-class MqttControl:
+class MqttControl(SharedSubscription[_Report]):
     """Publishes desired states and stores reported ones; threads: paho's, a report writer, a republisher.
 
     `client_id` must be stable across restarts of one replica and distinct between replicas (the broker keeps
@@ -127,78 +124,42 @@ class MqttControl:
         republish_after_s: float = REPUBLISH_AFTER_S,
         reconnect_delay: tuple[int, int] = (1, 5),
     ) -> None:
-        try:
-            self.address: BrokerAddress = parse_broker_url(url)
-        except AddressError as exc:
-            raise InvalidArgument(f"mqtt.url: {exc}") from exc
         self.prefix = prefix
         self.topic = f"$share/{group}/{prefix}/devices/+/reported"
-        self.client_id = client_id
+        super().__init__(
+            url,
+            client_id=client_id,
+            topics=[self.topic],
+            events="control_mqtt",
+            writer="control-reports",
+            username=username,
+            password=password,
+            keepalive_s=keepalive_s,
+            session_expiry_s=session_expiry_s,
+            receive_maximum=receive_maximum,
+            batch_max=batch_max,
+            gather_s=gather_s,
+            reconnect_delay=reconnect_delay,
+        )
         self._control = control
-        self._batch_max = batch_max
-        self._gather_s = gather_s
         self._check_every_s = check_every_s
         self._republish_after_s = republish_after_s
-        self._session_expiry_s = session_expiry_s
-        self._receive_maximum = receive_maximum
-        self._keepalive = keepalive_s
-        self._reports: queue.Queue[_Report | None] = queue.Queue(maxsize=2 * receive_maximum)
-        self._lock = threading.Lock()
-        self._connection = 0
-        self._connected = False
-        self._subscribed = False
-        self._published = self._republished = self._stored = self._batches = 0
+        self._published = self._republished = self._stored = 0
         self._dropped = dict.fromkeys(_REASONS, 0)
         self._last_sent: dict[str, tuple[int, float, float]] = {}
-        self._last_logged: dict[str, float] = {}
-        self._stopping = threading.Event()
         self._republish_all = threading.Event()
-        self._started = False
         self._props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
         self._props.ContentType = DESIRED_CONTENT_TYPE
-
-        client = Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=client_id,
-            protocol=MQTTProtocolVersion.MQTTv5,
-            manual_ack=True,
-        )
         # QoS 1 publishes in flight at once: paho's default of 20 made a fan-out to 10,000 devices wait on
         # 500 round trips of PUBACKs.
-        client.max_inflight_messages_set(1000)
-        client.max_queued_messages_set(0)
-        client.reconnect_delay_set(*reconnect_delay)
-        if username:
-            client.username_pw_set(username, password)
-        if self.address.tls:
-            client.tls_set()
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
-        client.on_message = self._on_message
-        client.on_subscribe = self._on_subscribe
-        self._client = client
-        self._writer = threading.Thread(target=self._write_loop, name="control-reports", daemon=True)
+        self._client.max_inflight_messages_set(1000)
+        self._client.max_queued_messages_set(0)
         self._checker = threading.Thread(target=self._check_loop, name="control-republish", daemon=True)
 
     @classmethod
     def from_config(cls, mqtt: MqttSection, control: ControlStore, client_id: str, **options: Any) -> MqttControl:
         """The link cloud-sync's [mqtt] section describes (the password read from its file)."""
-        password = None
-        if mqtt.password_file:
-            try:
-                password = Path(mqtt.password_file).read_text().strip()
-            except OSError as exc:
-                raise InvalidArgument(f"mqtt.password_file {mqtt.password_file!r}: {exc.strerror}") from exc
-        return cls(
-            control,
-            mqtt.url,
-            prefix=mqtt.topic_prefix,
-            group=mqtt.share_group,
-            client_id=client_id,
-            username=mqtt.username or None,
-            password=password,
-            **options,
-        )
+        return cls(control, mqtt.url, **subscription_options(mqtt), client_id=client_id, **options)
 
     # -- lifecycle ----------------------------------------------------------------------------------------
 
@@ -208,15 +169,9 @@ class MqttControl:
             raise RuntimeError("MqttControl.start() called twice")
         self._started = True
         self._control.on_desired_state(self.publish)
-        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        props.SessionExpiryInterval = self._session_expiry_s
-        props.ReceiveMaximum = self._receive_maximum
         self._writer.start()
         self._checker.start()
-        self._client.connect_async(
-            self.address.host, self.address.port, self._keepalive, clean_start=False, properties=props
-        )
-        self._client.loop_start()
+        self._connect()
 
     def close(self, timeout: float = 10.0) -> None:
         """Store and acknowledge the reports queued (within `timeout`), then disconnect."""
@@ -224,20 +179,16 @@ class MqttControl:
             return
         deadline = time.monotonic() + timeout
         self._stopping.set()
+        # No waiting on the database at close: reports not stored yet are not acknowledged, and come again.
+        self._closing.set()
         self._republish_all.set()  # wakes the republisher, which sees it is stopping
         with contextlib.suppress(queue.Full):
-            self._reports.put(None, timeout=max(0.0, deadline - time.monotonic()))
+            self._queue.put(None, timeout=max(0.0, deadline - time.monotonic()))
         self._writer.join(max(0.0, deadline - time.monotonic()))
         self._checker.join(max(0.0, deadline - time.monotonic()))
         self._client.disconnect()
         self._client.loop_stop()
         log.info("control_mqtt.closed", client_id=self.client_id)
-
-    @property
-    def ready(self) -> bool:
-        """Connected and subscribed to the reports."""
-        with self._lock:
-            return self._connected and self._subscribed
 
     def stats(self) -> ControlLinkStats:
         with self._lock:
@@ -306,40 +257,11 @@ class MqttControl:
 
     # -- paho's thread ---------------------------------------------------------------------------------------
 
-    def _on_connect(
-        self, client: Client, _userdata: Any, flags: ConnectFlags, reason: ReasonCode, _props: Properties | None
-    ) -> None:
-        if reason.is_failure:
-            log.warning("control_mqtt.connect_refused", broker=self.address.host, reason=str(reason))
-            return
-        with self._lock:
-            self._connection += 1
-            self._connected = True
-            self._subscribed = False
-        client.subscribe([(self.topic, 1)])
-        if not flags.session_present:
+    def _on_session(self, session_present: bool) -> None:
+        if not session_present:
             # A broker without our session may have lost its retained messages too (restarted without
             # persistence): every current desired state is published again, off paho's thread.
             self._republish_all.set()
-        log.info("control_mqtt.connected", broker=self.address.host, session_present=flags.session_present)
-
-    def _on_subscribe(
-        self, _c: Client, _u: Any, _mid: int, reasons: list[ReasonCode], _props: Properties | None
-    ) -> None:
-        failed = [str(r) for r in reasons if r.is_failure]
-        if failed:
-            log.error("control_mqtt.subscribe_refused", topic=self.topic, reasons=failed)
-            return
-        with self._lock:
-            self._subscribed = True
-
-    def _on_disconnect(
-        self, _c: Client, _u: Any, _flags: DisconnectFlags, reason: ReasonCode, _props: Properties | None
-    ) -> None:
-        with self._lock:
-            was, self._connected, self._subscribed = self._connected, False, False
-        if was and not self._stopping.is_set():
-            log.warning("control_mqtt.disconnected", broker=self.address.host, reason=str(reason))
 
     def _on_message(self, client: Client, _userdata: Any, message: MQTTMessage) -> None:
         try:
@@ -356,24 +278,15 @@ class MqttControl:
             self._drop("malformed", f"{device_id}: {exc}", client, message)
             return
         # Blocks paho's thread when the writer is behind: the broker keeps the rest (see telemetry/subscriber.py).
-        report = _Report(self._connection, message.mid, message.qos, device_id, state)
-        while not self._stopping.is_set():
-            try:
-                self._reports.put(report, timeout=0.5)
-                return
-            except queue.Full:
-                continue
+        self._wait_to_queue(_Report(self._connection, message.mid, message.qos, device_id, state))
 
     def _drop(self, reason: str, detail: str, client: Client | None = None, message: MQTTMessage | None = None) -> None:
         if client is not None and message is not None and message.qos > 0:
             client.ack(message.mid, message.qos)  # never redelivered: it will not get any better
         with self._lock:
             self._dropped[reason] += 1
-            now = time.monotonic()
-            if now - self._last_logged.get(reason, -float("inf")) < 60:
-                return
-            self._last_logged[reason] = now
-        log.warning("control_mqtt.report_dropped", reason=reason, detail=detail[:300])
+        if self._first_in_a_minute(reason):
+            log.warning("control_mqtt.report_dropped", reason=reason, detail=detail[:300])
 
     # -- the report writer -------------------------------------------------------------------------------------
 
@@ -385,45 +298,16 @@ class MqttControl:
             if batch and not self._store(batch):
                 return
 
-    def _next_batch(self) -> list[_Report] | None:
-        first = self._reports.get()
-        if first is None:
-            return None
-        if self._gather_s > 0 and self._reports.qsize() < self._batch_max:
-            self._stopping.wait(self._gather_s)
-        batch = [first]
-        while len(batch) < self._batch_max:
-            try:
-                more = self._reports.get_nowait()
-            except queue.Empty:
-                break
-            if more is None:
-                self._reports.put_nowait(None)  # seen again by the next take: this batch is stored first
-                break
-            batch.append(more)
-        return batch
-
     def _store(self, batch: list[_Report]) -> bool:
-        delay = 0.1
-        while True:
-            try:
-                outcome = self._control.report_many([(r.device_id, r.state) for r in batch])
-                break
-            except StoreUnavailable as exc:
-                log.warning("control_mqtt.store_unavailable", error=exc.message, retry_in_s=delay)
-                if self._stopping.wait(delay):
-                    return False
-                delay = min(delay * 2, 5.0)
+        outcome = self._until_stored(lambda: self._control.report_many([(r.device_id, r.state) for r in batch]))
+        if outcome is None:
+            return False
         for report, error in zip(batch, outcome, strict=True):
             if error is not None:
                 self._drop(_reason(error), f"{report.device_id}: {error.message}")
         with self._lock:
-            self._batches += 1
             self._stored += sum(1 for e in outcome if e is None)
-            connection = self._connection
-        for report in batch:
-            if report.qos > 0 and report.connection == connection:
-                self._client.ack(report.mid, report.qos)
+        self._acknowledge(batch)
         return True
 
 

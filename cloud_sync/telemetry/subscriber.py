@@ -8,22 +8,19 @@ from __future__ import annotations
 import contextlib
 import queue
 import socket
-import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import structlog
-from paho.mqtt.client import Client, ConnectFlags, DisconnectFlags, MQTTMessage
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.client import Client, MQTTMessage
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
 
 from cloud_sync.config import MqttSection
 from cloud_sync.errors import InvalidArgument, StoreUnavailable
+from cloud_sync.mqtt_client import SharedSubscription, subscription_options
 from cloud_sync.store.database import now_ms
 from cloud_sync.store.telemetry import StatusReceived, TelemetryReceived, TelemetryStore
 from cloud_sync.telemetry.validation import (
@@ -35,7 +32,6 @@ from cloud_sync.telemetry.validation import (
     parse_topic,
     window_end_ms,
 )
-from edgefleet.addresses import AddressError, BrokerAddress, parse_broker_url
 
 __all__ = ["SubscriberStats", "TelemetrySubscriber"]
 
@@ -45,13 +41,10 @@ Received = TelemetryReceived | StatusReceived
 
 
 class _Item(NamedTuple):
-    generation: int  # which connection delivered it: a PUBACK only makes sense on that one
+    connection: int  # which connection delivered it: a PUBACK only makes sense on that one
     mid: int
     qos: int
     record: Received | None  # None: rejected, only to acknowledge (in order)
-
-
-_STOP = object()
 
 
 @dataclass(frozen=True)
@@ -89,7 +82,7 @@ class _Registered:
         return device_id in self._ids
 
 
-class TelemetrySubscriber:
+class TelemetrySubscriber(SharedSubscription[_Item]):
     """Subscribes `$share/{group}/{prefix}/devices/+/telemetry` and `.../status`; stores what is valid.
 
     Two threads: paho's network thread decodes and validates each message and hands it to a bounded queue;
@@ -126,79 +119,39 @@ class TelemetrySubscriber:
         # Short: after a broker restart Mosquitto 2.0 drops device messages until this replica subscribes again.
         reconnect_delay: tuple[int, int] = (1, 5),
     ) -> None:
-        try:
-            self.address: BrokerAddress = parse_broker_url(url)
-        except AddressError as exc:
-            raise InvalidArgument(f"mqtt.url: {exc}") from exc
-        if not 1 <= receive_maximum <= 65535:
-            raise InvalidArgument("receive_maximum must be within 1..65535 (MQTT 5)")
         self.prefix = prefix
         self.group = group
         self.topics = [f"$share/{group}/{prefix}/devices/+/{kind}" for kind in ("telemetry", "status")]
-        self.client_id = client_id or f"cloud-sync-{socket.gethostname()}"
+        super().__init__(
+            url,
+            client_id=client_id or f"cloud-sync-{socket.gethostname()}",
+            topics=self.topics,
+            events="telemetry",
+            writer="telemetry-writer",
+            username=username,
+            password=password,
+            keepalive_s=keepalive_s,
+            session_expiry_s=session_expiry_s,
+            receive_maximum=receive_maximum,
+            batch_max=batch_max,
+            gather_s=gather_s,
+            reconnect_delay=reconnect_delay,
+        )
+        if not 1 <= receive_maximum <= 65535:
+            raise InvalidArgument("receive_maximum must be within 1..65535 (MQTT 5)")
         self._store = store
         self._max_payload = max_payload_bytes
-        self._batch_max = batch_max
-        self._gather_s = gather_s
-        self._receive_maximum = receive_maximum
-        self._session_expiry_s = session_expiry_s
-        # QoS 1 messages in flight are at most Receive Maximum (when the broker honours it); QoS 0 ones are
-        # admitted while the queue holds fewer than that. So the queue holds at most 2x.
-        self._queue: queue.Queue[_Item | object] = queue.Queue(maxsize=2 * receive_maximum)
         self._registered = _Registered(store, registry_ttl_s)
-        self._lock = threading.Lock()
-        self._generation = 0
-        self._connected = False
-        self._subscribed = False
         self._received = 0
         self._handed_off = 0
         self._stored = {"telemetry": 0, "status": 0}
         self._rejected = dict.fromkeys(REASONS, 0)
-        self._batches = 0
-        self._retries = 0
         self._clock_skewed = 0
-        self._last_logged: dict[str, float] = {}
-        self._stopping = threading.Event()  # close() began: drain what is queued, then stop
-        self._closing = threading.Event()  # close() timed out: stop now
-        self._started = False
-
-        client = Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=self.client_id,
-            protocol=MQTTProtocolVersion.MQTTv5,
-            manual_ack=True,
-        )
-        client.reconnect_delay_set(*reconnect_delay)
-        if username:
-            client.username_pw_set(username, password)
-        if self.address.tls:
-            client.tls_set()
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
-        client.on_message = self._on_message
-        client.on_subscribe = self._on_subscribe
-        self._client = client
-        self._keepalive = keepalive_s
-        self._writer = threading.Thread(target=self._write_loop, name="telemetry-writer", daemon=True)
 
     @classmethod
     def from_config(cls, mqtt: MqttSection, store: TelemetryStore, **options: Any) -> TelemetrySubscriber:
         """The subscriber cloud-sync's [mqtt] section describes (the password read from its file)."""
-        password = None
-        if mqtt.password_file:
-            try:
-                password = Path(mqtt.password_file).read_text().strip()
-            except OSError as exc:
-                raise InvalidArgument(f"mqtt.password_file {mqtt.password_file!r}: {exc.strerror}") from exc
-        return cls(
-            store,
-            mqtt.url,
-            prefix=mqtt.topic_prefix,
-            group=mqtt.share_group,
-            username=mqtt.username or None,
-            password=password,
-            **options,
-        )
+        return cls(store, mqtt.url, **subscription_options(mqtt), **options)
 
     # -- lifecycle ----------------------------------------------------------------------------------------
 
@@ -207,15 +160,8 @@ class TelemetrySubscriber:
         if self._started:
             raise RuntimeError("TelemetrySubscriber.start() called twice")
         self._started = True
-        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        props.SessionExpiryInterval = self._session_expiry_s
-        props.ReceiveMaximum = self._receive_maximum
         self._writer.start()
-        # clean_start=False: a restarted replica picks up its session and what the broker queued meanwhile.
-        self._client.connect_async(
-            self.address.host, self.address.port, self._keepalive, clean_start=False, properties=props
-        )
-        self._client.loop_start()
+        self._connect()
 
     def close(self, timeout: float = 10.0, *, end_session: bool = False) -> None:
         """Store and acknowledge what is queued (within `timeout`), then disconnect.
@@ -228,7 +174,7 @@ class TelemetrySubscriber:
         deadline = time.monotonic() + timeout
         self._stopping.set()
         with contextlib.suppress(queue.Full):  # wakes a writer waiting on an empty queue (a full one is busy)
-            self._queue.put_nowait(_STOP)
+            self._queue.put_nowait(None)
         self._writer.join(max(0.0, deadline - time.monotonic()))
         self._closing.set()  # past the timeout: ends a retry loop still waiting on the database
         self._writer.join(max(0.0, deadline - time.monotonic()))
@@ -240,17 +186,6 @@ class TelemetrySubscriber:
         self._client.loop_stop()
         log.info("telemetry.subscriber_closed", client_id=self.client_id, end_session=end_session)
 
-    @property
-    def connected(self) -> bool:
-        with self._lock:
-            return self._connected
-
-    @property
-    def ready(self) -> bool:
-        """Connected, and the broker acknowledged both subscriptions: messages published from now on arrive."""
-        with self._lock:
-            return self._connected and self._subscribed
-
     def stats(self) -> SubscriberStats:
         with self._lock:
             return SubscriberStats(
@@ -261,43 +196,12 @@ class TelemetrySubscriber:
                 batches=self._batches,
                 queued=self._queue.qsize(),
                 connected=self._connected,
-                connects=self._generation,
+                connects=self._connection,
                 clock_skewed=self._clock_skewed,
-                store_retries=self._retries,
+                store_retries=self._store_retries,
             )
 
     # -- paho's thread: decode, validate, hand off ------------------------------------------------------------
-
-    def _on_connect(
-        self, client: Client, _userdata: Any, flags: ConnectFlags, reason: ReasonCode, _props: Properties | None
-    ) -> None:
-        if reason.is_failure:
-            log.warning("telemetry.connect_refused", broker=self.address.host, reason=str(reason))
-            return
-        with self._lock:
-            self._generation += 1
-            self._connected = True
-            self._subscribed = False
-        client.subscribe([(topic, 1) for topic in self.topics])
-        log.info("telemetry.connected", broker=self.address.host, session_present=flags.session_present)
-
-    def _on_subscribe(
-        self, _c: Client, _u: Any, _mid: int, reasons: list[ReasonCode], _props: Properties | None
-    ) -> None:
-        failed = [str(r) for r in reasons if r.is_failure]
-        if failed:  # not allowed by the broker's ACL, typically
-            log.error("telemetry.subscribe_refused", topics=self.topics, reasons=failed)
-            return
-        with self._lock:
-            self._subscribed = True
-
-    def _on_disconnect(
-        self, _c: Client, _u: Any, _flags: DisconnectFlags, reason: ReasonCode, _props: Properties | None
-    ) -> None:
-        with self._lock:
-            was, self._connected, self._subscribed = self._connected, False, False
-        if was and not self._closing.is_set():
-            log.warning("telemetry.disconnected", broker=self.address.host, reason=str(reason))
 
     def _on_message(self, _client: Client, _userdata: Any, message: MQTTMessage) -> None:
         handed_off = self._hand_off(message)
@@ -306,7 +210,7 @@ class TelemetrySubscriber:
             self._handed_off += handed_off
 
     def _hand_off(self, message: MQTTMessage) -> bool:
-        generation = self._generation  # an int read: paho's thread is the only writer
+        connection = self._connection  # an int read: paho's thread is the only writer
         record: Received | None = None
         try:
             record = self._decode(message)
@@ -314,7 +218,7 @@ class TelemetrySubscriber:
             self._reject(exc.reason, message.topic, exc.detail)
         if record is None and message.qos == 0:
             return False
-        item = _Item(generation, message.mid, message.qos, record)
+        item = _Item(connection, message.mid, message.qos, record)
         if message.qos == 0:
             # QoS 0 is shed when the writer is behind: the broker would not have kept it anyway.
             if self._queue.qsize() >= self._receive_maximum:
@@ -340,12 +244,7 @@ class TelemetrySubscriber:
             pass
         if self._first_in_a_minute("backpressure"):
             log.warning("telemetry.backpressure", queued=self._queue.qsize(), receive_maximum=self._receive_maximum)
-        while not self._closing.is_set():
-            try:
-                self._queue.put(item, timeout=0.5)
-                return
-            except queue.Full:
-                continue
+        self._wait_to_queue(item)
 
     def _decode(self, message: MQTTMessage) -> Received:
         # The device id comes from the topic, trusted only because the broker's ACL (acl.py) lets a device
@@ -376,14 +275,6 @@ class TelemetrySubscriber:
         if self._first_in_a_minute(reason):
             log.warning("telemetry.rejected", reason=reason, topic=topic[:200], detail=detail[:200])
 
-    def _first_in_a_minute(self, key: str) -> bool:
-        now = time.monotonic()
-        with self._lock:
-            if now - self._last_logged.get(key, -float("inf")) < 60:
-                return False
-            self._last_logged[key] = now
-            return True
-
     # -- the writer thread ----------------------------------------------------------------------------------
 
     def _write_loop(self) -> None:
@@ -394,49 +285,20 @@ class TelemetrySubscriber:
             if self._stopping.is_set() and self._queue.empty():
                 return
 
-    def _next_batch(self) -> list[_Item]:
-        """Wait for a message, let more arrive for `gather_s`, then take up to batch_max of what is queued.
-
-        Each batch costs a transaction (and on SQLite an fsync) whatever its size: gathering for a few
-        milliseconds makes batches larger under load, which is when the per-batch cost matters. One wait,
-        then non-blocking takes: a blocking take per message cost a futex wake-up each.
-        """
-        first = self._queue.get()
-        batch = [first] if isinstance(first, _Item) else []
-        if self._gather_s > 0 and self._queue.qsize() < self._batch_max:
-            self._stopping.wait(self._gather_s)
-        while len(batch) < self._batch_max:
-            try:
-                more = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if isinstance(more, _Item):
-                batch.append(more)
-        return batch
-
     def _store_batch(self, batch: list[_Item]) -> bool:
         """Store a batch (retrying while the database is unavailable), then acknowledge it; False if closing."""
-        delay = 0.1
-        while True:
-            try:
-                records, unregistered = self._registered_only(batch)
-                self._write(records)
-                break
-            except StoreUnavailable as exc:
-                with self._lock:
-                    self._retries += 1
-                log.warning("telemetry.store_unavailable", error=exc.message, retry_in_s=delay)
-                if self._closing.wait(delay):
-                    return False
-                delay = min(delay * 2, 5.0)
+
+        def attempt() -> list[str]:
+            records, unregistered = self._registered_only(batch)
+            self._write(records)
+            return unregistered
+
+        unregistered = self._until_stored(attempt)
+        if unregistered is None:
+            return False
         for device_id in unregistered:
             self._reject("unregistered", device_id, "no registered device has this id")
-        with self._lock:
-            self._batches += 1
-            generation = self._generation
-        for item in batch:
-            if item.qos > 0 and item.generation == generation:
-                self._client.ack(item.mid, item.qos)
+        self._acknowledge(batch)
         return True
 
     def _registered_only(self, batch: list[_Item]) -> tuple[list[Received], list[str]]:
