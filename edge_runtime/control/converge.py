@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import shutil
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
@@ -446,6 +447,8 @@ class Converger:
                     f"mismatch: the package of {p.name}:{p.version} has sha256 {package.manifest.sha256[:12]}… but "
                     f"the desired state names {p.sha256[:12]}…"
                 )
+            # Landed in the store (copied, verified, renamed): the download is no longer needed.
+            shutil.rmtree(source, ignore_errors=True)
         self.repository.prepare(p.name, p.version)
 
     def _installed_sha256(self, name: str, version: int) -> str | None:
@@ -465,6 +468,9 @@ class Converger:
             if version not in wanted and version != self.repository.active_version(p.name):
                 with contextlib.suppress(EdgeRuntimeError):
                     await loop.run_in_executor(self.loader, self.repository.unload, p.name, version)
+        # On disk: the active version, its rollback target and what is assigned stay; older ones go.
+        with contextlib.suppress(EdgeRuntimeError, OSError):
+            await loop.run_in_executor(self.loader, self.repository.store.prune, p.name, wanted)
 
     def _backend(self, p: ModelProgress) -> str:
         for status in self.repository.status():

@@ -111,6 +111,21 @@ class ModelStore:
         )
         return pointer
 
+    def prune(self, name: str, keep: set[int]) -> list[int]:
+        """Delete every installed version of `name` but `keep`, the active one and the rollback target; the
+        versions deleted. A device that takes a new version every week must not fill its disk with old ones."""
+        pointer = self.active(name)
+        if pointer is None:
+            return []  # nothing is active: nothing tells which versions are old
+        kept = keep | {pointer.version} | ({pointer.previous} if pointer.previous is not None else set())
+        removed = [v for v in self.versions(name) if v not in kept]
+        for version in removed:
+            shutil.rmtree(self.root / name / str(version), ignore_errors=True)
+        if removed:
+            fsync_dir(self.root / name)
+            log.info("model.pruned", model=name, versions=removed, kept=sorted(kept))
+        return removed
+
     def remove(self, name: str, version: int) -> None:
         """Delete an installed version; refused for the active one and the one a rollback would return to."""
         pointer = self.active(name)

@@ -211,6 +211,7 @@ def test_an_assigned_version_is_downloaded_verified_built_and_switched_to_then_r
     assert done.backend and done.sha256 == sha(model_packages, "digits:2")
     assert h.repository.running("digits") == (2, done.sha256)
     assert h.repository.store.active("digits").version == 2  # type: ignore[union-attr]
+    assert not (h.config.data_dir / "downloads" / "digits" / "2").exists()  # installed: the download is freed
     last = h.last()
     assert last is not None and last.converged and (last.generation, last.policy_hash) == (1, "h1")
     assert h.applied == ['{"upload": {"sample_rate": 0.5}}']

@@ -83,6 +83,24 @@ def test_the_active_and_rollback_versions_cannot_be_removed(store: ModelStore, m
     assert store.versions("digits") == [1, 2]
 
 
+def test_pruning_keeps_the_active_version_its_rollback_target_and_what_is_asked(
+    store: ModelStore, model_packages: dict[str, Path], tmp_path: Path
+) -> None:
+    assert store.prune("digits", set()) == []  # nothing installed, nothing active: nothing to judge by
+    for version in (1, 2, 3, 4):
+        package = tmp_path / f"digits-{version}"
+        shutil.copytree(model_packages["digits:1"], package)
+        manifest = (package / "manifest.json").read_text().replace('"version": 1', f'"version": {version}')
+        (package / "manifest.json").write_text(manifest)
+        store.install(package)
+    store.set_active("digits", 2)
+    store.set_active("digits", 3)  # active 3, rollback target 2
+    assert store.prune("digits", {4}) == [1]
+    assert store.versions("digits") == [2, 3, 4]
+    assert store.prune("digits", set()) == [4]
+    assert store.versions("digits") == [2, 3] and store.active("digits") is not None
+
+
 def test_a_half_finished_install_is_invisible(store: ModelStore, model_packages: dict[str, Path]) -> None:
     store.install(model_packages["digits:1"])
     (store.root / "digits" / ".2.abcd").mkdir()  # what a kill -9 during install leaves behind
