@@ -34,10 +34,12 @@ from cloud_sync.config import CloudSyncConfig, ConfigProblem
 from cloud_sync.control import ControlServicer, DesiredChanges
 from cloud_sync.control_mqtt import MqttControl
 from cloud_sync.enrollment import EnrollmentServicer
+from cloud_sync.errors import CloudSyncError
 from cloud_sync.reconciler import Reconciler
 from cloud_sync.registry import DirectoryBlobStore, FleetSigner, ModelRegistry
 from cloud_sync.registry.artifacts import ArtifactsServicer
 from cloud_sync.registry.signer import SIGNING_KEY_FILE
+from cloud_sync.registry.store import RENEW_EVERY_S
 from cloud_sync.store import Database, DeviceRegistry, PolicyStore, ResultStore, TelemetryStore, open_database
 from cloud_sync.store.assignments import AssignmentStore
 from cloud_sync.store.control import ControlStore
@@ -284,6 +286,8 @@ class CloudSync:
             assert self.reconciler is not None
             reconciling = asyncio.ensure_future(self.reconciler.run_periodically(self._io))
             started.callback(reconciling.cancel)
+            renewing = asyncio.ensure_future(self._renew_signatures())
+            started.callback(renewing.cancel)
             if handle_signals:
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     loop.add_signal_handler(sig, self.stop)
@@ -299,6 +303,20 @@ class CloudSync:
             await self._stop.wait()
             log.info("cloud_sync.stopping", grace_s=grace)
         log.info("cloud_sync.stopped")
+
+    async def _renew_signatures(self, interval_s: float = RENEW_EVERY_S) -> None:
+        """Until cancelled: every `interval_s` (the first at once), sign again the manifests past half their
+        validity, so none expires under the fleet while the key is online (a failure is logged and retried)."""
+        assert self.model_registry is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                renewed = await loop.run_in_executor(self._io, self.model_registry.renew_expiring)
+                if renewed:
+                    log.info("registry.renewed", versions=[v.ref for v in renewed])
+            except CloudSyncError as exc:
+                log.warning("registry.renew_failed", error=exc.message)
+            await asyncio.sleep(interval_s)
 
     async def _stop_http(self, server: uvicorn.Server) -> None:
         server.should_exit = True

@@ -10,6 +10,7 @@ the older envelope. Not for who runs what (assignments, desired state) nor for s
 from __future__ import annotations
 
 import builtins
+import contextlib
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -51,6 +52,10 @@ MAX_MANIFEST_BYTES = MAX_ENVELOPE_BYTES - 4096
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 _MAX_VERSION = 2**31 - 1
 _SERIAL_ATTEMPTS = 5
+# renew_expiring signs a version again once less than this share of its validity is left (15 of 30 days).
+RENEW_WHEN_LEFT = 0.5
+# How often cloud-sync looks for versions to renew.
+RENEW_EVERY_S = 3600.0
 # Any constant: the advisory lock under which PostgreSQL replicas assign serials one at a time ("efserial").
 _SERIAL_LOCK_KEY = 0x6566_7365_7269_616C
 
@@ -295,6 +300,21 @@ class ModelRegistry:
         found, _ = self._write_with_serial(write)
         log.info("registry.signed_again", model=found.ref, serial=found.serial, expires_at_ms=expires_at_ms)
         return found
+
+    def renew_expiring(self, now: int | None = None, *, left: float = RENEW_WHEN_LEFT) -> builtins.list[ModelVersion]:
+        """Sign again, for as long as they were signed before, the versions with less than `left` of their
+        validity remaining: the key is online, so a fleet's manifests never expire under it while a device
+        still has to install them (an expired one is refused: that is the freeze attack's defence, not a
+        switch to turn a version off - deleting it is). Replicas renewing together cost a serial, nothing else.
+        """
+        now = now_ms() if now is None else now
+        renewed = []
+        for found in self.list():
+            lifetime = found.expires_at_ms - found.signed_at_ms
+            if lifetime > 0 and found.expires_at_ms - now < lifetime * left:
+                with contextlib.suppress(NotFound):  # deleted meanwhile
+                    renewed.append(self.sign_again(found.name, found.version, now + lifetime))
+        return renewed
 
     def delete(self, name: str, version: int, in_use: Callable[[str, int], builtins.list[str]]) -> ModelVersion:
         """Remove a version nothing uses, and the blobs no other version shares; FailedPrecondition names the

@@ -83,6 +83,27 @@ def test_serials_increase_across_the_registry_and_signing_again_takes_a_new_one(
         registry.sign_again("zz", 1, FAR_FUTURE_MS)
 
 
+def test_versions_past_half_their_validity_are_signed_again_for_as_long_as_before(registry: ModelRegistry) -> None:
+    day = 86_400_000
+    now = now_ms()
+    fresh = registry.register(package(registry.blobs, "a", 1)[0], now + 30 * day)
+    aging = registry.register(package(registry.blobs, "b", 1)[0], now + 30 * day)
+    # Seen 20 days later: both have 10 of their 30 days left, less than half.
+    later = now + 20 * day
+    renewed = registry.renew_expiring(later)
+    assert sorted(v.ref for v in renewed) == ["a:1", "b:1"]
+    for version in renewed:
+        lifetime = version.expires_at_ms - later
+        assert abs(lifetime - 30 * day) < 5_000  # the same 30 days, counted from the renewal
+        assert version.serial > max(fresh.serial, aging.serial)  # a device that saw it refuses the old envelope
+        # The new envelope is what the registry serves now, and it verifies.
+        envelope = registry.get(version.name, version.version).envelope
+        verify_envelope(
+            registry.signer.public_key, envelope.manifest_json, envelope.signature, envelope.key_id, now_ms=later
+        )
+    assert registry.renew_expiring(later) == []  # renewed: nothing to do until half of it passes again
+
+
 def test_blobs_must_be_uploaded_first_with_the_sizes_the_manifest_gives(registry: ModelRegistry) -> None:
     model = os.urandom(500)
     missing = manifest_for("digits", 1, model)
