@@ -14,6 +14,7 @@ BENCHMARKS = (
     "uplink_e2e",
     "telemetry_ingest",
     "control_fanout",
+    "download_resume",
 )
 # Benchmarks whose module is not named like the benchmark (bench/<module>.py); the rest: bench/<name>.py.
-MODULES = {"control_fanout": "bench_control_fanout"}
+MODULES = {"control_fanout": "bench_control_fanout", "download_resume": "bench_download_resume"}

@@ -8,6 +8,7 @@ body is written), then chunks from the partial file's end. Not for deciding whet
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
@@ -37,6 +38,8 @@ T = TypeVar("T")
 FSYNC_EVERY_BYTES = 4 * 1024 * 1024
 # No message for this long: the call is stuck (a dead link, a cloud that stalls); the caller retries.
 IDLE_TIMEOUT_S = 60.0
+# Bytes read from the stream and not yet written that a download holds in memory before it waits for the disk.
+MAX_BUFFERED_BYTES = 8 * 1024 * 1024
 # Refusals a person must fix (a revoked device, a model not assigned, a cloud without the service).
 _PERMANENT = {
     grpc.StatusCode.UNAUTHENTICATED,
@@ -111,6 +114,7 @@ async def _download(
         model=models_pb2.ModelRef(name=name, version=version), offset=writer.size, file=file
     )
     call = stub.Download(request, metadata=(("authorization", f"Bearer {token}"),))
+    writes = _Writes()
     try:
         first = await _next(call, ref, idle_timeout_s)
         if first is None or first.WhichOneof("body") != "manifest":
@@ -122,20 +126,27 @@ async def _download(
             await disk.run(writer.truncate, size)
         if on_progress is not None:
             on_progress(writer.size, size)
-        while writer.size < size:
+        # Reading never waits for the disk (up to MAX_BUFFERED_BYTES): bytes gRPC received but we had not read
+        # are lost when the connection is cut, and a reader held up by each write left gRPC's whole receive
+        # window (over a MiB on a fast link) unread at every cut. What was read is written even after a cut.
+        at = writer.size
+        while at < size:
             chunk = await _next(call, ref, idle_timeout_s)
             if chunk is None:
-                raise DownloadFailed(f"{ref}: the cloud ended the stream at byte {writer.size} of {size}", True)
-            _check_chunk(ref, chunk, writer.size, size)
-            await disk.run(writer.append, chunk.data)
+                raise DownloadFailed(f"{ref}: the cloud ended the stream at byte {at} of {size}", True)
+            _check_chunk(ref, chunk, at, size)
+            await writes.add(disk.submit(writer.append, chunk.data), len(chunk.data))
+            at += len(chunk.data)
             if on_progress is not None:
-                on_progress(writer.size, size)
+                on_progress(at, size)
+        await writes.drain()
         # Complete: whatever the cloud would send after this is not read (a blob longer than its manifest
         # shows up as a chunk past the size, refused above, or not at all).
         return first.manifest
     finally:
         call.cancel()
-        # Queued after any write still running on the one thread: closes (and fsyncs) what landed.
+        # Queued after every write on the one thread: closes (and fsyncs) what landed, a cut's last bytes too.
+        await writes.settle()
         await disk.run(writer.close)
 
 
@@ -186,9 +197,44 @@ class _Disk:
     def __init__(self, executor: Executor) -> None:
         self.executor = executor
 
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+    def submit(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         future: Future[T] = self.executor.submit(fn, *args)
-        return await asyncio.wrap_future(future)
+        return asyncio.wrap_future(future)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await self.submit(fn, *args)
+
+
+class _Writes:
+    """Writes queued on the download's thread and not yet done, at most MAX_BUFFERED_BYTES of them."""
+
+    def __init__(self) -> None:
+        self._pending: collections.deque[tuple[asyncio.Future[None], int]] = collections.deque()
+        self._bytes = 0
+
+    async def add(self, write: asyncio.Future[None], size: int) -> None:
+        """Queue `write`; wait for the disk while more than MAX_BUFFERED_BYTES are queued. Raises what a
+        finished write raised (a full disk)."""
+        self._pending.append((write, size))
+        self._bytes += size
+        while self._pending and (self._bytes > MAX_BUFFERED_BYTES or self._pending[0][0].done()):
+            done, n = self._pending.popleft()
+            self._bytes -= n
+            await done
+
+    async def drain(self) -> None:
+        """Wait for every queued write; raises the first failure."""
+        while self._pending:
+            done, n = self._pending.popleft()
+            self._bytes -= n
+            await done
+
+    async def settle(self) -> None:
+        """Wait for every queued write, whatever happens to them (on the way out of a failed call)."""
+        pending = [f for f, _ in self._pending]
+        self._pending.clear()
+        self._bytes = 0
+        await asyncio.gather(*pending, return_exceptions=True)
 
 
 class _PartialFile:

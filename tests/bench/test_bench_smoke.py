@@ -19,6 +19,7 @@ TARGETS = {
     "uplink_e2e": 1,
     "telemetry_ingest": 2,
     "control_fanout": 1,
+    "download_resume": 1,
 }
 
 
