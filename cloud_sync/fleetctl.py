@@ -13,15 +13,10 @@ import struct
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
-from urllib.parse import quote
+from typing import Annotated, Any
 
-import httpx
 import typer
-from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
@@ -30,6 +25,7 @@ from cloud_sync.errors import InvalidArgument
 from cloud_sync.fleetctl_enrollment import token_app
 from cloud_sync.fleetctl_models import models_app
 from cloud_sync.fleetctl_policies import policies_app
+from cloud_sync.fleetctl_session import Session, duration, err, fail, out, segment, session, when
 from cloud_sync.fleetctl_state import add_state_commands, print_device_state, state_cell
 from edgefleet.proto.edgefleet.v1 import results_pb2
 
@@ -52,80 +48,6 @@ app.add_typer(policies_app, name="policies")
 app.add_typer(models_app, name="models")
 add_state_commands(models_app)
 
-# soft_wrap: a line is never folded at the terminal's width (scripts grep fleetctl's output and messages).
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
-
-
-@dataclass
-class Session:
-    url: str
-    token: str
-    as_json: bool
-
-    def call(self, method: str, path: str, **kwargs: Any) -> Any:
-        try:
-            response = httpx.request(
-                method,
-                f"{self.url}{path}",
-                timeout=30,
-                headers={"Authorization": f"Bearer {self.token}"},
-                **kwargs,
-            )
-        except httpx.HTTPError as exc:
-            fail(1, f"cannot reach cloud-sync at {self.url} ({exc}); is it running? (--url / FLEETCTL_URL)")
-        if response.status_code >= 400:
-            code = {401: 3, 403: 3, 404: 4}.get(response.status_code, 2 if response.status_code < 500 else 1)
-            fail(code, f"cloud-sync refused ({response.status_code}): {_detail(response)}")
-        return response.json()
-
-
-def _detail(response: httpx.Response) -> str:
-    """The reason an API error gives: its `detail` string, or FastAPI's validation errors as `field: problem`."""
-    try:
-        detail = response.json().get("detail", response.text)
-    except (ValueError, AttributeError):
-        return response.text
-    if isinstance(detail, list) and all(isinstance(e, dict) and "loc" in e for e in detail):
-        return "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e.get('msg', '')}" for e in detail)
-    return detail if isinstance(detail, str) else json.dumps(detail)
-
-
-def segment(value: str) -> str:
-    """`value` as one URL path segment: a device id typed as "cam-1/revoke#" must not address cam-1."""
-    return quote(value, safe="")
-
-
-def fail(code: int, message: str) -> NoReturn:
-    err.print(f"fleetctl: {message}", markup=False, highlight=False)
-    raise typer.Exit(code)
-
-
-def _token(token: str | None, token_file: Path | None) -> str:
-    if not token and token_file is not None:
-        try:
-            token = token_file.read_text().strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            fail(2, f"cannot read --token-file {token_file}: {getattr(exc, 'strerror', None) or exc}")
-    if not token:
-        fail(
-            3, "no admin token: pass --token or --token-file, or set FLEETCTL_TOKEN (cloud-sync admin-token prints it)"
-        )
-    # An HTTP header holds printable ASCII only; any other token cannot be the admin token.
-    if not (token.isascii() and token.isprintable()):
-        fail(3, "the admin token is not valid (a token is printable ASCII; cloud-sync admin-token prints it)")
-    return token
-
-
-def _base_url(url: str) -> str:
-    try:
-        parsed = httpx.URL(url)
-    except httpx.InvalidURL as exc:
-        fail(2, f"--url {url!r} is not a URL ({exc}): give http://host:port of cloud-sync's admin API")
-    if parsed.scheme not in ("http", "https") or not parsed.host:
-        fail(2, f"--url {url!r} is not an http:// or https:// URL with a host, e.g. http://127.0.0.1:8080")
-    return url.rstrip("/")
-
 
 @app.callback()
 def _session(
@@ -136,29 +58,6 @@ def _session(
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
     ctx.obj = (url, token, token_file, as_json)
-
-
-def session(ctx: typer.Context) -> Session:
-    url, token, token_file, as_json = ctx.find_root().obj
-    return Session(_base_url(url), _token(token, token_file), as_json)
-
-
-def _when(ms: int | None) -> str:
-    if not ms:
-        return "-"
-    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def _duration(ms: int) -> str:
-    """A clock skew for a human: "8 d 0 h", "3 h 12 min", "4.2 s"."""
-    seconds = ms // 1000
-    if seconds >= 86400:
-        return f"{seconds // 86400} d {seconds % 86400 // 3600} h"
-    if seconds >= 3600:
-        return f"{seconds // 3600} h {seconds % 3600 // 60} min"
-    if seconds >= 60:
-        return f"{seconds // 60} min {seconds % 60} s"
-    return f"{ms / 1000:.1f} s"
 
 
 DeviceIdArgument = Annotated[str, typer.Argument(help="the device's id, e.g. cam-17")]
@@ -181,9 +80,9 @@ def devices_list(ctx: typer.Context) -> None:
             Text(d["device_id"]),
             Text(labels),
             presence,
-            _when(d.get("last_seen_ms")),
+            when(d.get("last_seen_ms")),
             state_cell(d),
-            _when(d["created_at_ms"]),
+            when(d["created_at_ms"]),
             "yes" if d["revoked"] else "",
         )
     out.print(table)
@@ -225,22 +124,22 @@ def devices_show(ctx: typer.Context, device_id: DeviceIdArgument) -> None:
         f"acked seq {up['acked_seq']}: stored {up['stored']}, evicted {up['evicted']}, rejected {up['rejected']} "
         f"(device reports produced {up['device_produced']}, evicted {up['device_evicted']}, rejected "
         f"{up['device_rejected']}); duplicates ignored {up['duplicates_total']}; "
-        f"last upload {_when(up['last_upload_at_ms'])}"
+        f"last upload {when(up['last_upload_at_ms'])}"
     )
     if up["clock_skewed_total"]:
         out.print(
             f"clock: {up['clock_skewed_total']} records stamped ahead of the cloud's clock, by up to "
-            f"{_duration(up['max_clock_skew_ms'])} (stored as stamped; check the device's time sync)"
+            f"{duration(up['max_clock_skew_ms'])} (stored as stamped; check the device's time sync)"
         )
     if device.get("online") is not None:
-        out.print(f"{'online' if device['online'] else 'offline'}, last seen {_when(device['last_seen_ms'])}")
+        out.print(f"{'online' if device['online'] else 'offline'}, last seen {when(device['last_seen_ms'])}")
     if "state" in device:
         print_device_state(out, device["state"])
     telemetry = device.get("telemetry")
     if telemetry:
         system, outbox = telemetry.get("system", {}), telemetry.get("outbox", {})
         out.print(
-            f"telemetry {_when(int(telemetry['timestamp_ms']))}: cpu {system.get('cpu_percent', 0):.0f}%, outbox "
+            f"telemetry {when(int(telemetry['timestamp_ms']))}: cpu {system.get('cpu_percent', 0):.0f}%, outbox "
             f"{outbox.get('depth', 0)} records, upload lag {outbox.get('upload_lag_s', 0):.1f} s"
         )
     for w in device.get("recent_models", []):
@@ -291,7 +190,7 @@ def _quarantine_line(entry: dict[str, Any]) -> str:
         size = f"{entry['record_size']} bytes (first {entry['record_bytes']} kept)"
     else:
         size = f"{entry['record_size']} bytes"
-    return f"#{entry['seq']} {entry['source']} {_when(entry['received_at_ms'])} {size}: {_printable(entry['reason'])}"
+    return f"#{entry['seq']} {entry['source']} {when(entry['received_at_ms'])} {size}: {_printable(entry['reason'])}"
 
 
 @devices_app.command("quarantine")
@@ -408,7 +307,7 @@ def _print_result(s: Session, result: dict[str, Any]) -> None:
         return
     kind = results_pb2.RecordKind.Name(result["kind"]).removeprefix("RECORD_KIND_").lower()
     out.print(
-        f"{_when(result['created_at_ms'])} {result['device_id']} #{result['seq']} {result['model']}:"
+        f"{when(result['created_at_ms'])} {result['device_id']} #{result['seq']} {result['model']}:"
         f"{result['version']} {kind} {_summary(result)}",
         markup=False,
         highlight=False,

@@ -18,6 +18,7 @@ from rich.text import Text
 
 from cloud_sync.cli import parse_labels
 from cloud_sync.errors import InvalidArgument
+from cloud_sync.fleetctl_session import fail, out, session
 
 __all__ = ["parse_duration", "token_app"]
 
@@ -53,7 +54,6 @@ def token_create(
     ] = None,
 ) -> None:
     """Mint a one-time enrollment token and print it (shown once: give it to the device's installer)."""
-    from cloud_sync.fleetctl import fail, out, session
 
     s = session(ctx)
     try:
@@ -72,7 +72,6 @@ def token_create(
 @token_app.command("list")
 def token_list(ctx: typer.Context) -> None:
     """List minted enrollment tokens (never the secret): state, labels, expiry, the device that used each."""
-    from cloud_sync.fleetctl import out, session
 
     s = session(ctx)
     tokens = s.call("GET", "/v1/enrollment-tokens")["tokens"]

@@ -15,7 +15,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import httpx
 import structlog
@@ -24,10 +24,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, Trans
 from rich.table import Table
 from rich.text import Text
 
-if TYPE_CHECKING:
-    from rich.console import Console
-
-    from cloud_sync.fleetctl import Session
+from cloud_sync.fleetctl_session import Session, detail, err, fail, out, segment, session, when
 
 __all__ = ["models_app", "parse_duration"]
 
@@ -62,7 +59,7 @@ def _expires(text: str) -> int:
     try:
         return parse_duration(text)
     except ValueError as exc:
-        _fail(2, f"--expires: {exc}")
+        fail(2, f"--expires: {exc}")
 
 
 def _sha256(path: Path) -> str:
@@ -78,11 +75,11 @@ def _package_files(directory: Path) -> tuple[dict[str, Any], dict[str, Path]]:
     try:
         manifest = json.loads((directory / MANIFEST_FILE).read_bytes())
     except FileNotFoundError:
-        _fail(2, f"{directory} has no {MANIFEST_FILE}: give a package directory (edge-agent package) or a .onnx")
+        fail(2, f"{directory} has no {MANIFEST_FILE}: give a package directory (edge-agent package) or a .onnx")
     except (OSError, ValueError) as exc:
-        _fail(2, f"cannot read {directory / MANIFEST_FILE}: {exc}")
+        fail(2, f"cannot read {directory / MANIFEST_FILE}: {exc}")
     if not isinstance(manifest, dict):
-        _fail(2, f"{directory / MANIFEST_FILE} is not a JSON object")
+        fail(2, f"{directory / MANIFEST_FILE} is not a JSON object")
     wanted = [(MODEL_FILE, manifest.get("sha256"), manifest.get("size"))]
     warmup = manifest.get("warmup")
     if isinstance(warmup, dict) and warmup.get("file"):
@@ -91,10 +88,10 @@ def _package_files(directory: Path) -> tuple[dict[str, Any], dict[str, Path]]:
     for name, sha, size in wanted:
         path = directory / name
         if not path.is_file():
-            _fail(2, f"{path} is missing: the manifest names it")
+            fail(2, f"{path} is missing: the manifest names it")
         found = _sha256(path)
         if found != sha or path.stat().st_size != size:
-            _fail(
+            fail(
                 2, f"{path} does not match {MANIFEST_FILE} (sha256 {found}, {path.stat().st_size} bytes): repackage it"
             )
         files[found] = path
@@ -107,19 +104,19 @@ def _package_onnx(path: Path, name: str, version: int, out: Path) -> Path:
         from edge_runtime.errors import EdgeRuntimeError
         from edge_runtime.models.packaging import PackageRequest, package_model
     except ImportError:
-        _fail(
+        fail(
             2,
             f"{path} is a bare .onnx: packaging it needs the device runtime (pip install edgefleet[agent]); "
             "or push a package directory made by `edge-agent package`",
         )
     if not name or not version:
-        _fail(2, "a bare .onnx needs --name and --version")
+        fail(2, "a bare .onnx needs --name and --version")
     # The runtime logs (engine.loaded) go to stderr: stdout is the command's output (--json).
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
     try:
         result = package_model(PackageRequest(model=path, name=name, version=version, out=out))
     except EdgeRuntimeError as exc:
-        _fail(2, f"cannot package {path}: {exc}")
+        fail(2, f"cannot package {path}: {exc}")
     return result.package.directory
 
 
@@ -136,7 +133,7 @@ def _upload(s: Session, sha: str, path: Path) -> bool:
             BarColumn(),
             DownloadColumn(),
             TransferSpeedColumn(),
-            console=_err(),
+            console=err,
             disable=s.as_json,
         ) as progress:
             task = progress.add_task(f"uploading {path.name}", total=size)
@@ -150,64 +147,21 @@ def _upload(s: Session, sha: str, path: Path) -> bool:
             headers["Content-Length"] = str(size)
             response = httpx.put(url, content=body(), headers=headers, timeout=300)
     except httpx.HTTPError as exc:
-        _fail(1, f"cannot reach cloud-sync at {s.url} ({exc}); is it running? (--url / FLEETCTL_URL)")
+        fail(1, f"cannot reach cloud-sync at {s.url} ({exc}); is it running? (--url / FLEETCTL_URL)")
     if response.status_code >= 400:
         code = {401: 3, 403: 3}.get(response.status_code, 2 if response.status_code < 500 else 1)
-        _fail(code, f"cloud-sync refused {path.name} ({response.status_code}): {_detail(response)}")
+        fail(code, f"cloud-sync refused {path.name} ({response.status_code}): {detail(response)}")
     return True
-
-
-# fleetctl.py imports this module to register models_app: its helpers are imported when a command runs.
-def _fail(code: int, message: str) -> NoReturn:
-    from cloud_sync.fleetctl import fail
-
-    fail(code, message)
-
-
-def _session(ctx: typer.Context) -> Session:
-    from cloud_sync.fleetctl import session
-
-    return session(ctx)
-
-
-def _out() -> Console:
-    from cloud_sync.fleetctl import out
-
-    return out
-
-
-def _err() -> Console:
-    from cloud_sync.fleetctl import err
-
-    return err
-
-
-def _segment(value: str) -> str:
-    from cloud_sync.fleetctl import segment
-
-    return segment(value)
-
-
-def _detail(response: httpx.Response) -> str:
-    from cloud_sync.fleetctl import _detail
-
-    return _detail(response)
-
-
-def _when(ms: int) -> str:
-    from cloud_sync.fleetctl import _when
-
-    return _when(ms)
 
 
 def _print_version(version: dict[str, Any]) -> None:
     files = ", ".join(f"{name} {f['size']} bytes" for name, f in version["files"].items())
-    _out().print(Text(f"{version['name']}:{version['version']}", style="bold"))
-    _out().print(Text(f"  sha256 {version['sha256']}; {files}"))
-    _out().print(
+    out.print(Text(f"{version['name']}:{version['version']}", style="bold"))
+    out.print(Text(f"  sha256 {version['sha256']}; {files}"))
+    out.print(
         Text(
-            f"  signed by {version['key_id']} serial {version['serial']} at {_when(version['signed_at_ms'])}, "
-            f"expires {_when(version['expires_at_ms'])}"
+            f"  signed by {version['key_id']} serial {version['serial']} at {when(version['signed_at_ms'])}, "
+            f"expires {when(version['expires_at_ms'])}"
         )
     )
 
@@ -221,7 +175,7 @@ def models_push(
     expires: ExpiresOption = "30d",
 ) -> None:
     """Upload a model package's files and register (sign) the version."""
-    s = _session(ctx)
+    s = session(ctx)
     expires_in_s = _expires(expires)
     with tempfile.TemporaryDirectory(prefix="fleetctl-push-") as tmp:
         if path.is_file() and path.suffix == ".onnx":
@@ -229,22 +183,22 @@ def models_push(
         elif path.is_dir():
             directory = path
         else:
-            _fail(2, f"{path} is neither a package directory nor a .onnx file")
+            fail(2, f"{path} is neither a package directory nor a .onnx file")
         manifest, files = _package_files(directory)
         for key, given in (("name", name), ("version", version)):
             if given and manifest.get(key) != given:
-                _fail(2, f"--{key} {given} differs from the package's {key} {manifest.get(key)!r}")
+                fail(2, f"--{key} {given} differs from the package's {key} {manifest.get(key)!r}")
         sent = [p.name for sha, p in files.items() if _upload(s, sha, p)]
     created = s.call("POST", "/v1/models", json={"manifest": manifest, "expires_in_s": expires_in_s})
     if s.as_json:
-        _out().print_json(data=created)
+        out.print_json(data=created)
         return
     skipped = len(files) - len(sent)
-    _out().print(
+    out.print(
         Text(
             f"pushed {created['name']}:{created['version']} (uploaded {', '.join(sent) or 'nothing'}"
             f"{f', {skipped} file(s) already there' if skipped else ''}; serial {created['serial']}, expires "
-            f"{_when(created['expires_at_ms'])})"
+            f"{when(created['expires_at_ms'])})"
         )
     )
 
@@ -254,10 +208,10 @@ def models_list(
     ctx: typer.Context, name: Annotated[str | None, typer.Option(help="only this model's versions")] = None
 ) -> None:
     """Registered model versions."""
-    s = _session(ctx)
+    s = session(ctx)
     versions = s.call("GET", "/v1/models", params={"name": name} if name else None)["models"]
     if s.as_json:
-        _out().print_json(data=versions)
+        out.print_json(data=versions)
         return
     table = Table("model", "version", "size", "sha256", "serial", "expires")
     for v in versions:
@@ -267,21 +221,21 @@ def models_list(
             str(v["size"]),
             v["sha256"][:16],
             str(v["serial"]),
-            _when(v["expires_at_ms"]),
+            when(v["expires_at_ms"]),
         )
-    _out().print(table)
+    out.print(table)
 
 
 @models_app.command("show")
 def models_show(ctx: typer.Context, name: NameArgument, version: VersionArgument) -> None:
     """A version: its files, signature and manifest."""
-    s = _session(ctx)
-    found = s.call("GET", f"/v1/models/{_segment(name)}/{version}")
+    s = session(ctx)
+    found = s.call("GET", f"/v1/models/{segment(name)}/{version}")
     if s.as_json:
-        _out().print_json(data=found)
+        out.print_json(data=found)
         return
     _print_version(found)
-    _out().print_json(data=found["manifest"])
+    out.print_json(data=found["manifest"])
 
 
 @models_app.command("sign")
@@ -289,11 +243,11 @@ def models_sign(
     ctx: typer.Context, name: NameArgument, version: VersionArgument, expires: ExpiresOption = "30d"
 ) -> None:
     """Sign a version again (a new expiry, a new serial): devices then refuse the older envelope."""
-    s = _session(ctx)
+    s = session(ctx)
     body = {"expires_in_s": _expires(expires)}
-    found = s.call("POST", f"/v1/models/{_segment(name)}/{version}/sign", json=body)
+    found = s.call("POST", f"/v1/models/{segment(name)}/{version}/sign", json=body)
     if s.as_json:
-        _out().print_json(data=found)
+        out.print_json(data=found)
         return
     _print_version(found)
 
@@ -301,9 +255,9 @@ def models_sign(
 @models_app.command("delete")
 def models_delete(ctx: typer.Context, name: NameArgument, version: VersionArgument) -> None:
     """Delete a version no device is assigned (refused, naming them, otherwise), and its unshared files."""
-    s = _session(ctx)
-    found = s.call("DELETE", f"/v1/models/{_segment(name)}/{version}")
+    s = session(ctx)
+    found = s.call("DELETE", f"/v1/models/{segment(name)}/{version}")
     if s.as_json:
-        _out().print_json(data=found)
+        out.print_json(data=found)
         return
-    _out().print(Text(f"deleted {found['name']}:{found['version']}"))
+    out.print(Text(f"deleted {found['name']}:{found['version']}"))

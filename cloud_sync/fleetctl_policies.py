@@ -17,6 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from cloud_sync.errors import InvalidArgument
+from cloud_sync.fleetctl_session import fail, out, segment, session
 from cloud_sync.policies import check_policy_name
 from cloud_sync.selectors import format_selector, parse_selector
 
@@ -71,7 +72,6 @@ def _document(file: Path | None, assignments: list[str]) -> dict[str, Any]:
 
 def _checked_name(name: str) -> str:
     """The name, checked here: one holding '/' would otherwise address another route (a 404, not a 2)."""
-    from cloud_sync.fleetctl import fail, segment
 
     try:
         return segment(check_policy_name(name))
@@ -80,7 +80,6 @@ def _checked_name(name: str) -> str:
 
 
 def _print_policy(policy: dict[str, Any]) -> None:
-    from cloud_sync.fleetctl import out
 
     out.print(
         f"{policy['name']} v{policy['version']}  selector {format_selector(policy['selector'])}  "
@@ -110,7 +109,6 @@ def policies_set(
     ] = None,
 ) -> None:
     """Create or replace a policy (its version grows by one on every change)."""
-    from cloud_sync.fleetctl import fail, out, session
 
     path = _checked_name(name)
     if file is None and not assignments:
@@ -134,7 +132,6 @@ def policies_set(
 @policies_app.command("list")
 def policies_list(ctx: typer.Context) -> None:
     """List policies, by name."""
-    from cloud_sync.fleetctl import out, session
 
     s = session(ctx)
     policies = s.call("GET", "/v1/policies")["policies"]
@@ -156,7 +153,6 @@ def policies_list(ctx: typer.Context) -> None:
 @policies_app.command("show")
 def policies_show(ctx: typer.Context, name: NameArgument) -> None:
     """Show one policy: its selector, priority, version and settings."""
-    from cloud_sync.fleetctl import out, session
 
     s = session(ctx)
     policy = s.call("GET", f"/v1/policies/{_checked_name(name)}")
@@ -169,7 +165,6 @@ def policies_show(ctx: typer.Context, name: NameArgument) -> None:
 @policies_app.command("delete")
 def policies_delete(ctx: typer.Context, name: NameArgument) -> None:
     """Delete a policy; the devices it matched go back to what the other policies give them."""
-    from cloud_sync.fleetctl import out, session
 
     s = session(ctx)
     policy = s.call("DELETE", f"/v1/policies/{_checked_name(name)}")
@@ -184,7 +179,6 @@ def policies_effective(
     ctx: typer.Context, device_id: Annotated[str, typer.Argument(help="the device's id, e.g. cam-17")]
 ) -> None:
     """Show the policy a device gets: every key the matching policies set, and which policies, in order."""
-    from cloud_sync.fleetctl import out, segment, session
 
     s = session(ctx)
     effective = s.call("GET", f"/v1/devices/{segment(device_id)}/effective-policy")

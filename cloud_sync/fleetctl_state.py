@@ -16,6 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from cloud_sync.errors import InvalidArgument
+from cloud_sync.fleetctl_session import fail, out, session
 from cloud_sync.selectors import format_selector, parse_selector
 
 __all__ = ["add_state_commands", "print_device_state", "state_cell"]
@@ -33,7 +34,6 @@ def models_assign(
     ] = 0,
 ) -> None:
     """Assign a model version to the devices a selector matches (replaces that model+selector's assignment)."""
-    from cloud_sync.fleetctl import fail, out, session
 
     try:
         parsed = parse_selector(selector)
@@ -58,7 +58,6 @@ def models_unassign(
     selector: SelectorOption = "",
 ) -> None:
     """Remove a model's assignment to a selector (devices keep what they run unless another assignment applies)."""
-    from cloud_sync.fleetctl import fail, out, session
 
     try:
         parsed = parse_selector(selector)
@@ -77,7 +76,6 @@ def models_assignments(
     model: Annotated[str | None, typer.Option(help="only this model's assignments")] = None,
 ) -> None:
     """List model assignments, by model then selector."""
-    from cloud_sync.fleetctl import out, session
 
     s = session(ctx)
     found = s.call("GET", "/v1/assignments", params={"model": model} if model else None)["assignments"]

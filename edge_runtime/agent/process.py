@@ -36,7 +36,8 @@ from edge_runtime.models.served import ServedModel
 from edge_runtime.observability.metrics import AgentMetrics
 from edge_runtime.outbox import Outbox
 from edge_runtime.policy import EffectivePolicy, PolicyChange, parse_policy
-from edge_runtime.sync.control import ControlTransport, open_control
+from edge_runtime.sync.control import ControlTransport
+from edge_runtime.sync.transports import open_control
 from edge_runtime.sync.uplink import CloudChannel, Uploader, read_token
 from edge_runtime.telemetry import TelemetryCollector, deferred_probe
 from edgefleet.proto.edgefleet.v1 import state_pb2

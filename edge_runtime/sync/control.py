@@ -1,4 +1,5 @@
-"""The control transport: how the agent talks to the cloud's control plane, and which one a config asks for.
+"""The control transport: how the agent talks to the cloud's control plane (edge_runtime/sync/transports.py
+picks the one a config asks for).
 
 Two implementations: MQTT through a broker (`MqttLink`, edge_runtime/sync/mqtt.py) and a gRPC stream to
 cloud-sync (`GrpcControl`, edge_runtime/sync/grpc_control.py), the embedded default when no broker is set.
@@ -8,16 +9,11 @@ Not what is done with a desired state (edge_runtime/agent/process.py) nor what t
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
-from edge_runtime.config import AgentConfig
-from edge_runtime.errors import ConfigError
 from edgefleet.proto.edgefleet.v1.state_pb2 import DesiredState, ReportedState
 
-if TYPE_CHECKING:
-    from edge_runtime.sync.uplink import CloudChannel
-
-__all__ = ["ControlTransport", "DesiredHandler", "open_control"]
+__all__ = ["ControlTransport", "DesiredHandler"]
 
 DesiredHandler = Callable[[DesiredState], None]
 
@@ -51,33 +47,3 @@ class ControlTransport(Protocol):
     async def aclose(self) -> None:
         """Say goodbye where the transport can (status offline), disconnect, and stop its background work."""
         ...
-
-
-def open_control(
-    config: AgentConfig, token: str | None, channel: CloudChannel | None = None
-) -> ControlTransport | None:
-    """The transport `config` asks for, not started: MQTT when mqtt.url is set, else the gRPC stream to
-    cloud.grpc_target, else None (a standalone agent). Reads certificate files: call it off the loop.
-
-    `token` is the device token (None when cloud.token_file is not set): the gRPC stream's credential, and
-    the broker password. `channel`: cloud.grpc_target and its CA as the agent read them already (read here
-    otherwise).
-    """
-    device_id = config.cloud.device_id
-    if config.mqtt.url:
-        if not device_id:
-            raise ConfigError("mqtt.url is set but cloud.device_id is not: topics are named after the device")
-        from edge_runtime.sync.mqtt import MqttLink
-
-        return MqttLink.from_config(config, token=token)
-    if config.cloud.grpc_target:
-        if not device_id:
-            raise ConfigError(
-                "cloud.grpc_target is set but cloud.device_id is not: telemetry and reported state name the device"
-            )
-        if not token:
-            raise ConfigError("cloud.token_file is not set: the control stream needs the device token")
-        from edge_runtime.sync.grpc_control import GrpcControl
-
-        return GrpcControl(config.cloud, device_id, token, channel=channel)
-    return None

@@ -17,9 +17,9 @@ import pytest
 from edge_runtime.config import AgentConfig
 from edge_runtime.errors import ConfigError
 from edge_runtime.kserve import KServeClient
-from edge_runtime.sync.control import open_control
 from edge_runtime.sync.grpc_control import GrpcControl
 from edge_runtime.sync.mqtt import MqttLink
+from edge_runtime.sync.transports import open_control
 from edgefleet.proto.edgefleet.v1.state_pb2 import (
     MODEL_ROLE_ACTIVE,
     MODEL_STATE_ACTIVE,
