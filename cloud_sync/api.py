@@ -267,6 +267,8 @@ def create_app(ctx: ApiContext) -> FastAPI:
                     **_device_json(d),
                     **_presence_json(presence.get(d.device_id)),
                     **states.get(d.device_id, _NO_STATE),
+                    # A revoked device converges to nothing: its last report does not count.
+                    **({"converged": False} if d.revoked and d.device_id in states else {}),
                 }
                 for d in ctx.devices.list_devices()
             ]
@@ -283,6 +285,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
         shown = {**_device_json(device), "uplink": asdict(ctx.results.reconcile(device_id))}
         if ctx.device_states is not None:
             shown["state"] = ctx.device_states.state(device_id)
+            shown["state"]["converged"] = shown["state"]["converged"] and not device.revoked
         if ctx.telemetry is not None:
             presence = {p.device_id: p for p in ctx.telemetry.fleet_presence()}.get(device_id)
             latest = ctx.telemetry.latest(device_id)

@@ -168,7 +168,9 @@ def state_routes(
         @app.get("/v1/devices/{device_id}/state", tags=["devices"], dependencies=auth)
         def device_state(device_id: str) -> dict[str, Any]:
             """The device's desired state, its last report, per model desired vs reported, and whether in sync."""
-            devices.get_device(device_id)  # NotFound: 404
-            return states.state(device_id)
+            revoked = devices.get_device(device_id).revoked  # NotFound: 404
+            state = states.state(device_id)
+            state["converged"] = state["converged"] and not revoked  # a revoked device's report does not count
+            return state
 
     return add

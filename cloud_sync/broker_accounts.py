@@ -27,7 +27,7 @@ from cloud_sync.mqtt_client import broker_address, mqtt_client, read_password
 from cloud_sync.store.devices import check_device_id, is_reserved
 from cloud_sync.telemetry.acl import DEVICE_READS, DEVICE_WRITES
 
-__all__ = ["DynsecAccounts", "device_acls", "device_role"]
+__all__ = ["CLOUD_ROLE", "DynsecAccounts", "cloud_acls", "device_acls", "device_role"]
 
 log = structlog.get_logger(__name__)
 
@@ -37,6 +37,7 @@ COMMAND_TIMEOUT_S = 10.0
 # Answers the plugin gives for what is there already or gone already: fine for idempotent commands.
 _EXISTS = ("already exists",)
 _MISSING = ("not found",)
+_INTERNAL = ("internal error",)
 
 
 def device_role(device_id: str) -> str:
@@ -50,6 +51,20 @@ def device_acls(device_id: str, prefix: str) -> list[dict[str, Any]]:
     return [
         *({"acltype": "publishClientSend", "topic": f"{base}/{kind}", "allow": True} for kind in DEVICE_WRITES),
         *({"acltype": "subscribeLiteral", "topic": f"{base}/{kind}", "allow": True} for kind in DEVICE_READS),
+    ]
+
+
+# The role of cloud-sync's own broker user: without it a user made by `mosquitto_ctrl dynsec init` administers
+# accounts but may not publish one desired state (the broker drops the publish, found by tests/fleet).
+CLOUD_ROLE = "edgefleet-cloud-sync"
+
+
+def cloud_acls(prefix: str) -> list[dict[str, Any]]:
+    """What cloud-sync may do (the acl_file's `user cloud-sync`): read what devices publish, publish desired."""
+    base = f"{prefix}/devices/+"
+    return [
+        *({"acltype": "subscribePattern", "topic": f"{base}/{kind}", "allow": True} for kind in DEVICE_WRITES),
+        *({"acltype": "publishClientSend", "topic": f"{base}/{kind}", "allow": True} for kind in DEVICE_READS),
     ]
 
 
@@ -139,6 +154,23 @@ class DynsecAccounts:
         _check_device(device_id)
         self._run({"command": "deleteClient", "username": device_id}, ok=_MISSING)
         self._run({"command": "deleteRole", "rolename": device_role(device_id)}, ok=_MISSING)
+
+    def grant_cloud_sync(self, usernames: Iterable[str]) -> None:
+        """Give cloud-sync's own broker users CLOUD_ROLE (made if missing); idempotent."""
+        self._run({"command": "createRole", "rolename": CLOUD_ROLE, "acls": cloud_acls(self._prefix)}, ok=_EXISTS)
+        for username in usernames:
+            if not self._has_role(username, CLOUD_ROLE):
+                # Mosquitto 2.0.11 adds the role, disconnects the user's clients (this one too, when the user
+                # is the same) and may answer "Internal error": what counts is the role being there after.
+                self._run({"command": "addClientRole", "username": username, "rolename": CLOUD_ROLE}, ok=_INTERNAL)
+                if not self._has_role(username, CLOUD_ROLE):
+                    raise StoreUnavailable(f"the broker did not give {username!r} the role {CLOUD_ROLE}")
+            log.info("broker_accounts.cloud_role", user=username, role=CLOUD_ROLE)
+
+    def _has_role(self, username: str, role: str) -> bool:
+        found = self._run({"command": "getClient", "username": username})
+        roles = (found.get("data") or {}).get("client", {}).get("roles", [])
+        return any(isinstance(r, dict) and r.get("rolename") == role for r in roles)
 
     def disable_all(self, device_ids: Iterable[str]) -> int:
         """Disable each of `device_ids` (the revoked devices, at start: a revocation the broker missed)."""

@@ -22,6 +22,7 @@ from google.protobuf.message import DecodeError
 from paho.mqtt.client import Client, MQTTMessage
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from cloud_sync.config import MqttSection
 from cloud_sync.errors import CloudSyncError, InvalidArgument, NotFound, StoreUnavailable
@@ -60,6 +61,7 @@ class ControlLinkStats:
     connects: int
     published: int  # desired states published (new ones and republished ones)
     republished: int  # of which sent again to devices that stayed behind, or after a session was lost
+    publish_refused: int  # publishes the broker answered with a failure (not authorised: its ACL)
     reports_stored: int
     reports_dropped: Mapping[str, int]  # reason -> reports not stored
     batches: int
@@ -144,7 +146,9 @@ class MqttControl(SharedSubscription[_Report]):
         self._control = control
         self._check_every_s = check_every_s
         self._republish_after_s = republish_after_s
-        self._published = self._republished = self._stored = 0
+        self._published = self._republished = self._stored = self._refused = 0
+        self._in_flight: dict[int, str] = {}  # mid -> device id, until the broker answers
+        self._answered: dict[int, bool] = {}  # answers that came before their publish() returned
         self._dropped = dict.fromkeys(_REASONS, 0)
         self._last_sent: dict[str, tuple[int, float, float]] = {}
         self._republish_all = threading.Event()
@@ -154,6 +158,7 @@ class MqttControl(SharedSubscription[_Report]):
         # 500 round trips of PUBACKs.
         self._client.max_inflight_messages_set(1000)
         self._client.max_queued_messages_set(0)
+        self._client.on_publish = self._on_publish
         self._checker = threading.Thread(target=self._check_loop, name="control-republish", daemon=True)
 
     @classmethod
@@ -197,6 +202,7 @@ class MqttControl(SharedSubscription[_Report]):
                 connects=self._connection,
                 published=self._published,
                 republished=self._republished,
+                publish_refused=self._refused,
                 reports_stored=self._stored,
                 reports_dropped=dict(self._dropped),
                 batches=self._batches,
@@ -209,10 +215,13 @@ class MqttControl(SharedSubscription[_Report]):
 
     def publish(self, state: DesiredState, *, again: bool = False) -> None:
         """Publish `state` retained QoS 1 on its device's topic (thread-safe; paho sends it on its thread)."""
-        self._client.publish(
+        # Never under self._lock: paho calls on_publish holding its own lock, which publish() takes.
+        info = self._client.publish(
             self.topic_for(state.device_id), state.SerializeToString(), qos=1, retain=True, properties=self._props
         )
         with self._lock:
+            if self._answered.pop(info.mid, None) is None:  # the broker's answer may come first
+                self._in_flight[info.mid] = state.device_id
             previous = self._last_sent.get(state.device_id)
             wait = self._republish_after_s
             if again and previous is not None and previous[0] == state.generation:
@@ -220,6 +229,26 @@ class MqttControl(SharedSubscription[_Report]):
             self._last_sent[state.device_id] = (state.generation, time.monotonic(), wait)
             self._published += 1
             self._republished += again
+
+    def _on_publish(
+        self, _client: Client, _userdata: Any, mid: int, reason: ReasonCode, _props: Properties | None
+    ) -> None:
+        """The broker's answer to a desired state (paho's thread). A refusal is the broker's ACL saying
+        cloud-sync's user may not write desired states: nothing reaches the devices, so say it loudly."""
+        with self._lock:
+            device_id = self._in_flight.pop(mid, None)
+            if device_id is None:
+                self._answered[mid] = True
+            if not reason.is_failure:
+                return
+            self._refused += 1
+        if self._first_in_a_minute("publish_refused"):
+            log.error(
+                "control_mqtt.publish_refused",
+                device=device_id,
+                reason=str(reason),
+                hint="the broker refuses cloud-sync's user to publish on devices/+/desired: grant it (docs/mqtt.md)",
+            )
 
     def republish(self, device_ids: list[str] | None = None) -> int:
         """Publish the current desired state of `device_ids` (None: of every device) again; how many."""

@@ -192,6 +192,11 @@ class CloudSync:
         accounts = DynsecAccounts.from_config(mqtt, client_id)
         accounts.start()
         devices.on_revoked.append(accounts.disable)
+        if mqtt.username:  # cloud-sync's own user may publish desired states (in the background, as below)
+            granted = self._io.submit(accounts.grant_cloud_sync, [mqtt.username])
+            granted.add_done_callback(
+                lambda f: f.exception() and log.error("broker_accounts.cloud_role_failed", error=str(f.exception()))
+            )
         revoked = [d.device_id for d in devices.list_devices() if d.revoked]
         if revoked:
             future = self._io.submit(accounts.disable_all, revoked)

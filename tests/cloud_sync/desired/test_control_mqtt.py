@@ -81,6 +81,7 @@ def test_a_new_desired_state_is_published_retained_and_reports_are_stored(
         )
         report = wait_for(lambda: control.reported("cam-1"), 10, "the report to be stored")
         assert report is not None and report.state.generation == stored.generation and report.state.converged
+        assert mqtt.stats().publish_refused == 0
     finally:
         device.close()
 
@@ -127,6 +128,24 @@ def test_after_a_broker_restart_without_persistence_every_desired_state_is_publi
         assert DesiredState.FromString(got[-1].payload).models[0].version == 2
     finally:
         device.close()
+
+
+def test_a_publish_the_broker_refuses_is_counted_and_logged(sqlite_db: Database, tmp_path: Path) -> None:
+    # Caught a bug: with a broker user that may not write desired states, every state was dropped silently.
+    acl = tmp_path / "acl"
+    acl.write_text(f"topic read {PREFIX}/devices/+/reported\n")  # anonymous: may read reports, not write desired
+    with Mosquitto(tmp_path / "broker", f"acl_file {acl}") as broker:
+        control = ControlStore(sqlite_db)
+        mqtt = MqttControl(control, broker.url, prefix=PREFIX, client_id="cloud-sync-test-control", gather_s=0)
+        mqtt.start()
+        try:
+            wait_for(lambda: mqtt.ready, 10, "the control link to subscribe")
+            control.set_desired("cam-1", a_state(3))
+            control.set_desired("cam-2", a_state(3))
+            wait_for(lambda: mqtt.stats().publish_refused == 2, 10, "the broker's refusals to be counted")
+            assert mqtt.stats().published == 2
+        finally:
+            mqtt.close()
 
 
 def test_behind_devices_are_due_after_the_wait_and_then_back_off() -> None:
