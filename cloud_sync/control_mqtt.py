@@ -151,6 +151,8 @@ class MqttControl(SharedSubscription[_Report]):
         self._answered: dict[int, bool] = {}  # answers that came before their publish() returned
         self._dropped = dict.fromkeys(_REASONS, 0)
         self._last_sent: dict[str, tuple[int, float, float]] = {}
+        # device -> received_at_ms of its last report, once read and found converged (the republisher's thread)
+        self._settled: dict[str, int] = {}
         self._republish_all = threading.Event()
         self._props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
         self._props.ContentType = DESIRED_CONTENT_TYPE
@@ -280,9 +282,43 @@ class MqttControl(SharedSubscription[_Report]):
             last_sent = dict(self._last_sent)
         generations = self._control.generations()
         due = behind_devices(generations, last_sent, time.monotonic(), now_ms(), self._republish_after_s)
+        due = sorted({*due, *self._quiet_unconverged(generations, last_sent)})
         if due:
             sent = self.republish(due)
             log.info("control_mqtt.republished_behind", devices=sent)
+
+    def _quiet_unconverged(
+        self, generations: Mapping[str, StoredState], last_sent: Mapping[str, tuple[int, float, float]]
+    ) -> list[str]:
+        """Devices whose last report is of their desired generation but not converged, and no report came for
+        `republish_after_s`: their "done" may have been lost on the way (a report dropped between device and
+        broker, or queued for us on a broker that restarted). Sent the state again, a device answers with its
+        reported state. A report seen converged is not read again until a newer one arrives."""
+        now_wall = now_ms()
+        quiet = [
+            device_id
+            for device_id, s in generations.items()
+            if s.reported_generation == s.desired_generation
+            and s.received_at_ms is not None
+            and now_wall - s.received_at_ms >= self._republish_after_s * 1000
+            and self._settled.get(device_id) != s.received_at_ms
+        ]
+        if not quiet:
+            return []
+        reports = self._control.reported_many(quiet)
+        now = time.monotonic()
+        due = []
+        for device_id in quiet:
+            found = reports.get(device_id)
+            if found is None or found.state.generation != generations[device_id].desired_generation:
+                continue
+            if found.state.converged:
+                self._settled[device_id] = found.received_at_ms
+                continue
+            sent = last_sent.get(device_id)
+            if sent is None or sent[0] != found.state.generation or now - sent[1] >= sent[2]:
+                due.append(device_id)
+        return due
 
     # -- paho's thread ---------------------------------------------------------------------------------------
 
