@@ -1,4 +1,5 @@
-"""Build the sample model packages (digits v1/v2, mobilenet-bench) from scratch: no download, seeded.
+"""Build the sample model packages from scratch, seeded, with no download: digits v1/v2, the bad rollout
+candidates digits v3-v5 (models/build.py BAD_DIGITS) and mobilenet-bench.
 
 Graphs are written by hand with onnx.helper so that tensor names, the dynamic batch axis and plain FP32
 tensors are ours. Not a training framework: the models exist to exercise the runtime and rollouts.
@@ -31,8 +32,10 @@ from edge_runtime.inference.tensors import TensorSpec
 from edge_runtime.models.package import ModelPackage, read_package, write_package
 
 __all__ = [
+    "BAD_DIGITS",
     "MODEL_NAMES",
     "build_all",
+    "build_bad_digits",
     "build_digits",
     "build_mobilenet",
     "builder_hash",
@@ -150,6 +153,85 @@ def build_digits(out: Path, version: int) -> ModelPackage:
         description=f"8x8 handwritten digits (scikit-learn), MLP {_DIGITS_HIDDEN[version]} hidden units; "
         "input raw pixel values 0..16",
         extra={"holdout_accuracy": round(accuracy, 4), "builder": builder_hash()},
+    )
+
+
+# --- bad candidates: what rollout gates must stop ----------------------------------------------------------
+
+# digits versions that load and answer but must never reach a fleet; each is the kind of model a gate exists
+# for. They share v2's network, so only the fault differs.
+BAD_DIGITS = {
+    3: "disagrees: trained on labels shifted by one, top-1 disagrees with v1/v2 on ~all inputs",
+    4: "slow: v2's answers behind a chain of 512x512 products (several ms a request)",
+    5: "fails to load: an operator no runtime implements",
+}
+_SLOW_WIDTH = 512
+_SLOW_LAYERS = 48
+
+
+def _slow_branch(nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto]) -> None:
+    """Add `slow`, a [batch, 10] tensor of ~0 that costs _SLOW_LAYERS products of a 512x512 matrix; the logits
+    become logits + 1e-30 * slow (numerically the same answers, as a data dependency the runtime must compute)."""
+    rng = np.random.default_rng(SEED)
+    inits += [
+        numpy_helper.from_array(rng.standard_normal((64, _SLOW_WIDTH)).astype(np.float32) * 0.01, "slow.in"),
+        numpy_helper.from_array(
+            (rng.standard_normal((_SLOW_WIDTH, _SLOW_WIDTH)) / np.sqrt(_SLOW_WIDTH)).astype(np.float32), "slow.w"
+        ),
+        numpy_helper.from_array(rng.standard_normal((_SLOW_WIDTH, 10)).astype(np.float32) * 0.01, "slow.out"),
+        numpy_helper.from_array(np.array(1e-30, np.float32), "slow.scale"),
+    ]
+    nodes.append(helper.make_node("MatMul", ["scaled", "slow.in"], ["slow.0"]))
+    for i in range(_SLOW_LAYERS):
+        nodes.append(helper.make_node("MatMul", [f"slow.{i}", "slow.w"], [f"slow.{i + 1}.pre"]))
+        nodes.append(helper.make_node("Tanh", [f"slow.{i + 1}.pre"], [f"slow.{i + 1}"]))
+    nodes.append(helper.make_node("MatMul", [f"slow.{_SLOW_LAYERS}", "slow.out"], ["slow.logits"]))
+    nodes.append(helper.make_node("Mul", ["slow.logits", "slow.scale"], ["slow.tiny"]))
+
+
+def build_bad_digits(out: Path, version: int) -> ModelPackage:
+    """Write bad candidate `version` (BAD_DIGITS) of digits: a package as valid as v2's, with its fault."""
+    if version not in BAD_DIGITS:
+        raise ValueError(f"bad digits candidates are versions {sorted(BAD_DIGITS)}, not {version}")
+    train_x, _, train_y, _ = _digits_split()
+    labels = (train_y + 1) % 10 if version == 3 else train_y
+    mlp = MLPClassifier((_DIGITS_HIDDEN[2],), max_iter=_DIGITS_ITERATIONS[2], random_state=SEED)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        mlp.fit(train_x / _PIXEL_MAX, labels)
+    graph = onnx.load_from_string(_digits_graph(mlp, version)).graph
+    nodes, inits = list(graph.node), list(graph.initializer)
+    if version == 4:
+        slow: list[onnx.NodeProto] = []
+        _slow_branch(slow, inits)
+        # The Softmax reads logits + the slow branch's ~0.
+        softmax = nodes.index(next(n for n in nodes if n.op_type == "Softmax"))
+        slow.append(helper.make_node("Add", ["logits", "slow.tiny"], ["logits.slow"]))
+        nodes[softmax:] = [*slow, helper.make_node("Softmax", ["logits.slow"], ["probabilities"], axis=-1)]
+    if version == 5:
+        nodes.insert(0, helper.make_node("NoSuchOp", ["pixels"], ["ignored"], domain="ai.edgefleet.missing"))
+    bad = helper.make_graph(nodes, graph.name, graph.input, graph.output, initializer=inits)
+    model = helper.make_model(
+        bad,
+        opset_imports=[helper.make_opsetid("", OPSET)]
+        + ([helper.make_opsetid("ai.edgefleet.missing", 1)] if version == 5 else []),
+        producer_name="edgefleet-models",
+    )
+    model.ir_version = IR_VERSION
+    model.doc_string = f"digits v{version}, a bad rollout candidate: {BAD_DIGITS[version]}"
+    if version != 5:
+        onnx.checker.check_model(model)
+    return write_package(
+        out / "digits" / str(version),
+        model.SerializeToString(),
+        name="digits",
+        version=version,
+        inputs=[TensorSpec("pixels", "FP32", (-1, 64))],
+        outputs=[TensorSpec("probabilities", "FP32", (-1, 10))],
+        max_batch_size=256,
+        labels=[str(d) for d in range(10)],
+        description=f"a bad rollout candidate: {BAD_DIGITS[version]}",
+        extra={"bad_candidate": BAD_DIGITS[version], "builder": builder_hash()},
     )
 
 
@@ -287,6 +369,7 @@ def build_mobilenet(out: Path) -> ModelPackage:
 _TARGETS: tuple[tuple[str, int, Callable[[Path], ModelPackage]], ...] = (
     ("digits", 1, lambda out: build_digits(out, 1)),
     ("digits", 2, lambda out: build_digits(out, 2)),
+    *(("digits", v, lambda out, v=v: build_bad_digits(out, v)) for v in sorted(BAD_DIGITS)),
     ("mobilenet-bench", 1, build_mobilenet),
 )
 
@@ -304,7 +387,12 @@ def _report(package: ModelPackage, status: str, seconds: float) -> str:
     m = package.manifest
     size = f"{m.size / 2**20:.1f} MiB" if m.size >= 2**20 else f"{m.size / 2**10:.1f} KiB"
     accuracy = m.extra.get("holdout_accuracy")
-    detail = f"holdout accuracy {accuracy:.4f}" if accuracy is not None else f"{m.extra['parameters']:,} parameters"
+    if "bad_candidate" in m.extra:
+        detail = f"bad: {m.extra['bad_candidate'].split(':')[0]}"
+    elif accuracy is not None:
+        detail = f"holdout accuracy {accuracy:.4f}"
+    else:
+        detail = f"{m.extra['parameters']:,} parameters"
     return f"{m.ref:<18} {size:>9}  {detail:<26} {status} in {seconds:.1f} s"
 
 

@@ -40,7 +40,7 @@ def _accuracy(package: ModelPackage) -> float:
 
 
 def test_build_all_writes_every_package_in_its_directory(out: Path, built: dict[str, ModelPackage]) -> None:
-    assert sorted(built) == ["digits:1", "digits:2", "mobilenet-bench:1"]
+    assert sorted(built) == [*["digits:1", "digits:2", "digits:3", "digits:4", "digits:5"], "mobilenet-bench:1"]
     for ref, package in built.items():
         name, version = ref.split(":")
         assert package.directory == out / name / version
@@ -107,6 +107,21 @@ def test_mobilenet_runs_with_finite_varied_logits(built: dict[str, ModelPackage]
     assert np.all(logits.std(axis=1) > 1e-2)
 
 
+def test_each_bad_candidate_has_its_fault_and_nothing_else(built: dict[str, ModelPackage]) -> None:
+    pixels, _ = digits_holdout()
+    (v2,) = _session(built["digits:2"]).run(["probabilities"], {"pixels": pixels})
+    (v3,) = _session(built["digits:3"]).run(["probabilities"], {"pixels": pixels})
+    assert np.mean(v3.argmax(axis=1) == v2.argmax(axis=1)) < 0.05  # disagrees: a shadow gate stops it
+    slow = _session(built["digits:4"])
+    (v4,) = slow.run(["probabilities"], {"pixels": pixels})
+    assert np.array_equal(v4.argmax(axis=1), v2.argmax(axis=1))  # the same answers as v2, only slower
+    assert len(slow.get_inputs()) == 1 and built["digits:4"].manifest.size > 50 * built["digits:2"].manifest.size
+    with pytest.raises(Exception, match="NoSuchOp"):  # fails to load: an apply-failure gate stops it
+        _session(built["digits:5"])
+    for version in (3, 4, 5):
+        assert "bad_candidate" in built[f"digits:{version}"].manifest.extra
+
+
 def test_second_build_is_cached_and_rewrites_nothing(
     out: Path, built: dict[str, ModelPackage], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -115,7 +130,7 @@ def test_second_build_is_cached_and_rewrites_nothing(
     capsys.readouterr()
     again = build_all(out)
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 3 and all(" cached " in line for line in lines), lines
+    assert len(lines) == 6 and all(" cached " in line for line in lines), lines
     assert {f: f.stat().st_mtime_ns for f in files} == before
     assert [p.manifest for p in again] == [built[p.manifest.ref].manifest for p in again]
 
@@ -128,9 +143,9 @@ def test_package_from_another_builder_is_rebuilt(
     stale["extra"]["builder"] = "0" * 64
     manifest_path.write_text(json.dumps(stale))
     capsys.readouterr()
-    v1, _ = build_all(out, only=["digits"])
+    v1, *_ = build_all(out, only=["digits"])
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split()[0] for line in lines] == ["digits:1", "digits:2"]
+    assert [line.split()[0] for line in lines] == ["digits:1", "digits:2", "digits:3", "digits:4", "digits:5"]
     assert [" built " in lines[0], " cached " in lines[1]] == [True, True], lines
     assert read_package(v1.directory, verify=True).manifest.extra["builder"] == builder_hash()
 
@@ -171,5 +186,6 @@ def test_cli_builds_the_named_model(tmp_path: Path) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    assert [line.split()[0] for line in result.stdout.splitlines()] == ["digits:1", "digits:2"]
+    built = [line.split()[0] for line in result.stdout.splitlines()]
+    assert built == ["digits:1", "digits:2", "digits:3", "digits:4", "digits:5"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["digits"]
