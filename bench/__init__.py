@@ -15,6 +15,7 @@ BENCHMARKS = (
     "telemetry_ingest",
     "control_fanout",
     "download_resume",
+    "shadow_overhead",
 )
 # Benchmarks whose module is not named like the benchmark (bench/<module>.py); the rest: bench/<name>.py.
 MODULES = {"control_fanout": "bench_control_fanout", "download_resume": "bench_download_resume"}

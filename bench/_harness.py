@@ -54,8 +54,13 @@ class Options:
         return quick if self.quick else full
 
     def package(self, name: str) -> Path:
-        """The highest version of model `name` under --models (a package dir with model.onnx)."""
-        versions = [p for p in (self.models / name).glob("*") if p.name.isdigit() and (p / "model.onnx").is_file()]
+        """The highest good version of model `name` under --models (a package dir with model.onnx; never one
+        of the bad rollout candidates models/build.py makes, which its manifest marks)."""
+        versions = [
+            p
+            for p in (self.models / name).glob("*")
+            if p.name.isdigit() and (p / "model.onnx").is_file() and b'"bad_candidate"' not in _manifest(p)
+        ]
         if not versions:
             raise FileNotFoundError(
                 f"no package of {name!r} under {self.models}; build them with "
@@ -233,3 +238,10 @@ class Samples:
             "p99": percentile(v, 99) * scale,
             "mean": (sum(v) / len(v) * scale) if v else float("nan"),
         }
+
+
+def _manifest(package: Path) -> bytes:
+    try:
+        return (package / "manifest.json").read_bytes()
+    except OSError:
+        return b""

@@ -113,6 +113,8 @@ class ModelProgress:
     attempts: int = 0
     next_attempt_at_ms: int = 0
     backend: str = ""
+    # SHADOW role: the share of the active version's requests mirrored to this one (0..1).
+    shadow_sample_rate: float = 0.0
 
     @property
     def done(self) -> bool:
@@ -152,7 +154,8 @@ def repository_status(status: ModelStatus) -> state_pb2.ModelStatus:
 @dataclass
 class _Accepted:
     state: state_pb2.DesiredState
-    models: dict[str, ModelProgress] = field(default_factory=dict)
+    # (name, role) -> progress: a model has at most one ACTIVE and one SHADOW assignment.
+    models: dict[tuple[str, int], ModelProgress] = field(default_factory=dict)
     tasks: list[asyncio.Future[None]] = field(default_factory=list)
 
 
@@ -311,12 +314,15 @@ class Converger:
             await asyncio.gather(*previous.tasks, return_exceptions=True)
         accepted = _Accepted(state)
         for ref in refs:
-            kept = previous.models.get(ref.name) if previous else None
-            if kept is not None and (kept.version, kept.role, kept.sha256) == (ref.version, ref.role, ref.sha256):
-                accepted.models[ref.name] = kept  # the same assignment: its attempts and state carry over
+            key = (ref.name, ref.role)
+            kept = previous.models.get(key) if previous else None
+            if kept is not None and (kept.version, kept.sha256) == (ref.version, ref.sha256):
+                kept.shadow_sample_rate = ref.shadow_sample_rate
+                accepted.models[key] = kept  # the same assignment: its attempts and state carry over
             else:
-                accepted.models[ref.name] = ref
+                accepted.models[key] = ref
         self._accepted = accepted
+        await self._clear_shadows(accepted)
         self.error = ""
         await apply()
         log.info("control.desired_applied", generation=state.generation, models=len(state.models))
@@ -357,6 +363,15 @@ class Converger:
             await self._unload_leftovers(p)
             return
 
+    async def _clear_shadows(self, accepted: _Accepted) -> None:
+        """Stop mirroring to shadow versions the accepted state no longer names (a later step unloads them)."""
+        wanted = {p.name: p.version for p in accepted.models.values() if p.role == _SHADOW}
+        loop = asyncio.get_running_loop()
+        for name in {s.name for s in self.repository.status()}:
+            shadow = self.repository.shadow_version(name)
+            if shadow is not None and wanted.get(name) != shadow:
+                await loop.run_in_executor(self.loader, self.repository.clear_shadow, name)
+
     async def _attempt(self, p: ModelProgress) -> None:
         loop = asyncio.get_running_loop()
         # On the loader thread, so it runs after every load or switch queued before it (the agent's start-up
@@ -372,18 +387,37 @@ class Converger:
                 f"names {p.sha256[:12]}…; a version number is never reused for other content"
             )
         source: Path | None = None
+        if p.role == _SHADOW and installed is not None and p.version in self.repository.loaded_versions(p.name):
+            await self._shadow(p)  # already built (a new rate, a restarted attempt): mirror at the new rate
+            return
         if installed is None:
             source = await self._download(p)
         self._set(p, state_pb2.MODEL_STATE_BUILDING, progress=0.0)
         await self._step(self.builder, self.deadlines.build_s, "build", p, self._build, p, source)
-        self._set(p, state_pb2.MODEL_STATE_READY, reason="", backend=self._backend(p), progress=1.0)
         if p.role == _SHADOW:
+            await self._shadow(p)
             return
+        self._set(p, state_pb2.MODEL_STATE_READY, reason="", backend=self._backend(p), progress=1.0)
         await self._step(
             self.loader, self.deadlines.activate_s, "switch", p, self.repository.activate, p.name, p.version
         )
         self._set(p, state_pb2.MODEL_STATE_ACTIVE, reason="", backend=self._backend(p))
         log.info("model.converged", model=p.name, version=p.version)
+
+    async def _shadow(self, p: ModelProgress) -> None:
+        """A built SHADOW version: mirror its model's requests to it at the assigned rate, then report READY."""
+        await self._step(
+            self.loader,
+            self.deadlines.activate_s,
+            "shadow set-up",
+            p,
+            self.repository.set_shadow,
+            p.name,
+            p.version,
+            p.shadow_sample_rate,
+        )
+        self._set(p, state_pb2.MODEL_STATE_READY, reason="", backend=self._backend(p), progress=1.0)
+        log.info("model.shadowing", model=p.name, version=p.version, sample_rate=p.shadow_sample_rate)
 
     async def _download(self, p: ModelProgress) -> Path:
         if self.fetch is None:
@@ -507,8 +541,9 @@ class Converger:
 
     def reported(self) -> state_pb2.ReportedState:
         """The device's reported state now: each assignment's progress, and the other loaded models as they are."""
-        assigned = {p.name: p for p in self.progress()}
-        models = [p.to_proto() for p in assigned.values()]
+        progress = self.progress()
+        assigned = {p.name for p in progress}
+        models = [p.to_proto() for p in progress]
         models += [repository_status(s) for s in self.repository.status() if s.name not in assigned]
         return state_pb2.ReportedState(
             device_id=self.device_id,
@@ -523,24 +558,36 @@ class Converger:
 
 
 def _assignments(state: state_pb2.DesiredState) -> list[ModelProgress]:
-    """The state's model assignments, checked: one per model name, a version, a known role. ConfigError else."""
+    """The state's model assignments, checked: per model name one ACTIVE and at most one SHADOW of another
+    version, a version, a known role, a shadow sample rate within 0..1. ConfigError else."""
     from edge_runtime.models.package import check_ref
 
-    seen: set[str] = set()
+    seen: set[tuple[str, int]] = set()
+    versions: dict[str, int] = {}
     out: list[ModelProgress] = []
     for m in state.models:
         try:
             check_ref(m.name, m.version)
         except EdgeRuntimeError as exc:
             raise ConfigError(f"models: {exc}") from None
-        if m.name in seen:
-            raise ConfigError(f"models: {m.name!r} is assigned twice; one version per model")
         if m.role not in (_ACTIVE, _SHADOW):
             raise ConfigError(f"models: {m.name}:{m.version} has no role (ACTIVE or SHADOW)")
+        if (m.name, m.role) in seen:
+            raise ConfigError(
+                f"models: {m.name!r} is assigned twice; one version per model (and at most one SHADOW version)"
+            )
+        if versions.get(m.name) == m.version:
+            raise ConfigError(
+                f"models: {m.name}:{m.version} is assigned both ACTIVE and SHADOW; a version cannot shadow itself"
+            )
+        if not 0.0 <= m.shadow_sample_rate <= 1.0:  # NaN fails too
+            raise ConfigError(f"models: {m.name}:{m.version} shadow_sample_rate must be within 0..1")
         if m.sha256 and not (len(m.sha256) == 64 and all(c in "0123456789abcdef" for c in m.sha256)):
             raise ConfigError(f"models: {m.name}:{m.version} sha256 must be 64 lower-case hex digits")
-        seen.add(m.name)
-        out.append(ModelProgress(m.name, m.version, m.role, m.sha256))
+        seen.add((m.name, m.role))
+        versions[m.name] = m.version
+        rate = m.shadow_sample_rate if m.role == _SHADOW else 0.0
+        out.append(ModelProgress(m.name, m.version, m.role, m.sha256, shadow_sample_rate=rate))
     return out
 
 

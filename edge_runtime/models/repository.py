@@ -23,6 +23,7 @@ from edge_runtime.inference import keeping
 from edge_runtime.inference.types import InferRequest, InferResponse
 from edge_runtime.models.package import ModelPackage
 from edge_runtime.models.served import LoadContext, ModelState, ServedModel
+from edge_runtime.models.shadow import ShadowCounts, ShadowMirror, check_sample_rate
 from edge_runtime.models.store import ActivePointer, ModelStore
 from edge_runtime.observability.metrics import AgentMetrics
 
@@ -72,6 +73,8 @@ class ModelRepository:
         self._status: dict[tuple[str, int], ModelStatus] = {}
         # Models that should be served, and the version asked to be active (loaded or not).
         self._wanted: dict[str, int] = {}
+        # Model name -> the mirror to its shadow version (a loaded version that is not the active one).
+        self._shadows: dict[str, ShadowMirror] = {}
         self._switch = threading.RLock()  # one load/activate at a time
         self._closed = False
 
@@ -176,6 +179,60 @@ class ModelRepository:
             raise ModelNotFound(f"model {name} has no previous version to roll back to")
         return self.activate(name, pointer.previous)
 
+    def set_shadow(self, name: str, version: int, sample_rate: float) -> ShadowCounts:
+        """Mirror `sample_rate` (0..1) of the requests `name`'s active version answers to loaded `version`
+        and compare the answers; setting the same version again changes the rate and keeps the counts.
+
+        Refused (InvalidInput) for a rate outside 0..1 or the active version; ModelNotFound / ModelNotReady
+        when `version` is not loaded; PackageError for a bad `extra.shadow_tolerance` in its manifest.
+        """
+        rate = check_sample_rate(sample_rate)
+        with self._switch:
+            self._check_open()
+            served = self.model(name, str(version))
+            if self._active.get(name) == version:
+                raise InvalidInput(f"{name}:{version} is the active version; a version cannot shadow itself")
+            mirror = self._shadows.get(name)
+            if mirror is not None and mirror.shadow is served:
+                mirror.set_rate(rate)
+            else:
+                if mirror is not None:
+                    mirror.close()
+                mirror = self._shadows[name] = ShadowMirror(served, rate)
+                log.info("model.shadow_set", model=name, version=version, sample_rate=rate, rule=mirror.comparator.rule)
+            return mirror.counts()
+
+    def clear_shadow(self, name: str) -> ShadowCounts | None:
+        """Stop mirroring `name`'s requests (its shadow version stays loaded); its final counts, if one was set."""
+        with self._switch:
+            mirror = self._shadows.pop(name, None)
+        if mirror is None:
+            return None
+        mirror.close()
+        counts = mirror.counts()
+        log.info(
+            "model.shadow_cleared",
+            model=name,
+            version=counts.version,
+            compared=counts.compared,
+            agreed=counts.agreed,
+            dropped=counts.dropped,
+        )
+        return counts
+
+    def shadow_version(self, name: str) -> int | None:
+        mirror = self._shadows.get(name)
+        return None if mirror is None else mirror.version
+
+    def shadow_counts(self) -> dict[tuple[str, int], tuple[object, ShadowCounts]]:
+        """(name, shadow version) -> (the mirror, as the identity of its counters; its cumulative counts).
+
+        Sends each shadow's gathered mirrors first, so none wait past the next read (telemetry's interval)."""
+        mirrors = list(self._shadows.items())
+        for _, mirror in mirrors:
+            mirror.flush()
+        return {(name, m.version): (m, m.counts()) for name, m in mirrors}
+
     def apply_policy(self, policy: InferencePolicy) -> None:
         """Apply a new inference policy to every loaded version live, without dropping a request."""
         with self._switch:
@@ -190,6 +247,9 @@ class ModelRepository:
         with self._switch:
             self._closed = True
             served = [s for versions in self._served.values() for s in versions.values()]
+            for mirror in self._shadows.values():
+                mirror.close()
+            self._shadows.clear()
             self._served.clear()
             self._active.clear()
         for s in served:
@@ -205,6 +265,9 @@ class ModelRepository:
         except ShuttingDown:
             served = self._replacement(served, request)
             response = served.batcher.run(served.prepare(request))
+        mirror = self._mirror_for(served)
+        if mirror is not None:
+            mirror.offer(request, response)
         if response.kept is None:
             return response
         try:
@@ -217,10 +280,14 @@ class ModelRepository:
         """Validate and queue; raises at once for a bad or unservable request. Await the future for the result."""
         served = self.model(request.model_name, request.model_version)
         try:
-            return served, served.batcher.submit(served.prepare(request))
+            future = served.batcher.submit(served.prepare(request))
         except ShuttingDown:
             served = self._replacement(served, request)
-            return served, served.batcher.submit(served.prepare(request))
+            future = served.batcher.submit(served.prepare(request))
+        mirror = self._mirror_for(served)
+        if mirror is not None:  # once answered, on the engine thread that answered it
+            future.add_done_callback(lambda f: mirror.offer_future(request, f))
+        return served, future
 
     def model(self, name: str, version: str = "") -> ServedModel:
         """The loaded version a request names ("" = active); ModelNotFound / ModelNotReady otherwise.
@@ -263,6 +330,13 @@ class ModelRepository:
 
     # -- internals --------------------------------------------------------------------------------------
 
+    def _mirror_for(self, served: ServedModel) -> ShadowMirror | None:
+        """The mirror to feed with what `served` answered: only the active version's answers are mirrored."""
+        mirror = self._shadows.get(served.name)
+        if mirror is None or self._active.get(served.name) != served.version:
+            return None
+        return mirror
+
     def _check_open(self) -> None:
         if self._closed:
             raise ShuttingDown("the model repository is closed")
@@ -299,6 +373,9 @@ class ModelRepository:
         name, version = served.name, served.version
         old = self._active.get(name)
         self._active[name] = version
+        mirror = self._shadows.get(name)
+        if mirror is not None and mirror.version == version:  # promoted: it answers now, it shadows nothing
+            self._shadows.pop(name).close()
         self._set_status(_ready_status(served, active=True, why=why))
         if old is not None and old != version:
             self._retire(name, old)
@@ -330,6 +407,9 @@ class ModelRepository:
         self._event("model.fallback", name, pointer.version, serving=previous, reason=reason)
 
     def _retire(self, name: str, version: int) -> None:
+        mirror = self._shadows.get(name)
+        if mirror is not None and mirror.version == version:
+            self._shadows.pop(name).close()
         served = self._served.get(name, {}).pop(version, None)
         self._status.pop((name, version), None)
         if served is None:

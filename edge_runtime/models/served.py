@@ -154,8 +154,11 @@ class ServedModel:
         plan = self._plan(policy)
         self.batcher.update(plan, instances=policy.instances, max_queue_depth=policy.max_queue_depth)
 
-    def prepare(self, request: InferRequest) -> PreparedRequest:
-        """Validate `request` in full against this version; InvalidInput (counted) when it does not fit."""
+    def prepare(self, request: InferRequest, *, mirror_of: bool = False) -> PreparedRequest:
+        """Validate `request` in full against this version; InvalidInput (counted) when it does not fit.
+
+        `mirror_of`: a shadow's copy of a live request (edge_runtime/models/shadow.py), never kept in the outbox.
+        """
         try:
             arrays, rows, group = self.signature.validate(request.inputs, request.outputs)
             priority = request.priority or self.policy.default_priority
@@ -168,7 +171,7 @@ class ServedModel:
         if timeout is None and self.policy.default_timeout_ms > 0:
             timeout = self.policy.default_timeout_ms / 1e3
         deadline = None if timeout is None else time.monotonic() + timeout
-        keep = self._keeper.decide(request.parameters) if self._keeper is not None else keeping.NONE
+        keep = self._keeper.decide(request.parameters) if self._keeper is not None and not mirror_of else keeping.NONE
         return PreparedRequest(
             arrays, rows, priority, deadline, group, request.outputs, request.id, keep, request.parameters
         )

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
@@ -46,11 +46,24 @@ class ServedVersion(Protocol):
     def batcher(self) -> _Pending: ...
 
 
+class ShadowSource(Protocol):
+    """A shadow's cumulative counts (edge_runtime.models.shadow.ShadowCounts)."""
+
+    @property
+    def compared(self) -> int: ...
+    @property
+    def agreed(self) -> int: ...
+
+
 class ModelSource(Protocol):
     """The served versions (edge_runtime.models.repository.ModelRepository)."""
 
     def models(self) -> Sequence[ServedVersion]: ...
     def active_version(self, name: str) -> int | None: ...
+
+    def shadow_counts(self) -> Mapping[tuple[str, int], tuple[object, ShadowSource]]:
+        """(name, version) of each SHADOW version -> (its counters' owner, its cumulative counts)."""
+        ...
 
 
 class CounterSource(Protocol):
@@ -106,6 +119,8 @@ class TelemetryCollector:
         self._seq = 0
         # (name, version) -> (the stats object, its last snapshot): a reloaded version has new stats.
         self._previous: dict[tuple[str, int], tuple[object, StatsSnapshot]] = {}
+        # (name, version) -> (the shadow mirror, its counts at the last message): a shadow set anew starts at 0.
+        self._previous_shadow: dict[tuple[str, int], tuple[object, tuple[int, int]]] = {}
         self._last = time.monotonic()
         self._snapshot_all()
 
@@ -126,6 +141,7 @@ class TelemetryCollector:
             agent_start_ms=self.agent_start_ms,
         )
         current: dict[tuple[str, int], tuple[object, StatsSnapshot]] = {}
+        shadows = self._shadow_windows()
         for served in self._models.models():
             key = (served.name, served.version)
             stats = served.stats
@@ -133,11 +149,13 @@ class TelemetryCollector:
             current[key] = (stats, snapshot)
             owner, previous = self._previous.get(key, (None, None))
             window = stats_window(previous if owner is stats else None, snapshot)
-            role = (
-                ModelRole.MODEL_ROLE_ACTIVE
-                if self._models.active_version(served.name) == served.version
-                else (ModelRole.MODEL_ROLE_UNSPECIFIED)
-            )
+            compared, agreed = shadows.get(key, (0, 0))
+            if self._models.active_version(served.name) == served.version:
+                role = ModelRole.MODEL_ROLE_ACTIVE
+            elif key in shadows:
+                role = ModelRole.MODEL_ROLE_SHADOW
+            else:
+                role = ModelRole.MODEL_ROLE_UNSPECIFIED
             message.models.append(
                 model_version_telemetry(
                     served.name,
@@ -146,6 +164,8 @@ class TelemetryCollector:
                     window,
                     queue_depth=served.batcher.pending(),
                     power_w=system.power_w,
+                    shadow_compared=compared,
+                    shadow_agreed=agreed,
                 )
             )
         self._previous = current  # versions that went away are forgotten
@@ -191,6 +211,21 @@ class TelemetryCollector:
             if probe is not None:
                 probe.shutdown(wait=False)
 
+    def _shadow_windows(self) -> dict[tuple[str, int], tuple[int, int]]:
+        """(name, version) of each shadow -> (compared, agreed) since the previous message."""
+        out: dict[tuple[str, int], tuple[int, int]] = {}
+        current: dict[tuple[str, int], tuple[object, tuple[int, int]]] = {}
+        for key, (owner, counts) in self._models.shadow_counts().items():
+            now = (counts.compared, counts.agreed)
+            current[key] = (owner, now)
+            previous_owner, before = self._previous_shadow.get(key, (None, (0, 0)))
+            if previous_owner is not owner or now[0] < before[0] or now[1] < before[1]:
+                before = (0, 0)
+            out[key] = (now[0] - before[0], now[1] - before[1])
+        self._previous_shadow = current
+        return out
+
     def _snapshot_all(self) -> None:
         for served in self._models.models():
             self._previous[(served.name, served.version)] = (served.stats, served.stats.snapshot())
+        self._shadow_windows()

@@ -116,13 +116,16 @@ def model_version_telemetry(
     *,
     queue_depth: int,
     power_w: float = 0.0,
+    shadow_compared: int = 0,
+    shadow_agreed: int = 0,
 ) -> ModelVersionTelemetry:
     """One version's figures for a Telemetry message.
 
     cpu_seconds is the engine's busy time in the window (wall time of its batches; with several intra-op
     threads the CPU time spent can be a multiple of it). energy_joules is the board's input power, sampled
     at collection, times that busy time: an estimate that charges the version the board's whole draw while
-    it ran, idle power included; 0 where the board reports no power rails.
+    it ran, idle power included; 0 where the board reports no power rails. For a SHADOW version the requests
+    and latency are its mirrored runs', and shadow_compared/agreed its answers judged against the active's.
     """
     buckets = window.latency_buckets
     return ModelVersionTelemetry(
@@ -141,4 +144,6 @@ def model_version_telemetry(
         queue_depth=queue_depth,
         cpu_seconds=window.engine_seconds,
         energy_joules=power_w * window.engine_seconds if power_w > 0 else 0.0,
+        shadow_compared=shadow_compared,
+        shadow_agreed=shadow_agreed,
     )

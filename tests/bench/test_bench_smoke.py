@@ -20,6 +20,7 @@ TARGETS = {
     "telemetry_ingest": 2,
     "control_fanout": 1,
     "download_resume": 1,
+    "shadow_overhead": 1,
 }
 
 
