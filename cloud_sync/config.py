@@ -146,6 +146,12 @@ class RegistrySection(_Section):
     )
 
 
+class RolloutsSection(_Section):
+    tick_s: float = Field(
+        2.0, gt=0, le=60, description="How often the rollout controller reads each running rollout's gates."
+    )
+
+
 class CloudSyncConfig(_Section):
     server: ServerSection = ServerSection()
     grpc: GrpcSection = GrpcSection()
@@ -153,6 +159,7 @@ class CloudSyncConfig(_Section):
     database: DatabaseSection = DatabaseSection()
     mqtt: MqttSection = MqttSection()
     registry: RegistrySection = RegistrySection()
+    rollouts: RolloutsSection = RolloutsSection()
 
     @property
     def data_dir(self) -> Path:

@@ -10,11 +10,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from cloud_sync.policies import Policy, effective_policy, policy_hash, policy_json
+from cloud_sync.rollouts.plan import RolloutTarget
 from cloud_sync.selectors import format_selector, matches
 from cloud_sync.store.assignments import Assignment
 from edgefleet.proto.edgefleet.v1.state_pb2 import DesiredState, ModelAssignment, ModelRole
 
-__all__ = ["Desired", "compute_desired", "content_key", "same_content", "winning_assignments"]
+__all__ = ["Desired", "RolloutTarget", "compute_desired", "content_key", "same_content", "winning_assignments"]
 
 # (name, version) -> the registry's sha256 of its model.onnx, or None when the registry has no such version.
 VersionLookup = Callable[[str, int], str | None]
@@ -63,15 +64,18 @@ def compute_desired(
     assignments: Iterable[Assignment],
     policies: Sequence[Policy],
     versions: VersionLookup,
+    rollouts: Iterable[RolloutTarget] = (),
 ) -> Desired:
-    """The desired state of a device with `labels`.
+    """The desired state of a device with `labels` (and the rollouts whose current stage holds it).
 
     A model whose winning assignment names a version the registry does not hold is left out (the device
     keeps what it runs) and named in `problems`; a lower-priority assignment is not used instead, as that
-    could silently move devices to an older version.
+    could silently move devices to an older version. A rollout's ACTIVE target replaces the assignment's
+    version; a SHADOW target is added beside the active version (none without one, nor of the same version).
     """
     models: list[ModelAssignment] = []
     problems: list[str] = []
+    targets = {target.model: target for target in rollouts}
     for name, assignment in sorted(winning_assignments(labels, assignments).items()):
         sha256 = versions(name, assignment.version)
         if sha256 is None:
@@ -80,13 +84,55 @@ def compute_desired(
                 "is not in the registry: push it with fleetctl models push"
             )
             continue
-        models.append(
-            ModelAssignment(name=name, version=assignment.version, role=ModelRole.MODEL_ROLE_ACTIVE, sha256=sha256)
-        )
+        models.extend(_with_rollout(name, assignment.version, sha256, targets.pop(name, None), versions, problems))
+    for name, target in sorted(targets.items()):  # a rollout to devices without an assignment of the model
+        if target.role == "active":
+            models.extend(_with_rollout(name, 0, "", target, versions, problems))
     document = effective_policy(labels, list(policies))
     if not document:
         return Desired(models, "", "", problems)
     return Desired(models, policy_json(document), policy_hash(document), problems)
+
+
+def _with_rollout(
+    name: str,
+    version: int,
+    sha256: str,
+    target: RolloutTarget | None,
+    versions: VersionLookup,
+    problems: list[str],
+) -> list[ModelAssignment]:
+    """The model's entries: the assigned version, as a rollout target changes it (version 0: none assigned)."""
+    active = [ModelAssignment(name=name, version=version, role=ModelRole.MODEL_ROLE_ACTIVE, sha256=sha256)]
+    if version == 0:
+        active = []
+    if target is None or target.version == version:
+        return active
+    candidate = versions(name, target.version)
+    if candidate is None:
+        problems.append(f"rollout {target.rollout_id}: model {name}:{target.version} is not in the registry")
+        return active
+    if target.role == "active":
+        return [
+            ModelAssignment(
+                name=name,
+                version=target.version,
+                role=ModelRole.MODEL_ROLE_ACTIVE,
+                sha256=candidate,
+                rollout_id=target.rollout_id,
+            )
+        ]
+    if not active:
+        return []
+    shadow = ModelAssignment(
+        name=name,
+        version=target.version,
+        role=ModelRole.MODEL_ROLE_SHADOW,
+        sha256=candidate,
+        rollout_id=target.rollout_id,
+        shadow_sample_rate=target.shadow_sample_rate,
+    )
+    return [*active, shadow]
 
 
 def content_key(state: DesiredState) -> bytes:

@@ -25,6 +25,7 @@ from cloud_sync.errors import InvalidArgument
 from cloud_sync.fleetctl_enrollment import token_app
 from cloud_sync.fleetctl_models import models_app
 from cloud_sync.fleetctl_policies import policies_app
+from cloud_sync.fleetctl_rollouts import rollouts_app
 from cloud_sync.fleetctl_session import Session, duration, err, fail, out, segment, session, when
 from cloud_sync.fleetctl_state import add_state_commands, print_device_state, state_cell
 from edgefleet.proto.edgefleet.v1 import results_pb2
@@ -47,6 +48,7 @@ devices_app.add_typer(token_app, name="token")
 app.add_typer(policies_app, name="policies")
 app.add_typer(models_app, name="models")
 add_state_commands(models_app)
+app.add_typer(rollouts_app, name="rollouts")
 
 
 @app.callback()

@@ -26,7 +26,7 @@ from rich.text import Text
 
 from cloud_sync.fleetctl_session import Session, detail, err, fail, out, segment, session, when
 
-__all__ = ["models_app", "parse_duration"]
+__all__ = ["models_app", "models_compare", "parse_duration"]
 
 models_app = typer.Typer(help="Model registry: push packages, list, show, sign again, delete.", no_args_is_help=True)
 
@@ -261,3 +261,65 @@ def models_delete(ctx: typer.Context, name: NameArgument, version: VersionArgume
         out.print_json(data=found)
         return
     out.print(Text(f"deleted {found['name']}:{found['version']}"))
+
+
+# The compare table's rows: (figure, label, how to print a value).
+_COMPARED = (
+    ("p50_ms", "latency p50 (ms)", "{:.3g}"),
+    ("p95_ms", "latency p95 (ms)", "{:.3g}"),
+    ("p99_ms", "latency p99 (ms)", "{:.3g}"),
+    ("requests_per_s", "throughput (requests/s)", "{:.4g}"),
+    ("error_rate", "error rate", "{:.2%}"),
+    ("cpu_seconds_per_inference", "CPU-seconds / inference", "{:.3g}"),
+    ("joules_per_inference", "joules / inference", "{:.3g}"),
+    ("devices", "devices reporting", "{}"),
+    ("requests", "requests", "{}"),
+)
+
+
+def _since(text: str) -> int:
+    match = _DURATION.match(text)
+    seconds = int(match.group(1)) * _UNIT_S[match.group(2)] if match else 0
+    if not 1 <= seconds <= 30 * 86400:
+        fail(2, f"--since {text!r} is not a duration in 1s..30d, such as 1h, 90m or 3600s")
+    return seconds
+
+
+@models_app.command("compare")
+def models_compare(
+    ctx: typer.Context,
+    a: Annotated[str, typer.Argument(help="version A, name:version, e.g. digits:1")],
+    b: Annotated[str, typer.Argument(help="version B, name:version, e.g. digits:2")],
+    selector: Annotated[str, typer.Option(help="only devices it matches: key=value,...; '*' or '' for all")] = "",
+    since: Annotated[str, typer.Option(help="the window: the last 1h, 90m, 3600s, 1d")] = "1h",
+) -> None:
+    """The five figures of two versions on the same devices: latency, throughput, errors, cost per inference."""
+    for what, ref in (("A", a), ("B", b)):
+        name, sep, version = ref.partition(":")
+        if not name or not sep or not version.isdigit():
+            fail(2, f"{what} {ref!r} is not name:version, e.g. digits:2")
+    params = {"a": a, "b": b, "selector": selector, "since_s": _since(since)}
+    s = session(ctx)
+    found = s.call("GET", "/v1/models/compare", params=params)
+    if s.as_json:
+        out.print_json(data=found)
+        return
+    first, second, ratio = found["a"], found["b"], found["relative"]
+    out.print(
+        Text(
+            f"{a} vs {b} on {found['selector_text']} ({found['devices_selected']} devices), "
+            f"the last {found['since_s']} s"
+        )
+    )
+    table = Table("figure")
+    for header in (Text(a), Text(b), Text("B / A")):
+        table.add_column(header)
+    for key, label, shape in _COMPARED:
+        x, y = first.get(key), second.get(key)
+        table.add_row(
+            label,
+            shape.format(x) if x is not None else "-",
+            shape.format(y) if y is not None else "-",
+            f"{ratio[key]:.2f}x" if ratio.get(key) is not None else "-",
+        )
+    out.print(table)

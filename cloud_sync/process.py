@@ -25,9 +25,11 @@ import uvicorn
 from prometheus_client import CollectorRegistry
 
 from cloud_sync.api import ApiContext, create_app
+from cloud_sync.api_compare import compare_routes
 from cloud_sync.api_enrollment import enrollment_routes
 from cloud_sync.api_models import model_routes
 from cloud_sync.api_policies import policy_routes
+from cloud_sync.api_rollouts import rollout_routes
 from cloud_sync.api_state import DeviceStates, state_routes
 from cloud_sync.broker_accounts import DynsecAccounts
 from cloud_sync.config import CloudSyncConfig, ConfigProblem
@@ -40,6 +42,9 @@ from cloud_sync.registry import DirectoryBlobStore, FleetSigner, ModelRegistry
 from cloud_sync.registry.artifacts import ArtifactsServicer
 from cloud_sync.registry.signer import SIGNING_KEY_FILE
 from cloud_sync.registry.store import RENEW_EVERY_S
+from cloud_sync.rollouts.controller import RolloutController
+from cloud_sync.rollouts.service import RolloutService
+from cloud_sync.rollouts.store import RolloutStore
 from cloud_sync.store import Database, DeviceRegistry, PolicyStore, ResultStore, TelemetryStore, open_database
 from cloud_sync.store.assignments import AssignmentStore
 from cloud_sync.store.control import ControlStore
@@ -139,6 +144,7 @@ class CloudSync:
         self.broker_accounts: DynsecAccounts | None = None  # with mqtt.manage_accounts = "mosquitto-dynsec"
         self.assignment_store: AssignmentStore | None = None  # set once the database is open
         self.reconciler: Reconciler | None = None  # set once the database is open
+        self.rollout_service: RolloutService | None = None  # set once the database is open
         self.control_link: MqttControl | None = None  # with a broker: desired states out, reports in
 
     def model_in_use(self, name: str, version: int) -> list[str]:
@@ -252,8 +258,12 @@ class CloudSync:
             self.model_registry = await asyncio.to_thread(self._open_registry, db)
             self.enrollment_tokens = EnrollmentTokens(db, devices)
             self.assignment_store = AssignmentStore(db)
+            rollout_store = RolloutStore(db)
             self.reconciler = Reconciler(
-                devices, self.assignment_store, self.policy_store, self.model_registry, control_store
+                devices, self.assignment_store, self.policy_store, self.model_registry, control_store, rollout_store
+            )
+            self.rollout_service = RolloutService(
+                db, self.reconciler, self.assignment_store, self.model_registry, devices
             )
             self.broker_accounts = await asyncio.to_thread(self._start_accounts, devices)
             if self.broker_accounts is not None:
@@ -281,7 +291,7 @@ class CloudSync:
             self.control_link = await asyncio.to_thread(self._start_control_link, control_store)
             if self.control_link is not None:
                 started.push_async_callback(asyncio.to_thread, self.control_link.close)
-            http = await self._start_http(sock, devices, results, telemetry)
+            http = await self._start_http(sock, db, devices, results, telemetry)
             started.push_async_callback(self._stop_http, http)
             await server.start()
             # Stopped first: devices' calls in flight get the grace period while the admin API still answers.
@@ -293,6 +303,11 @@ class CloudSync:
             started.callback(reconciling.cancel)
             renewing = asyncio.ensure_future(self._renew_signatures())
             started.callback(renewing.cancel)
+            # Every replica runs the loop; only the one holding the rollouts' lock steps (controller.py).
+            rollouts = RolloutController(self.rollout_service, control_store, self.config.rollouts.tick_s)
+            started.push_async_callback(asyncio.to_thread, rollouts.close)
+            stepping = asyncio.ensure_future(rollouts.run(self._io))
+            started.callback(stepping.cancel)
             if handle_signals:
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     loop.add_signal_handler(sig, self.stop)
@@ -391,7 +406,12 @@ class CloudSync:
         return link
 
     async def _start_http(
-        self, sock: socket.socket, devices: DeviceRegistry, results: ResultStore, telemetry: TelemetryStore
+        self,
+        sock: socket.socket,
+        db: Database,
+        devices: DeviceRegistry,
+        results: ResultStore,
+        telemetry: TelemetryStore,
     ) -> uvicorn.Server:
         # The first start writes the token file (and fsyncs it and its directory); building the app costs
         # 0.1-0.15 s of CPU (FastAPI's routes and models, measured): both off the loop.
@@ -416,6 +436,9 @@ class CloudSync:
                 self.reconciler.on_change,
             )
         )
+        routes.append(compare_routes(db, telemetry, devices, token))
+        assert self.rollout_service is not None, "made with the stores, before the admin API starts"
+        routes.append(rollout_routes(self.rollout_service, token))
         context = ApiContext(
             devices,
             results,

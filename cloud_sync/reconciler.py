@@ -17,15 +17,16 @@ from typing import Protocol
 
 import structlog
 
-from cloud_sync.desired import Desired, compute_desired, same_content
+from cloud_sync.desired import Desired, RolloutTarget, compute_desired, same_content
 from cloud_sync.errors import CloudSyncError
 from cloud_sync.policies import Policy
+from cloud_sync.rollouts.plan import Rollout, rollout_targets
 from cloud_sync.store.assignments import Assignment, AssignmentStore
 from cloud_sync.store.control import ControlStore
 from cloud_sync.store.devices import DeviceRegistry
 from edgefleet.proto.edgefleet.v1.state_pb2 import DesiredState
 
-__all__ = ["PERIODIC_S", "ModelCatalog", "PolicySource", "Reconciler"]
+__all__ = ["PERIODIC_S", "ModelCatalog", "PolicySource", "Reconciler", "RolloutSource"]
 
 log = structlog.get_logger(__name__)
 
@@ -45,6 +46,12 @@ class PolicySource(Protocol):
     def list(self) -> list[Policy]: ...
 
 
+class RolloutSource(Protocol):
+    """What the reconciler needs of the rollouts (cloud_sync/rollouts/store.py's RolloutStore)."""
+
+    def in_progress(self) -> list[Rollout]: ...
+
+
 class Reconciler:
     """Recomputes desired states; thread-safe (passes take turns), synchronous (call it off the event loop)."""
 
@@ -55,8 +62,10 @@ class Reconciler:
         policies: PolicySource,
         registry: ModelCatalog,
         control: ControlStore,
+        rollouts: RolloutSource | None = None,
     ) -> None:
         self._devices = devices
+        self._rollouts = rollouts
         self._assignments = assignments
         self._policies = policies
         self._registry = registry
@@ -70,6 +79,9 @@ class Reconciler:
         with self._lock:
             began = time.monotonic()
             fleet = [d for d in self._devices.list_devices() if not d.revoked]
+            # Stages are shares of every device a rollout's selector matches, so they are placed on the whole
+            # fleet before it is narrowed to `device_ids`.
+            targets = self._rollout_targets({d.device_id: d.labels for d in fleet})
             if wanted is not None:
                 fleet = [d for d in fleet if d.device_id in wanted]
             if not fleet:
@@ -80,7 +92,9 @@ class Reconciler:
             stored = self._control.desired_many(None if wanted is None else [d.device_id for d in fleet])
             changed: dict[str, DesiredState] = {}
             for device in fleet:
-                desired = self._compute(device.labels, assignments, policies, catalog)
+                desired = self._compute(
+                    device.labels, assignments, policies, catalog, targets.get(device.device_id, [])
+                )
                 self._note_problems(device.device_id, desired)
                 if not same_content(stored.get(device.device_id), desired):
                     changed[device.device_id] = desired.to_state()
@@ -100,8 +114,19 @@ class Reconciler:
         assignments: list[Assignment],
         policies: list[Policy],
         catalog: dict[tuple[str, int], str],
+        targets: list[RolloutTarget],
     ) -> Desired:
-        return compute_desired(labels, assignments, policies, lambda name, version: catalog.get((name, version)))
+        return compute_desired(
+            labels, assignments, policies, lambda name, version: catalog.get((name, version)), targets
+        )
+
+    def _rollout_targets(self, fleet: dict[str, dict[str, str]]) -> dict[str, list[RolloutTarget]]:
+        """device id -> what the rollouts in progress ask of it (at most one per model: create refuses overlaps)."""
+        found: dict[str, list[RolloutTarget]] = {}
+        for rollout in [] if self._rollouts is None else self._rollouts.in_progress():
+            for device_id, target in rollout_targets(rollout, fleet).items():
+                found.setdefault(device_id, []).append(target)
+        return found
 
     def _note_problems(self, device_id: str, desired: Desired) -> None:
         if desired.problems:

@@ -10,6 +10,7 @@ Everything here is synchronous and thread-safe; async callers run it in a thread
 from __future__ import annotations
 
 from cloud_sync.registry import store as _registry_store  # noqa: F401  (model_versions on the metadata)
+from cloud_sync.rollouts import store as _rollouts_store  # noqa: F401  (rollouts, rollout_events on the metadata)
 
 # control and telemetry are imported here also so that their tables are on the schema's metadata before
 # open_database creates the schema.
