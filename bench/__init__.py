@@ -16,6 +16,11 @@ BENCHMARKS = (
     "control_fanout",
     "download_resume",
     "shadow_overhead",
+    "rollout",
 )
 # Benchmarks whose module is not named like the benchmark (bench/<module>.py); the rest: bench/<name>.py.
-MODULES = {"control_fanout": "bench_control_fanout", "download_resume": "bench_download_resume"}
+MODULES = {
+    "control_fanout": "bench_control_fanout",
+    "download_resume": "bench_download_resume",
+    "rollout": "bench_rollout",
+}

@@ -7,16 +7,28 @@ state comes on every connect) and answers each newer DesiredState with a Reporte
 every ACTIVE model ACTIVE (SHADOW ones READY), the desired policy_hash, converged. What a real agent that
 converges at once would say; nothing downloaded, loaded or run.
 
+With `telemetry_s`, each device also publishes a Telemetry message every `telemetry_s` seconds on
+`{prefix}/devices/{id}/telemetry` (QoS 1, the agent's content type), with made-up figures per model version it
+serves: `requests_per_s` requests, a fixed latency, no errors; a SHADOW version compares `shadow_sample_rate`
+of the active one's requests and agrees on all of them. A `Behaviour` makes chosen versions bad, as the bad
+rollout candidates of models/build.py are: `errors` (a share of its requests fail), `slow` (latency and CPU
+x40), `disagree` (as a SHADOW it agrees on few rows) or `fail` (it never loads: reported FAILED, and the
+device goes on serving the version it served before). Requests are counted per version for the seconds it
+served in the window, so a switch mid-window splits the window. Every version a device ever served ACTIVE is
+recorded (`ran_active`), so a test can say which devices never ran a candidate.
+
 One thread drives every client with paho's external-loop API (`socket()`, `loop_read`/`loop_write`/
 `loop_misc` on one selector): no paho thread and no socketpair per client, so one process holds 10 000
 devices in one file descriptor each. `HollowProcess` runs a fleet (or several shards) in child processes
 (`python -m bench.hollow`), so that the process that measures is not the one that answers.
-For benchmarks and tests (bench/bench_control_fanout.py); not a device simulator with failures or delays.
+For benchmarks and tests (bench/bench_control_fanout.py, bench/bench_rollout.py); not a device simulator:
+no inference, no downloads, no delays, and figures that are made up (only their relations mean something).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import json
 import os
@@ -28,8 +40,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,18 +53,33 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from edgefleet.proto.edgefleet.v1.state_pb2 import (
     MODEL_ROLE_ACTIVE,
+    MODEL_ROLE_SHADOW,
     MODEL_STATE_ACTIVE,
+    MODEL_STATE_FAILED,
     MODEL_STATE_READY,
     AgentInfo,
     DesiredState,
+    ModelRole,
     ModelStatus,
     ReportedState,
 )
+from edgefleet.proto.edgefleet.v1.telemetry_pb2 import LatencySummary, ModelVersionTelemetry, Telemetry
 
-__all__ = ["HollowFleet", "HollowProcess", "HollowStats", "device_ids", "raise_fd_limit", "reported_for"]
+__all__ = [
+    "BAD_KINDS",
+    "Behaviour",
+    "HollowFleet",
+    "HollowProcess",
+    "HollowStats",
+    "device_ids",
+    "parse_bad",
+    "raise_fd_limit",
+    "reported_for",
+]
 
 # The agent's MQTT 5 content types (edge_runtime/sync/mqtt.py; not imported: the cloud-side bench runs without it).
 REPORTED_CONTENT_TYPE = ReportedState.DESCRIPTOR.full_name
+TELEMETRY_CONTENT_TYPE = Telemetry.DESCRIPTOR.full_name
 STATUS_CONTENT_TYPE = "text/plain"
 STATUS_ONLINE = b"online"
 STATUS_OFFLINE = b"offline"
@@ -63,6 +90,43 @@ CONNECT_BATCH = 200
 MISC_INTERVAL_S = 1.0  # keepalive pings and reconnects
 RECONNECT_DELAY_S = 1.0
 SELECT_TIMEOUT_S = 0.05
+# How a bad version behaves (Behaviour.bad): fails requests, is slow, disagrees in shadow, never loads.
+BAD_KINDS = ("errors", "slow", "disagree", "fail")
+FAIL_REASON = "hollow: this version fails to load (a bad candidate)"
+ModelKey = tuple[str, int]  # (model name, version)
+
+
+@dataclass(frozen=True)
+class Behaviour:
+    """The figures hollow devices report per model version, and which versions are bad and how."""
+
+    bad: Mapping[int, str] = field(default_factory=dict)  # version -> one of BAD_KINDS (any model name)
+    requests_per_s: float = 20.0  # answered by the ACTIVE version of each model
+    p50_ms: float = 2.0
+    p95_ms: float = 3.0
+    p99_ms: float = 4.0
+    cpu_s_per_request: float = 0.002
+    error_share: float = 0.25  # `errors`: the share of its requests that fail
+    slow_factor: float = 40.0  # `slow`: latency and CPU times this (models/build.py's digits v4: ~40x)
+    agree_share: float = 0.1  # `disagree`: the share of compared rows that agree (v3's shifted labels)
+
+    def __post_init__(self) -> None:
+        for version, kind in self.bad.items():
+            if kind not in BAD_KINDS or version < 1:
+                raise ValueError(f"bad version {version}={kind}: a version >= 1 and one of {', '.join(BAD_KINDS)}")
+        if self.requests_per_s <= 0 or not 0 <= self.error_share <= 1 or not 0 <= self.agree_share <= 1:
+            raise ValueError("requests_per_s must be > 0, error_share and agree_share within 0..1")
+
+    def kind(self, version: int) -> str:
+        return self.bad.get(version, "")
+
+
+def parse_bad(text: str) -> tuple[int, str]:
+    """`3=disagree` -> (3, "disagree"); ValueError naming what is wrong."""
+    version, sep, kind = text.partition("=")
+    if not sep or not version.strip().isdigit() or int(version) < 1 or kind.strip() not in BAD_KINDS:
+        raise ValueError(f"--bad {text!r}: VERSION=KIND, a version >= 1 and a kind of {', '.join(BAD_KINDS)}")
+    return int(version), kind.strip()
 
 
 def device_ids(count: int, prefix: str = "hollow-") -> list[str]:
@@ -83,20 +147,19 @@ def raise_fd_limit(wanted: int) -> int:
     return soft
 
 
-def reported_for(desired: DesiredState, agent: AgentInfo | None = None) -> ReportedState:
-    """What a device that converged at once reports for `desired`."""
-    models = [
-        ModelStatus(
-            name=m.name,
-            version=m.version,
-            role=m.role,
-            state=MODEL_STATE_ACTIVE if m.role == MODEL_ROLE_ACTIVE else MODEL_STATE_READY,
-            backend="hollow",
-            progress=1.0,
-            sha256=m.sha256,
-        )
-        for m in desired.models
-    ]
+def reported_for(desired: DesiredState, agent: AgentInfo | None = None, failing: Iterable[int] = ()) -> ReportedState:
+    """What a device that converged at once reports for `desired`; versions in `failing` never load (FAILED,
+    with a reason, and the device not converged), as the agent reports a load it keeps retrying."""
+    failed = set(failing)
+    models = []
+    for m in desired.models:
+        status = ModelStatus(name=m.name, version=m.version, role=m.role, backend="hollow", sha256=m.sha256)
+        if m.version in failed:
+            status.state, status.reason = MODEL_STATE_FAILED, FAIL_REASON
+        else:
+            status.state = MODEL_STATE_ACTIVE if m.role == MODEL_ROLE_ACTIVE else MODEL_STATE_READY
+            status.progress = 1.0
+        models.append(status)
     return ReportedState(
         device_id=desired.device_id,
         generation=desired.generation,
@@ -104,7 +167,7 @@ def reported_for(desired: DesiredState, agent: AgentInfo | None = None) -> Repor
         policy_hash=desired.policy_hash,
         agent=agent,
         reported_at_ms=time.time_ns() // 1_000_000,
-        converged=True,
+        converged=not any(m.version in failed for m in desired.models),
     )
 
 
@@ -124,6 +187,7 @@ class HollowStats:
     first_desired_at: float
     last_desired_at: float
     cpu_s: float  # this process's CPU seconds (all shards summed by HollowProcess)
+    telemetry_sent: int = 0  # Telemetry messages handed to paho while connected
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -146,6 +210,7 @@ class HollowStats:
                 "desired_ignored",
                 "desired_rejected",
                 "reported_sent",
+                "telemetry_sent",
             )
         }
         return cls(
@@ -165,9 +230,17 @@ class _Device:
         "desired_topic",
         "device_id",
         "generation",
+        "next_telemetry_at",
+        "ran",
         "reported",
         "retry_at",
+        "segment_at",
+        "seq",
+        "serving",
+        "shadow_rates",
         "subscribed",
+        "usage",
+        "window_at",
     )
 
     def __init__(self, device_id: str, client: Client, desired_topic: str) -> None:
@@ -179,6 +252,16 @@ class _Device:
         self.generation = 0
         self.reported: bytes | None = None  # the newest reported state, sent again on every connect
         self.retry_at = 0.0  # when to try again after a failed connect or a dropped connection
+        # Telemetry: what it serves now (role per version), since when (monotonic), and the seconds each
+        # version served ACTIVE and SHADOW in the window not yet published.
+        self.serving: dict[ModelKey, ModelRole.ValueType] = {}
+        self.shadow_rates: dict[ModelKey, float] = {}
+        self.usage: dict[ModelKey, list[float]] = {}
+        self.segment_at = 0.0
+        self.window_at = 0.0
+        self.next_telemetry_at = 0.0
+        self.seq = 0
+        self.ran: set[ModelKey] = set()  # every version it ever served ACTIVE
 
 
 def _properties(packet_type: int, content_type: str) -> Properties:
@@ -199,11 +282,19 @@ class HollowFleet:
         topic_prefix: str = "edgefleet/v1",
         keepalive_s: int = 60,
         presence: bool = True,
+        telemetry_s: float | None = None,
+        behaviour: Behaviour | None = None,
     ) -> None:
         if not ids:
             raise ValueError("a hollow fleet needs at least one device id")
         if len(set(ids)) != len(ids):
             raise ValueError("hollow device ids must be distinct")
+        if telemetry_s is not None and not 0.05 <= telemetry_s <= 3600:
+            raise ValueError(f"telemetry_s {telemetry_s}: seconds within 0.05..3600 (None: no telemetry)")
+        self._telemetry_s = telemetry_s
+        self._behaviour = behaviour or Behaviour()
+        self._failing = {v for v, kind in self._behaviour.bad.items() if kind == "fail"}
+        self._started_ms = time.time_ns() // 1_000_000
         self.host, self.port = host, port
         self.prefix = topic_prefix
         self._keepalive = keepalive_s
@@ -213,7 +304,9 @@ class HollowFleet:
         self._stop = threading.Event()
         self._failure: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="hollow-fleet", daemon=True)
-        self._counts = dict.fromkeys(("connects", "disconnects", "received", "ignored", "rejected", "sent"), 0)
+        self._counts = dict.fromkeys(
+            ("connects", "disconnects", "received", "ignored", "rejected", "sent", "telemetry"), 0
+        )
         self._first_desired = 0.0
         self._last_desired = 0.0
         self._agent = AgentInfo(
@@ -221,8 +314,10 @@ class HollowFleet:
         )
         self._reported_props = _properties(PacketTypes.PUBLISH, REPORTED_CONTENT_TYPE)
         self._status_props = _properties(PacketTypes.PUBLISH, STATUS_CONTENT_TYPE)
+        self._telemetry_props = _properties(PacketTypes.PUBLISH, TELEMETRY_CONTENT_TYPE)
         self._devices = [self._device(device_id) for device_id in ids]
         self._pending = list(reversed(self._devices))  # not yet connected for the first time (popped)
+        self._telemetry_due: collections.deque[_Device] = collections.deque()  # by next_telemetry_at
 
     def _device(self, device_id: str) -> _Device:
         client = Client(
@@ -292,7 +387,13 @@ class HollowFleet:
                 first_desired_at=self._first_desired,
                 last_desired_at=self._last_desired,
                 cpu_s=time.process_time(),
+                telemetry_sent=c["telemetry"],
             )
+
+    def ran_active(self) -> dict[str, list[ModelKey]]:
+        """Per device, every (model, version) it ever served ACTIVE, sorted (thread-safe)."""
+        with self._lock:
+            return {d.device_id: sorted(d.ran) for d in self._devices}
 
     def close(self, timeout: float = 30.0) -> None:
         """Stop the thread; every device disconnects without saying `offline` (the broker keeps `online`)."""
@@ -316,8 +417,15 @@ class HollowFleet:
 
     def _loop(self) -> None:
         next_misc = time.monotonic() + MISC_INTERVAL_S
+        if self._telemetry_s is not None:  # spread over one interval, in device order
+            start = time.monotonic()
+            for i, device in enumerate(self._devices):
+                device.segment_at = device.window_at = start
+                device.next_telemetry_at = start + self._telemetry_s * (i + 1) / len(self._devices)
+                self._telemetry_due.append(device)
         while not self._stop.is_set():
             self._connect_some()
+            self._publish_telemetry_due(time.monotonic())
             events = self._selector.select(SELECT_TIMEOUT_S) if self._selector.get_map() else []
             for key, mask in events:
                 client: Client = key.data
@@ -424,7 +532,8 @@ class HollowFleet:
             self._count("ignored")
             return
         device.generation = desired.generation
-        device.reported = reported_for(desired, self._agent).SerializeToString()
+        self._serve(device, desired)
+        device.reported = reported_for(desired, self._agent, self._failing).SerializeToString()
         info = client.publish(
             f"{self.prefix}/devices/{device.device_id}/reported",
             device.reported,
@@ -445,12 +554,104 @@ class HollowFleet:
         with self._lock:
             self._counts[name] += 1
 
+    # Telemetry, on the fleet's thread.
+
+    def _serve(self, device: _Device, desired: DesiredState) -> None:
+        """Serve what `desired` names from now on: a version that fails to load leaves the one served before."""
+        self._close_segment(device, time.monotonic())
+        before = {name: v for (name, v), role in device.serving.items() if role == MODEL_ROLE_ACTIVE}
+        serving: dict[ModelKey, ModelRole.ValueType] = {}
+        device.shadow_rates = {}
+        for m in desired.models:
+            if m.version in self._failing:
+                if m.role == MODEL_ROLE_ACTIVE and m.name in before:
+                    serving[(m.name, before[m.name])] = MODEL_ROLE_ACTIVE
+                continue
+            serving[(m.name, m.version)] = m.role
+            if m.role == MODEL_ROLE_SHADOW:
+                device.shadow_rates[(m.name, m.version)] = m.shadow_sample_rate
+        device.serving = serving
+        with self._lock:
+            device.ran.update(key for key, role in serving.items() if role == MODEL_ROLE_ACTIVE)
+
+    @staticmethod
+    def _close_segment(device: _Device, now: float) -> None:
+        seconds = max(0.0, now - device.segment_at)
+        device.segment_at = now
+        for key, role in device.serving.items():
+            used = device.usage.setdefault(key, [0.0, 0.0])
+            used[0 if role == MODEL_ROLE_ACTIVE else 1] += seconds
+
+    def _publish_telemetry_due(self, now: float) -> None:
+        due = self._telemetry_due
+        interval = self._telemetry_s
+        while due and due[0].next_telemetry_at <= now and interval is not None:
+            device = due.popleft()
+            device.next_telemetry_at += interval
+            if device.next_telemetry_at <= now:  # the loop fell behind: no burst to catch up
+                device.next_telemetry_at = now + interval
+            due.append(device)
+            if not device.connected:  # held: the next message covers the longer window
+                continue
+            info = device.client.publish(
+                f"{self.prefix}/devices/{device.device_id}/telemetry",
+                self._telemetry(device, now).SerializeToString(),
+                qos=1,
+                properties=self._telemetry_props,
+            )
+            if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+                self._count("telemetry")
+
+    def _telemetry(self, device: _Device, now: float) -> Telemetry:
+        """The device's window since its last message (and a new window begun)."""
+        self._close_segment(device, now)
+        b = self._behaviour
+        models = []
+        for (name, version), (active_s, shadow_s) in sorted(device.usage.items()):
+            kind = b.kind(version)
+            factor = b.slow_factor if kind == "slow" else 1.0
+            compared = round(b.requests_per_s * shadow_s * device.shadow_rates.get((name, version), 0.0))
+            requests = round(b.requests_per_s * active_s) + compared  # a SHADOW version's runs are its requests
+            if not requests:
+                continue
+            role = device.serving.get((name, version), MODEL_ROLE_ACTIVE if active_s else MODEL_ROLE_SHADOW)
+            models.append(
+                ModelVersionTelemetry(
+                    name=name,
+                    version=version,
+                    role=role,
+                    requests=requests,
+                    errors=round(requests * b.error_share) if kind == "errors" else 0,
+                    inferences=requests,
+                    latency=LatencySummary(
+                        p50_ms=b.p50_ms * factor, p95_ms=b.p95_ms * factor, p99_ms=b.p99_ms * factor
+                    ),
+                    mean_batch_size=1.0,
+                    shadow_compared=compared,
+                    shadow_agreed=round(compared * b.agree_share) if kind == "disagree" else compared,
+                    cpu_seconds=requests * b.cpu_s_per_request * factor,
+                )
+            )
+        window_s = max(0.0, now - device.window_at)
+        device.usage = {}
+        device.window_at = now
+        device.seq += 1
+        return Telemetry(
+            device_id=device.device_id,
+            timestamp_ms=time.time_ns() // 1_000_000,
+            window_s=window_s,
+            models=models,
+            seq=device.seq,
+            agent_start_ms=self._started_ms,
+        )
+
 
 class HollowProcess:
     """A hollow fleet in `shards` child processes (`python -m bench.hollow`), split evenly by device id.
 
     Each child prints one JSON line when its devices are all subscribed, then answers `stats` on its stdin
-    with a line of HollowStats JSON; closing its stdin makes it disconnect and exit.
+    with a line of HollowStats JSON and `ran` with one of HollowFleet.ran_active; closing its stdin makes it
+    disconnect and exit.
     """
 
     def __init__(
@@ -463,9 +664,12 @@ class HollowProcess:
         shards: int = 1,
         presence: bool = True,
         timeout: float = 120.0,
+        telemetry_s: float | None = None,
+        behaviour: Behaviour | None = None,
     ) -> None:
         if shards < 1 or shards > len(ids):
             raise ValueError(f"shards must be within 1..{len(ids)} (one device at least per shard)")
+        behaviour = behaviour or Behaviour()
         self.pids: list[int] = []
         self._procs: list[subprocess.Popen[str]] = []
         try:
@@ -475,6 +679,10 @@ class HollowProcess:
                 argv += ["--prefix", topic_prefix, "--timeout", str(timeout)]
                 if not presence:
                     argv.append("--no-presence")
+                if telemetry_s is not None:
+                    argv += ["--telemetry-s", str(telemetry_s), "--requests-per-s", str(behaviour.requests_per_s)]
+                for version, kind in sorted(behaviour.bad.items()):
+                    argv += ["--bad", f"{version}={kind}"]
                 proc = subprocess.Popen(
                     argv,
                     cwd=Path(__file__).resolve().parents[1],
@@ -511,6 +719,18 @@ class HollowProcess:
             proc.stdin.flush()
         return HollowStats.total([HollowStats(**self._line(proc)) for proc in self._procs])
 
+    def ran_active(self) -> dict[str, list[ModelKey]]:
+        """Per device, every (model, version) it ever served ACTIVE (every shard's devices)."""
+        for proc in self._procs:
+            assert proc.stdin is not None
+            proc.stdin.write("ran\n")
+            proc.stdin.flush()
+        found: dict[str, list[ModelKey]] = {}
+        for proc in self._procs:
+            for device_id, keys in self._line(proc).items():
+                found[device_id] = [(name, int(version)) for name, version in keys]
+        return found
+
     def close(self, timeout: float = 30.0) -> None:
         for proc in self._procs:
             if proc.stdin is not None and not proc.stdin.closed:
@@ -540,14 +760,31 @@ def _child(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--prefix", default="edgefleet/v1")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds for every device to subscribe")
     parser.add_argument("--no-presence", action="store_true", help="no status online / last will")
+    parser.add_argument("--telemetry-s", type=float, default=None, help="publish telemetry this often (default: never)")
+    parser.add_argument("--requests-per-s", type=float, default=Behaviour.requests_per_s, help="per served model")
+    parser.add_argument(
+        "--bad", action="append", default=[], metavar="VERSION=KIND", help=f"a bad version: KIND one of {BAD_KINDS}"
+    )
     args = parser.parse_args(argv)
+    try:
+        behaviour = Behaviour(bad=dict(parse_bad(b) for b in args.bad), requests_per_s=args.requests_per_s)
+    except ValueError as exc:
+        parser.error(str(exc))
     ids = []
     for line in sys.stdin:
         if not line.strip():
             break
         ids.append(line.strip())
     raise_fd_limit(len(ids) + 256)
-    fleet = HollowFleet(args.host, args.port, ids, topic_prefix=args.prefix, presence=not args.no_presence)
+    fleet = HollowFleet(
+        args.host,
+        args.port,
+        ids,
+        topic_prefix=args.prefix,
+        presence=not args.no_presence,
+        telemetry_s=args.telemetry_s,
+        behaviour=behaviour,
+    )
     fleet.start()
     try:
         try:
@@ -559,6 +796,8 @@ def _child(argv: Sequence[str] | None = None) -> int:
         for line in sys.stdin:
             if line.strip() == "stats":
                 print(json.dumps(fleet.stats().as_dict()), flush=True)
+            elif line.strip() == "ran":
+                print(json.dumps(fleet.ran_active()), flush=True)
     finally:
         fleet.close()
     return 0

@@ -15,8 +15,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from cloud_sync.store.database import Database
 from cloud_sync.store.schema import devices, metadata
+from cloud_sync.telemetry import validation  # the module: it imports this package, so it may be half-made here
 from cloud_sync.telemetry.rollup import DeviceWindows, ModelWindow, combine_device_windows
-from cloud_sync.telemetry.validation import window_end_ms
 from edgefleet.proto.edgefleet.v1.telemetry_pb2 import Telemetry
 
 __all__ = [
@@ -175,7 +175,7 @@ def _model_rows(item: TelemetryReceived) -> list[tuple[object, ...]]:
     """model_telemetry rows as tuples in MODEL_COLUMNS order."""
     m = item.message
     end, window, device, at = (
-        window_end_ms(m.timestamp_ms, item.received_at_ms),
+        validation.window_end_ms(m.timestamp_ms, item.received_at_ms),
         m.window_s,
         item.device_id,
         item.received_at_ms,

@@ -21,6 +21,7 @@ TARGETS = {
     "control_fanout": 1,
     "download_resume": 1,
     "shadow_overhead": 1,
+    "rollout": 1,
 }
 
 
