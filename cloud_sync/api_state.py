@@ -21,7 +21,7 @@ from cloud_sync.selectors import check_selector
 from cloud_sync.store.assignments import AssignmentStore, check_model_name
 from cloud_sync.store.control import ControlStore, StoredReport
 from cloud_sync.store.devices import DeviceRegistry
-from edgefleet.proto.edgefleet.v1.state_pb2 import DesiredState, ModelState, ModelStatus
+from edgefleet.proto.edgefleet.v1.state_pb2 import DesiredState, ModelRole, ModelState, ModelStatus
 
 __all__ = ["DeviceStates", "state_routes"]
 
@@ -82,7 +82,9 @@ def device_state_json(
     if reported is not None:
         for status in reported.state.models:
             statuses.setdefault(status.name, []).append(status)
-    wanted = {m.name: m.version for m in desired.models} if desired is not None else {}
+    # A model's desired version is its ACTIVE one; a rollout's SHADOW candidate beside it is in `desired`.
+    shadow = ModelRole.MODEL_ROLE_SHADOW
+    wanted = {m.name: m.version for m in desired.models if m.role != shadow} if desired is not None else {}
     names = sorted({*wanted, *statuses})
     in_sync = desired is not None and reported is not None and reported.state.generation == desired.generation
     return {

@@ -185,6 +185,8 @@ def _event_line(event: dict[str, Any]) -> str:
     if event.get("reason"):
         line += f": {event['reason']}"
     values = event.get("values") or {}
+    # The controller's events carry {"stage", "gate", "gates": {gate: {value, threshold, ok}}}.
+    values = values["gates"] if isinstance(values.get("gates"), dict) else values
     decided = [
         f"{gate} {_fmt(v.get('value'))} vs {_fmt(v.get('threshold'))}"
         for gate, v in sorted(values.items())

@@ -1,12 +1,16 @@
-"""The end-to-end demo behind `make demo`: one fleet, from enrollment to a live model rollout.
+"""The end-to-end demo behind `make demo`: one fleet, from enrollment to model rollouts gated on behaviour.
 
 Everything runs as real processes under build/demo: cloud-sync (SQLite store), a Mosquitto broker carrying
 the control plane when one is installed (else the agents take their desired state over the gRPC Control
 stream), and three edge-agents that start with no identity and no model. The operator's path, with fleetctl:
 mint one-time enrollment tokens (`edge-agent enroll` redeems them), push digits v1 to the registry and assign
-it by label selector, change a policy, push and assign v2. The agents download, verify, load and activate
-what is assigned to them, apply the policy live, and report it; apps classify the held-out digits on every
-device and keep the results, which upload exactly once with the ledger reconciled.
+it by label selector, change a policy, then roll v2 out in stages (a shadow stage on every device first) and
+follow it with `fleetctl rollouts watch`, while apps keep calling the devices. A deliberately bad v3 (it
+disagrees with v2) is rolled out the same way; its shadow stage's agreement gate aborts it in stage 1 and
+every device stays on v2. Last, `fleetctl models compare` puts v1's and v2's figures side by side. The agents
+download, verify, load and activate (or shadow) what is desired of them, apply the policy live, and report
+it; apps classify the held-out digits on every device and keep the results, which upload exactly once with
+the ledger reconciled.
 
 Not a test (tests/ has those) and not a benchmark: it prints what each step shows and exits 0 when every
 program stopped cleanly.
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -28,6 +33,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +47,15 @@ from models.build import digits_holdout
 ROOT = Path(__file__).resolve().parent.parent
 DEVICES = ("cam-1", "cam-2", "cam-3")
 SELECTOR = "site=demo"
-STEPS = 8
+STEPS = 10
+# The rollouts' plan, short enough for a demo: every device shadows the candidate first, then one device runs it,
+# then all. v1 and v2 agree on ~89 % of the held-out digits (v2, the better model, is right where they differ),
+# v3 on none: an agreement gate of 0.7 over at least 50 compared requests tells them apart (a sampled 50 of v2's
+# fall below 0.7 about once in 4,000). The p99 gate catches a model many times slower (models/build.py's v4 is
+# ~40x) but not a loaded 2-core machine's noise: in a shadow stage B's p99 is that of ~50 mirrored runs queued
+# at the lowest priority, seen from 0.3x to 3x of A's in this demo.
+STAGES = "shadow:100%:3s,active:33%:3s,active:100%"
+GATES = "max_error_rate=0.01,max_p99_ratio=10,min_shadow_agreement=0.7,min_devices=3,min_requests=50"
 
 
 class Step:
@@ -77,10 +91,12 @@ class Proc:
                     found.append(event)
         return found
 
-    def wait_event(self, name: str, timeout: float = 60) -> dict[str, Any]:
+    def wait_event(
+        self, name: str, timeout: float = 60, where: Callable[[dict[str, Any]], bool] = lambda _: True
+    ) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if found := self.events(name):
+            if found := [e for e in self.events(name) if where(e)]:
                 return found[0]
             if self.proc.poll() is not None:
                 raise SystemExit(f"{self.log.name}: exited before {name}; see {self.log}")
@@ -128,7 +144,11 @@ def start_broker(workdir: Path, wanted: bool) -> tuple[Proc | None, str]:
 
 
 def wait_fleet(
-    api: httpx.Client, what: str, done: Callable[[dict[str, Any]], bool], timeout: float = 60
+    api: httpx.Client,
+    what: str,
+    done: Callable[[dict[str, Any]], bool],
+    timeout: float = 60,
+    show: Callable[[dict[str, Any]], str] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Poll each device's desired-vs-reported state until `done(state)` holds for all; print what changes."""
     deadline = time.monotonic() + timeout
@@ -136,7 +156,7 @@ def wait_fleet(
     while True:
         states = {d: api.get(f"/v1/devices/{d}/state").raise_for_status().json() for d in DEVICES}
         for device, state in states.items():
-            line = progress_line(state)
+            line = (show or progress_line)(state)
             if line != last.get(device):
                 print(f"   {device}: {line}", flush=True)
                 last[device] = line
@@ -169,6 +189,38 @@ def runs(name: str, version: int) -> Callable[[dict[str, Any]], bool]:
         models = {m["name"]: m for m in state["models"]}
         m = models.get(name)
         return bool(state["converged"] and m and m["reported_version"] == version and m["state"] == "ACTIVE")
+
+    return check
+
+
+def _short(enum: str) -> str:
+    """MODEL_ROLE_SHADOW -> SHADOW, MODEL_STATE_READY -> READY (the state API's proto enum names)."""
+    return enum.removeprefix("MODEL_ROLE_").removeprefix("MODEL_STATE_")
+
+
+def roles_line(state: dict[str, Any]) -> str:
+    """A device's digits versions by role: what is desired of it and what it reports."""
+    desired, reported = state.get("desired") or {}, state.get("reported") or {}
+    wants = [f"v{m['version']} {_short(m['role'])}" for m in desired.get("models", []) if m["name"] == "digits"]
+    runs = [
+        f"v{m['version']} {_short(m['state'])}" + (" (shadow)" if _short(m["role"]) == "SHADOW" else "")
+        for m in reported.get("models", [])
+        if m["name"] == "digits"
+    ]
+    synced = "converged" if state["converged"] else "converging"
+    return f"desired {' + '.join(wants) or '-'}; reports {', '.join(runs) or '-'}; {synced}"
+
+
+def only(version: int) -> Callable[[dict[str, Any]], bool]:
+    """The device runs digits `version` ACTIVE, and nothing else of digits is desired or shadowed."""
+
+    def check(state: dict[str, Any]) -> bool:
+        desired, reported = state.get("desired") or {}, state.get("reported") or {}
+        wants = [(m["version"], _short(m["role"])) for m in desired.get("models", []) if m["name"] == "digits"]
+        runs = [m for m in reported.get("models", []) if m["name"] == "digits"]
+        active = [m["version"] for m in runs if _short(m["state"]) == "ACTIVE"]
+        shadowed = [m for m in runs if _short(m["role"]) == "SHADOW"]
+        return bool(state["converged"] and wants == [(version, "ACTIVE")] and active == [version] and not shadowed)
 
     return check
 
@@ -216,6 +268,41 @@ class BusyApp(threading.Thread):
                 i += 1
 
 
+def shadow_summary(agent: Proc, version: int) -> str:
+    """What the device itself logged of shadowing digits `version`: the sample, how long, what it compared."""
+
+    def of_it(event: dict[str, Any]) -> bool:
+        return bool(event.get("model") == "digits" and event.get("version") == version)
+
+    began = agent.wait_event("model.shadow_set", 10, of_it)
+    ended = agent.wait_event("model.shadow_cleared", 30, of_it)
+    seconds = (datetime.fromisoformat(ended["timestamp"]) - datetime.fromisoformat(began["timestamp"])).total_seconds()
+    return (
+        f"shadowed v{version} on {began['sample_rate']:.0%} of requests ({began['rule']}) for {seconds:.1f} s:"
+        f" {ended['compared']} compared, {ended['agreed']} agreed, {ended['dropped']} mirrors dropped"
+    )
+
+
+def start_busy(sockets: dict[str, Path], pixels: np.ndarray[Any, Any]) -> dict[str, BusyApp]:
+    busy = {d: BusyApp(sockets[d], pixels) for d in DEVICES}
+    for b in busy.values():
+        b.start()
+    return busy
+
+
+def stop_busy(busy: dict[str, BusyApp], when: str) -> int:
+    """Stop the apps, print which versions answered them and how many calls failed; return that count."""
+    for b in busy.values():
+        b.halt.set()
+        b.join(timeout=10)
+    for device, b in busy.items():
+        answered = ", ".join(f"v{v} {n}" for v, n in sorted(b.versions.items()))
+        print(f"   {device}: {when} {answered} calls answered, {len(b.failed)} failed")
+        for failure in b.failed[:3]:
+            print(f"     {failure}")
+    return sum(len(b.failed) for b in busy.values())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", type=Path, default=ROOT / "build" / "models", help="built model packages")
@@ -225,7 +312,7 @@ def main() -> int:
     )
     args = parser.parse_args()
     models = args.models.resolve()
-    for package in ("digits/1", "digits/2"):
+    for package in ("digits/1", "digits/2", "digits/3"):
         if not (models / package / "manifest.json").is_file():
             raise SystemExit(f"no model package {models / package}: build them with `make models`")
     shutil.rmtree(args.workdir, ignore_errors=True)
@@ -247,6 +334,7 @@ def main() -> int:
                     "grpc": {"listen": "127.0.0.1:0"},
                     "http": {"listen": "127.0.0.1:0"},
                     "mqtt": {"url": mqtt_url},
+                    "rollouts": {"tick_s": 0.5},
                 }
             )
         )
@@ -261,6 +349,33 @@ def main() -> int:
             if show:
                 print(f"$ fleetctl {' '.join(argv)}", flush=True)
             return run([py, "-m", "cloud_sync.fleetctl", *argv], env=fleet_env)
+
+        def create_rollout(version: int) -> str:
+            """Start a rollout of digits `version` on the demo's devices; its id."""
+            argv = ["rollouts", "create", "--model", "digits", "--to", str(version), "--selector", SELECTOR]
+            said = fleetctl(*argv, "--stages", STAGES, "--gates", GATES, "--shadow-sample", "0.2")
+            print(said, end="")
+            found = re.search(r"\bro-[0-9a-f]{10}\b", said)
+            if found is None:
+                raise SystemExit(f"no rollout id in what `fleetctl rollouts create` said: {said}")
+            return found.group(0)
+
+        def watch(rollout_id: str, timeout: float = 90) -> int:
+            """`fleetctl rollouts watch`, its output shown as it comes; its exit code (0 completed, 1 aborted)."""
+            argv = [py, "-m", "cloud_sync.fleetctl", "rollouts", "watch", rollout_id, "--interval", "1"]
+            print(f"$ fleetctl rollouts watch {rollout_id} --interval 1", flush=True)
+            watcher = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=fleet_env)
+            timer = threading.Timer(timeout, watcher.kill)
+            timer.start()
+            try:
+                assert watcher.stdout is not None
+                for line in watcher.stdout:
+                    print(f"   | {line.rstrip()}", flush=True)
+                code = watcher.wait()
+            finally:
+                timer.cancel()
+            print(f"   (watch exited {code})", flush=True)
+            return code
 
         control = f"MQTT via {mqtt_url}" if mqtt_url else "the gRPC Control stream"
         print(f"cloud-sync: devices on {ready['grpc']}, admin API on {ready['http']}; control plane over {control}")
@@ -368,7 +483,7 @@ def main() -> int:
             "the agents apply new settings without a restart and report the policy hash they run",
         )
         policy = ["--selector", SELECTOR, "--priority", "10"]
-        policy += ["--set", "inference.max_queue_delay_ms=1", "--set", "telemetry.interval_s=2"]
+        policy += ["--set", "inference.max_queue_delay_ms=1", "--set", "telemetry.interval_s=0.5"]
         print(fleetctl("policies", "set", "demo-tuning", *policy), end="")
 
         def policy_applied(state: dict[str, Any]) -> bool:
@@ -385,24 +500,21 @@ def main() -> int:
             )
 
         step(
-            "digits v2: push, assign, switched under load",
-            "each device switches to v2 atomically while an app keeps calling it: no call fails, and the held-out"
-            " accuracy rises",
+            "digits v2: a staged rollout with a shadow stage, under load",
+            f"{STAGES}: every device runs v2 beside v1 on a sampled share of live requests (v1 answers), then one"
+            " device, then all switch to v2, each stage once its bake time passed and its gates held; apps call"
+            " every device throughout and no call fails",
         )
-        busy = {d: BusyApp(sockets[d], pixels) for d in DEVICES}
-        for b in busy.values():
-            b.start()
+        busy = start_busy(sockets, pixels)
         print(fleetctl("models", "push", str(models / "digits" / "2")), end="")
-        print(fleetctl("models", "assign", "digits", "2", "--selector", SELECTOR), end="")
+        good = create_rollout(2)
+        code = watch(good)
+        failed += stop_busy(busy, "during the rollout")
+        if code != 0:
+            raise SystemExit(f"the v2 rollout did not complete: `fleetctl rollouts watch` exited {code}")
+        for device, agent in agents.items():
+            print(f"   {device}: {shadow_summary(agent, 2)} (its log)")
         wait_fleet(api, "digits 2 ACTIVE", runs("digits", 2))
-        for b in busy.values():
-            b.halt.set()
-            b.join(timeout=10)
-        for device, b in busy.items():
-            answered = ", ".join(f"v{v} {n}" for v, n in sorted(b.versions.items()))
-            print(f"   {device}: during the switch {answered} calls answered, {len(b.failed)} failed")
-            for failure in b.failed[:3]:
-                print(f"     {failure}")
         with ThreadPoolExecutor(len(DEVICES)) as pool:
             outcomes = list(pool.map(lambda d: app(sockets[d], pixels, keep=False), DEVICES))
         for device, (correct, _, _, versions) in zip(DEVICES, outcomes, strict=True):
@@ -410,7 +522,47 @@ def main() -> int:
                 f"   {device}: held-out accuracy now {correct / len(pixels):.3f}, "
                 f"answered by version {', '.join(sorted(versions))}"
             )
-        failed = sum(len(b.failed) for b in busy.values())
+        print(fleetctl("rollouts", "events", good), end="")
+
+        step(
+            "a bad digits v3, stopped by a gate in stage 1",
+            "v3 loads and answers as fast as v2 but disagrees with it: in the shadow stage the agreement gate"
+            " fails, the rollout aborts on its own before the bake time, and every device is back on v2 alone;"
+            " the apps see no gap",
+        )
+        busy = start_busy(sockets, pixels)
+        print(fleetctl("models", "push", str(models / "digits" / "3")), end="")
+        bad = create_rollout(3)
+        code = watch(bad)
+        if code != 1:
+            raise SystemExit(f"the v3 rollout was not aborted: `fleetctl rollouts watch` exited {code}")
+        print(fleetctl("rollouts", "events", bad), end="")
+        events = json.loads(fleetctl("--json", "rollouts", "events", bad, show=False))
+        stopped = [e for e in events if e["kind"] == "gate_failed"]
+        if not stopped:
+            raise SystemExit(f"no gate_failed event in rollout {bad}")
+        decided = stopped[0]["values"]
+        gate = decided["gate"]
+        if (stopped[0]["stage_index"], gate) != (0, "min_shadow_agreement"):
+            raise SystemExit(
+                f"v3 was stopped in stage {stopped[0]['stage_index'] + 1} by {gate}, not in 1 by agreement"
+            )
+        print(
+            f"   the gate_failed event (--json), by the {stopped[0]['actor']}: stage {decided['stage']}, failed gate"
+            f" {gate} {json.dumps(decided['gates'][gate])}"
+        )
+        print("   every device back on v2 alone:")
+        wait_fleet(api, "v2 alone again", only(2), timeout=30, show=roles_line)
+        failed += stop_busy(busy, "during the bad rollout")
+        for device, agent in agents.items():
+            print(f"   {device}: {shadow_summary(agent, 3)} (its log)")
+
+        step(
+            "the five figures of v1 and v2, on the same devices",
+            "latency p50/p95/p99, throughput, error rate and CPU-seconds per inference from the devices'"
+            " telemetry per model version, B relative to A",
+        )
+        print(fleetctl("models", "compare", "digits:1", "digits:2", "--selector", SELECTOR), end="")
 
         step("the fleet as the operator sees it", "desired vs reported generation, state, presence, per-model lines")
         print(fleetctl("devices", "list"), end="")

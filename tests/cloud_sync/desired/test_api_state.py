@@ -11,8 +11,16 @@ from typing import Any
 
 import pytest
 
+from cloud_sync.api_state import device_state_json
 from edgefleet.proto.edgefleet.v1 import services_pb2_grpc
-from edgefleet.proto.edgefleet.v1.state_pb2 import ModelRole, ModelState, ModelStatus, ReportedState
+from edgefleet.proto.edgefleet.v1.state_pb2 import (
+    DesiredState,
+    ModelAssignment,
+    ModelRole,
+    ModelState,
+    ModelStatus,
+    ReportedState,
+)
 from tests.cloud_sync.conftest import RunningCloudSync
 
 _numbers = itertools.count(1)
@@ -148,3 +156,11 @@ def test_unknown_assignment_or_device_is_404(cloud_sync: RunningCloudSync) -> No
     response = cloud_sync.api.request("DELETE", "/v1/assignments", json={"model": "nosuch", "selector": {"a": "b"}})
     assert response.status_code == 404 and "no assignment" in response.text
     assert cloud_sync.api.get("/v1/devices/nobody/state").status_code == 404
+
+
+def test_a_models_desired_version_is_its_active_one_not_a_shadow_candidate_beside_it() -> None:
+    desired = DesiredState(device_id="d", generation=3)
+    desired.models.append(ModelAssignment(name="digits", version=1, role=ModelRole.MODEL_ROLE_ACTIVE))
+    desired.models.append(ModelAssignment(name="digits", version=2, role=ModelRole.MODEL_ROLE_SHADOW))
+    shown = device_state_json("d", desired, None, [])
+    assert [(m["name"], m["desired_version"]) for m in shown["models"]] == [("digits", 1)]

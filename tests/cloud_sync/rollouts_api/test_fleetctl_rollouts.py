@@ -7,6 +7,7 @@ import subprocess
 
 import pytest
 
+from cloud_sync.fleetctl_rollouts import _event_line
 from tests.cloud_sync.conftest import RunningCloudSync
 from tests.cloud_sync.rollouts_api.test_api_rollouts import GATES, STAGES, fleet, post
 from tests.cloud_sync.test_fleetctl import FLEETCTL, environment, failed, fleetctl, ok
@@ -124,3 +125,12 @@ def test_bad_input_exits_with_a_reason(cloud_sync: RunningCloudSync, args: list[
     done = fleetctl(cloud_sync, "rollouts", *args)
     assert done.returncode == code, (done.stdout, done.stderr)
     assert says in done.stderr
+
+
+def test_an_event_line_shows_the_gate_values_that_decided_it() -> None:
+    # The controller's events carry {"stage", "gate", "gates": {gate: {value, threshold, ok}}}.
+    gates = {"min_shadow_agreement": {"value": 0.0, "threshold": 0.7, "ok": False}}
+    event = {"at_ms": 0, "kind": "gate_failed", "actor": "gate", "reason": "r"}
+    nested = _event_line({**event, "values": {"stage": "shadow:100%", "gate": "min_shadow_agreement", "gates": gates}})
+    assert nested.endswith("gate_failed by gate: r [min_shadow_agreement 0 vs 0.7]")
+    assert _event_line({**event, "values": gates}) == nested
