@@ -129,6 +129,14 @@ class MqttSection(_Section):
         "", description="Broker user allowed to send dynamic-security commands; empty: username."
     )
     accounts_password_file: str = Field("", description="File holding that user's password; empty: password_file.")
+    republish_after_s: float = Field(
+        30.0,
+        ge=0.5,
+        le=3600,
+        description="How long a device's report may stay behind its desired state (or quiet and unconverged) before "
+        "the desired state is published to it again, which makes it report again (a lost message); then after "
+        "twice as long, up to 10 minutes.",
+    )
 
 
 class RegistrySection(_Section):

@@ -34,7 +34,7 @@ from cloud_sync.api_state import DeviceStates, state_routes
 from cloud_sync.broker_accounts import DynsecAccounts
 from cloud_sync.config import CloudSyncConfig, ConfigProblem
 from cloud_sync.control import ControlServicer, DesiredChanges
-from cloud_sync.control_mqtt import MqttControl
+from cloud_sync.control_mqtt import CHECK_EVERY_S, MqttControl
 from cloud_sync.enrollment import EnrollmentServicer
 from cloud_sync.errors import CloudSyncError
 from cloud_sync.reconciler import Reconciler
@@ -401,7 +401,14 @@ class CloudSync:
         if not mqtt.url:
             return None
         base = mqtt.client_id or f"cloud-sync-{socket.gethostname()}"
-        link = MqttControl.from_config(mqtt, control, client_id=f"{base}-control")
+        after = mqtt.republish_after_s
+        link = MqttControl.from_config(
+            mqtt,
+            control,
+            client_id=f"{base}-control",
+            republish_after_s=after,
+            check_every_s=min(CHECK_EVERY_S, after / 3),
+        )
         link.start()
         return link
 

@@ -9,6 +9,7 @@ directories and their KServe endpoints. Not for assertions: the tests make them.
 
 from __future__ import annotations
 
+import itertools
 import json
 import socket
 import threading
@@ -19,12 +20,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
 import httpx
 import numpy as np
 import sqlalchemy as sa
 
 from cloud_sync.process import admin_token
 from cloud_sync.registry.signer import SIGNING_KEY_FILE
+from cloud_sync.rollouts.plan import Rollout, RolloutEvent
+from cloud_sync.rollouts.store import RolloutStore
 from cloud_sync.store import DeviceRegistry, open_database
 from cloud_sync.store.control import ControlStore
 from edge_runtime._compat import tomllib
@@ -35,7 +39,7 @@ from tests.faults.fleet import Cloud, Device
 from tests.processes import toml_text
 from tests.waiting import wait_for
 
-__all__ = ["ControlCloud", "ControlDevice", "TcpProxy", "package_with_version", "terminal"]
+__all__ = ["ControlCloud", "ControlDevice", "PacedLoad", "TcpProxy", "package_with_version", "terminal"]
 
 DIGITS_INPUT = np.zeros((1, 64), dtype=np.float32)
 
@@ -165,16 +169,25 @@ def terminal(report: ReportedState | None, generation: int) -> bool:
 
 @dataclass
 class ControlCloud:
-    """cloud-sync (fleet.Cloud, on a fixed gRPC port) wired to a broker; admin API, registry and stores."""
+    """cloud-sync (fleet.Cloud, on a fixed gRPC port) wired to a broker; admin API, registry and stores.
+
+    `settings` are laid over fleet.Cloud's config, section by section (e.g. {"rollouts": {"tick_s": 0.5}}).
+    """
 
     workdir: Path
     mqtt_url: str
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     cloud: Cloud = field(init=False)
     http_url: str = ""
 
     def __post_init__(self) -> None:
         self.cloud = Cloud(self.workdir, mqtt_url=self.mqtt_url)
         self.data_dir = self.workdir / "data"
+        if self.settings:
+            data = tomllib.loads(self.cloud.config.read_text())
+            for section, values in self.settings.items():
+                data.setdefault(section, {}).update(values)
+            self.cloud.config.write_text(toml_text(data))
 
     @property
     def target(self) -> str:
@@ -295,6 +308,30 @@ class ControlCloud:
         assert state is not None
         return state
 
+    # -- rollouts (read from the database: they go on while cloud-sync is away) -----------------------------------
+
+    def rollout(self, rollout_id: str) -> Rollout:
+        with self.db() as db:
+            return RolloutStore(db).get(rollout_id)
+
+    def rollout_events(self, rollout_id: str) -> list[RolloutEvent]:
+        with self.db() as db:
+            return RolloutStore(db).events(rollout_id)
+
+    def wait_rollout(self, rollout_id: str, reached: Any, timeout: float, what: str) -> Rollout:
+        """The rollout once `reached(rollout)` holds (e.g. a stage index, a state)."""
+
+        def seen() -> Rollout | None:
+            rollout = self.rollout(rollout_id)
+            return rollout if reached(rollout) else None
+
+        try:
+            found = wait_for(seen, timeout, f"rollout {rollout_id} {what}", poll=0.05)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; the rollout: {self.rollout(rollout_id)}") from None
+        assert found is not None
+        return found
+
     def wait_reported(self, device_id: str, generation: int, timeout: float = 60) -> ReportedState:
         """The cloud's stored report of `device_id` once it is terminal for `generation`."""
 
@@ -308,6 +345,45 @@ class ControlCloud:
             raise AssertionError(f"{exc}; the cloud's last report: {self.reported(device_id)}") from None
         assert report is not None
         return report
+
+
+class PacedLoad:
+    """An app on a device: one thread calling `name` with the held-out digits in turn over the agent's Unix
+    socket, one call every `pace_s` (riding out errors: a switch may answer a call with one). Light, so several
+    agents share two cores; rollout gates need requests on every version they judge."""
+
+    def __init__(self, socket_path: Path, name: str = "digits", pace_s: float = 0.02) -> None:
+        from models.build import digits_holdout
+
+        self._rows = digits_holdout()[0]  # real digits, as an app sends: versions are compared on what they answer
+        self._socket = socket_path
+        self._name = name
+        self._pace_s = pace_s
+        self._stop = threading.Event()
+        self.answered: dict[str, int] = {}  # model version -> answers
+        self.failed = 0
+        self._count = itertools.count()
+        self._thread = threading.Thread(target=self._run, name=f"load-{socket_path.name}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        client = KServeClient(f"unix:{self._socket}", timeout_s=5)
+        try:
+            while not self._stop.wait(self._pace_s):  # the pace of the app, not a wait on the system under test
+                n = next(self._count)
+                row = self._rows[n % len(self._rows) : n % len(self._rows) + 1]
+                try:
+                    reply = client.infer(self._name, {"pixels": row}, request_id=f"p{n}")
+                except grpc.RpcError:
+                    self.failed += 1
+                    continue
+                self.answered[reply.model_version] = self.answered.get(reply.model_version, 0) + 1
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(15)
 
 
 @dataclass

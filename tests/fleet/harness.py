@@ -85,9 +85,10 @@ def events(proc: AgentProcess | CloudSyncProcess | None, name: str, **fields: An
 class FleetCloud:
     """cloud-sync as a process, with a dynsec Mosquitto (transport "mqtt") or none ("grpc"); fleetctl at hand."""
 
-    def __init__(self, workdir: Path, transport: Transport) -> None:
+    def __init__(self, workdir: Path, transport: Transport, sections: Mapping[str, Mapping[str, Any]] = {}) -> None:
         self.workdir = workdir
         self.transport = transport
+        self.sections = {name: dict(values) for name, values in sections.items()}  # over the test defaults
         self.broker: Mosquitto | None = None
         self.proc: CloudSyncProcess | None = None
         self.api: httpx.Client | None = None
@@ -95,9 +96,10 @@ class FleetCloud:
 
     def start(self) -> FleetCloud:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        sections: dict[str, dict[str, Any]] = {}
+        sections: dict[str, dict[str, Any]] = {name: dict(values) for name, values in self.sections.items()}
         if self.transport == "mqtt":
-            self.broker, sections["mqtt"] = _dynsec_broker(self.workdir / "broker")
+            self.broker, mqtt = _dynsec_broker(self.workdir / "broker")
+            sections["mqtt"] = {**mqtt, **sections.get("mqtt", {})}
         (self.workdir / "cloud").mkdir(exist_ok=True)
         self.proc = CloudSyncProcess(cloud_sync_config(self.workdir / "cloud", **sections))
         ready = self.proc.wait_ready(60)
@@ -182,7 +184,15 @@ def _dynsec_broker(directory: Path) -> tuple[Mosquitto, dict[str, Any]]:
 class FleetAgent:
     """One device: its config file (no cloud keys: enrollment fills them), enroll, run, signals."""
 
-    def __init__(self, name: str, labels: Mapping[str, str], workdir: Path, socket_dir: Path, transport: Transport):
+    def __init__(
+        self,
+        name: str,
+        labels: Mapping[str, str],
+        workdir: Path,
+        socket_dir: Path,
+        transport: Transport,
+        overrides: Mapping[str, Mapping[str, Any]] = {},
+    ):
         self.name = name
         self.labels = dict(labels)
         self.workdir = workdir
@@ -200,6 +210,8 @@ class FleetAgent:
         }
         if transport == "mqtt":
             data["mqtt"] = {"keepalive_s": 5}  # the broker calls a stopped device offline within 7.5 s
+        for section, values in overrides.items():  # a test's own settings over these, section by section
+            data.setdefault(section, {}).update(values)
         self.config = workdir / "edge-agent.toml"
         self.config.write_text(toml_text(data))
         self.proc: AgentProcess | None = None
@@ -326,10 +338,15 @@ def start_fleet(
     transport: Transport,
     labels: Mapping[str, Mapping[str, str]],
     packages: Mapping[str, Path],
+    cloud_sections: Mapping[str, Mapping[str, Any]] = {},
+    agent_sections: Mapping[str, Mapping[str, Any]] = {},
 ) -> Fleet:
-    """cloud-sync (and its broker), then one enrolled, running agent per entry of `labels` ({name: labels})."""
-    cloud = FleetCloud(workdir / "cloud", transport)
-    agents = [FleetAgent(name, lab, workdir / name, socket_dir, transport) for name, lab in labels.items()]
+    """cloud-sync (and its broker), then one enrolled, running agent per entry of `labels` ({name: labels});
+    `cloud_sections` and `agent_sections` go over the config files' defaults, section by section."""
+    cloud = FleetCloud(workdir / "cloud", transport, cloud_sections)
+    agents = [
+        FleetAgent(name, lab, workdir / name, socket_dir, transport, agent_sections) for name, lab in labels.items()
+    ]
     fleet = Fleet(cloud, agents, packages)
     try:
         cloud.start()
@@ -349,16 +366,21 @@ class Clients:
     """`threads` apps, each sending digits requests one after another to one device; every outcome counted.
 
     `sent` counts requests handed to gRPC, `outcomes` their answers by status ("ok" or the gRPC code name):
-    after `stop`, sent == sum(outcomes) means no request went unanswered.
+    after `stop`, sent == sum(outcomes) means no request went unanswered. Each request carries `rows` rows:
+    the next ones of `inputs` in turn (one fixed row if None), so a shadow version is compared on varied inputs.
     """
 
-    def __init__(self, target: str, threads: int = 16) -> None:
+    def __init__(
+        self, target: str, threads: int = 16, inputs: np.ndarray[Any, Any] | None = None, rows: int = 1
+    ) -> None:
         self.sent = 0
         self.outcomes: Counter[str] = Counter()
         self.versions: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._x = digits_input()
+        self._inputs = digits_input(rows) if inputs is None else np.asarray(inputs, np.float32)
+        self._rows = rows
+        self._next = 0
         self._threads = [threading.Thread(target=self._run, args=(target,), daemon=True) for _ in range(threads)]
         for t in self._threads:
             t.start()
@@ -368,8 +390,10 @@ class Clients:
             while not self._stop.is_set():
                 with self._lock:
                     self.sent += 1
+                    first = self._next * self._rows % (len(self._inputs) - self._rows + 1)
+                    self._next += 1
                 try:
-                    reply = client.infer("digits", {"pixels": self._x})
+                    reply = client.infer("digits", {"pixels": self._inputs[first : first + self._rows]})
                     outcome, version = "ok", reply.model_version
                 except grpc.RpcError as exc:
                     outcome, version = exc.code().name, ""

@@ -56,6 +56,27 @@ def test_a_disagreeing_shadow_aborts_the_shadow_stage() -> None:
     assert verdict.values["min_shadow_agreement"]["value"] == 0.5
 
 
+def test_in_a_shadow_stage_the_compared_rows_count_and_shadow_latency_never_decides() -> None:
+    # A shadow run gathers up to 16 mirrored rows at the lowest priority: 4 runs hold 64 compared rows, and their
+    # p99 (here 5x A's) says nothing of how B would answer a request.
+    devices = [
+        DeviceMetrics(d, a=VersionMetrics(1000, 0, 10.0), b=VersionMetrics(4, 0, 50.0, 64, 64)) for d in ("a", "b")
+    ]
+    gates = Gates(max_p99_ratio=1.5, min_shadow_agreement=0.95, min_devices=2, min_requests=100)
+    verdict = evaluate(gates, "shadow", devices, bake_elapsed=True)
+    assert (verdict.decision, verdict.failed_gate) == ("advance", None)
+    assert verdict.values["min_requests"] == {"value": 128, "threshold": 100, "ok": True}
+    assert verdict.values["max_p99_ratio"] == {"value": 5.0, "threshold": 1.5, "ok": None}
+    # The same figures in an active stage: B's own answers, judged.
+    active = evaluate(
+        gates,
+        "active",
+        [DeviceMetrics(d, a=VersionMetrics(1000, 0, 10.0), b=VersionMetrics(200, 0, 50.0)) for d in ("a", "b")],
+        bake_elapsed=True,
+    )
+    assert (active.decision, active.failed_gate) == ("abort", "max_p99_ratio")
+
+
 def test_an_apply_failure_aborts_at_once_and_a_fallback_only_past_its_rate() -> None:
     failed = DeviceMetrics("b", apply_failed=True)
     assert evaluate(GATES, "active", [good("a"), failed], False).failed_gate == "max_apply_failures"
