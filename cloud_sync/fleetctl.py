@@ -75,7 +75,8 @@ def devices_list(ctx: typer.Context) -> None:
         return
     table = Table("device", "labels", "presence", "last seen", "state", "created", "revoked")
     for d in devices:
-        labels = ",".join(f"{k}={v}" for k, v in sorted(d["labels"].items()))
+        # One label a line: a narrow terminal folds a cell, and a label cut in two reads as two wrong ones.
+        labels = "\n".join(f"{k}={v}" for k, v in sorted(d["labels"].items()))
         presence = {True: "online", False: "offline"}.get(d.get("online"), "-")
         # Text, not str: rich would read a label value such as "[/]" as markup (and fail on it).
         table.add_row(
