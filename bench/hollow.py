@@ -155,7 +155,7 @@ def reported_for(desired: DesiredState, agent: AgentInfo | None = None, failing:
     for m in desired.models:
         status = ModelStatus(name=m.name, version=m.version, role=m.role, backend="hollow", sha256=m.sha256)
         if m.version in failed:
-            status.state, status.reason = MODEL_STATE_FAILED, FAIL_REASON
+            status.state, status.reason, status.package_fault = MODEL_STATE_FAILED, FAIL_REASON, True
         else:
             status.state = MODEL_STATE_ACTIVE if m.role == MODEL_ROLE_ACTIVE else MODEL_STATE_READY
             status.progress = 1.0

@@ -105,4 +105,9 @@ class DownloadFailed(EdgeRuntimeError):
 
 
 class StepTimeout(EdgeRuntimeError):
-    """A step of converging to a desired state ran past its deadline; it is retried like any failure."""
+    """A step of converging to a desired state ran past its deadline; it is retried like any failure. `step` names
+    it (download, verification, build, switch)."""
+
+    def __init__(self, message: str, step: str = "") -> None:
+        super().__init__(message)
+        self.step = step

@@ -183,7 +183,8 @@ class RolloutController:
             for m in report.state.models:
                 if m.name != rollout.model or m.version != rollout.to_version:
                     continue
-                if m.state == ModelState.MODEL_STATE_FAILED:
+                # The package's own failure only: a download the cloud's restart cut is no fault of the candidate.
+                if m.state == ModelState.MODEL_STATE_FAILED and m.package_fault:
                     failed.add(device_id)
                 elif is_fallback(m.reason):
                     fallback.add(device_id)

@@ -26,7 +26,14 @@ from typing import Any, Protocol, TypeVar
 
 import structlog
 
-from edge_runtime.errors import ConfigError, EdgeRuntimeError, ModelNotFound, StepTimeout, VerificationFailed
+from edge_runtime.errors import (
+    ConfigError,
+    DownloadFailed,
+    EdgeRuntimeError,
+    ModelNotFound,
+    StepTimeout,
+    VerificationFailed,
+)
 from edge_runtime.models.repository import ModelRepository, ModelStatus
 from edge_runtime.models.served import ModelState
 from edgefleet.proto.edgefleet.v1 import state_pb2
@@ -39,6 +46,7 @@ __all__ = [
     "ModelProgress",
     "StepTimeout",
     "backoff_delay",
+    "package_fault",
     "repository_status",
 ]
 
@@ -115,6 +123,8 @@ class ModelProgress:
     backend: str = ""
     # SHADOW role: the share of the active version's requests mirrored to this one (0..1).
     shadow_sample_rate: float = 0.0
+    # The last failure was the package's own (package_fault()), not the link's.
+    package_fault: bool = False
 
     @property
     def done(self) -> bool:
@@ -134,6 +144,7 @@ class ModelProgress:
             sha256=self.sha256,
             attempts=self.attempts,
             next_attempt_at_ms=self.next_attempt_at_ms,
+            package_fault=self.state == state_pb2.MODEL_STATE_FAILED and self.package_fault,
         )
 
 
@@ -345,6 +356,7 @@ class Converger:
                 # retried, at the slowest pace; a newer desired state retries at once anyway.
                 delay = self.backoff(p.attempts if getattr(exc, "retryable", True) else SLOWEST_ATTEMPT)
                 p.state, p.reason = state_pb2.MODEL_STATE_FAILED, _reason(exc)
+                p.package_fault = package_fault(exc)
                 p.next_attempt_at_ms = time.time_ns() // 1_000_000 + int(delay * 1000)
                 log.warning(
                     "model.converge_failed",
@@ -358,7 +370,7 @@ class Converger:
                 await asyncio.sleep(delay)
                 p.next_attempt_at_ms = 0
                 continue
-            p.attempts, p.next_attempt_at_ms = 0, 0
+            p.attempts, p.next_attempt_at_ms, p.package_fault = 0, 0, False
             self.changed()
             await self._unload_leftovers(p)
             return
@@ -451,7 +463,7 @@ class Converger:
                 timeout = limit - loop.time()
                 if timeout <= 0:
                     step = "download" if verifying_since is None else "verification"
-                    raise StepTimeout(f"timeout: the {step} of {p.name}:{p.version} {what} {seconds:g} s")
+                    raise StepTimeout(f"timeout: the {step} of {p.name}:{p.version} {what} {seconds:g} s", step)
                 done, _ = await asyncio.wait({task}, timeout=timeout)
                 if done:
                     return task.result()
@@ -469,7 +481,9 @@ class Converger:
         try:
             return await asyncio.wait_for(asyncio.shield(future), seconds)
         except asyncio.TimeoutError:
-            raise StepTimeout(f"timeout: the {what} of {p.name}:{p.version} took longer than {seconds:g} s") from None
+            raise StepTimeout(
+                f"timeout: the {what} of {p.name}:{p.version} took longer than {seconds:g} s", what
+            ) from None
 
     def _build(self, p: ModelProgress, source: Path | None) -> None:
         """BUILDING, on the builder thread: install what was downloaded (verified again, landed atomically),
@@ -593,6 +607,17 @@ def _assignments(state: state_pb2.DesiredState) -> list[ModelProgress]:
 
 def _same(running: tuple[int, str], version: int, sha256: str) -> bool:
     return running[0] == version and (not sha256 or running[1] == sha256)
+
+
+def package_fault(exc: BaseException) -> bool:
+    """Whether a failure is the package's own - it does not verify, build, load, warm up or switch - rather than
+    the link's: a download cut or stalled, the cloud away or refusing the credential, a full disk. A rollout's
+    apply-failure gate counts only the package's: a cloud-sync restart mid-rollout is no fault of the candidate."""
+    if isinstance(exc, (DownloadFailed, OSError)):
+        return False
+    if isinstance(exc, StepTimeout):
+        return exc.step not in ("download", "verification")
+    return True
 
 
 def _reason(exc: BaseException) -> str:

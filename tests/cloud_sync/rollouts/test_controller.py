@@ -164,15 +164,22 @@ def test_a_candidate_that_fails_to_load_aborts_on_the_reported_state(
     desired = control.desired(device_id)
     assert desired is not None
     report = ReportedState(device_id=device_id, generation=desired.generation, reported_at_ms=now_ms())
+    # First the link's failure (the cloud was away mid-download): no fault of the candidate, nothing decided.
     report.models.append(
         ModelStatus(
             name="digits",
             version=3,
             role=ModelRole.MODEL_ROLE_ACTIVE,
             state=ModelState.MODEL_STATE_FAILED,
-            reason="onnx load failed",
+            reason="digits:3 model.onnx: UNAVAILABLE: Cancelling all calls",
         )
     )
+    control.report(device_id, report)
+    [step] = controller.tick()
+    assert step.decision != "abort"
+    assert service.get(rollout.id).last_evaluation["values"]["max_apply_failures"]["value"] == 0
+    # Then the package's own: it does not load.
+    report.models[0].reason, report.models[0].package_fault = "onnx load failed", True
     control.report(device_id, report)
     [step] = controller.tick()
     assert step.decision == "abort" and "max_apply_failures" in step.reason

@@ -284,6 +284,7 @@ def test_a_failing_download_is_reported_with_its_reason_and_retried_until_it_suc
         "digits", lambda m: m.state == MODEL_STATE_FAILED and m.attempts >= 2, "two failed attempts", 30
     )
     assert "refused by the test" in failed.reason and failed.next_attempt_at_ms > 0
+    assert not failed.package_fault  # the link's failure: no rollout gate counts it against the candidate
     assert not h.last().converged and h.repository.running("digits")[0] == 1  # type: ignore[union-attr,index]
     artifacts.faults.refuse = None
     done = h.wait_state("digits", MODEL_STATE_ACTIVE)
@@ -325,6 +326,7 @@ def test_an_untrustworthy_package_is_refused_with_its_reason_and_the_old_version
     h.offer(assign(1, ("digits", 2, pinned)))
     failed = h.wait_model("digits", lambda m: m.state == MODEL_STATE_FAILED, "the refusal", 30)
     assert failed.reason.startswith(attack), failed.reason
+    assert failed.package_fault  # the package's own: a rollout's apply-failure gate counts it
     assert h.repository.running("digits")[0] == 1  # type: ignore[index]
     assert h.repository.store.versions("digits") == [1]
     # Retried (the registry may fix the cause), never absorbing.

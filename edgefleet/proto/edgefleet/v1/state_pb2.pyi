@@ -155,6 +155,7 @@ class ModelStatus(_message.Message):
     SHA256_FIELD_NUMBER: _builtins.int
     ATTEMPTS_FIELD_NUMBER: _builtins.int
     NEXT_ATTEMPT_AT_MS_FIELD_NUMBER: _builtins.int
+    PACKAGE_FAULT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     version: _builtins.int
     role: Global___ModelRole.ValueType
@@ -170,6 +171,11 @@ class ModelStatus(_message.Message):
     attempts: _builtins.int
     """Failed attempts in a row at the current step, and when the next one starts (0: not waiting)."""
     next_attempt_at_ms: _builtins.int
+    package_fault: _builtins.bool
+    """FAILED because of the package itself (it does not verify, build, load, warm up or switch), not the link to
+    the cloud (a download cut, the cloud away, a refusal of the credential): what a rollout's apply-failure gate
+    counts.
+    """
     def __init__(
         self,
         *,
@@ -183,10 +189,11 @@ class ModelStatus(_message.Message):
         sha256: _builtins.str = ...,
         attempts: _builtins.int = ...,
         next_attempt_at_ms: _builtins.int = ...,
+        package_fault: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "backend", b"backend", "name", b"name", "next_attempt_at_ms", b"next_attempt_at_ms", "progress", b"progress", "reason", b"reason", "role", b"role", "sha256", b"sha256", "state", b"state", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "backend", b"backend", "name", b"name", "next_attempt_at_ms", b"next_attempt_at_ms", "package_fault", b"package_fault", "progress", b"progress", "reason", b"reason", "role", b"role", "sha256", b"sha256", "state", b"state", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
