@@ -15,6 +15,7 @@ import contextlib
 import queue
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
@@ -111,7 +112,7 @@ D = TypeVar("D", bound=Delivered)
 R = TypeVar("R")
 
 
-class SharedSubscription(Generic[D]):
+class SharedSubscription(ABC, Generic[D]):
     """A paho client subscribed (QoS 1, persistent session) to `topics`, and a writer thread for what arrives.
 
     Paho's thread calls the subclass's `_on_message`, which queues a `Delivered` (`_wait_to_queue` blocks it
@@ -201,11 +202,13 @@ class SharedSubscription(Generic[D]):
 
     # -- the subclass's part ----------------------------------------------------------------------------------
 
+    @abstractmethod
     def _on_message(self, client: Client, userdata: Any, message: MQTTMessage) -> None:
-        raise NotImplementedError
+        """paho's thread: decode a message and hand it to the queue."""
 
+    @abstractmethod
     def _write_loop(self) -> None:
-        raise NotImplementedError
+        """The writer thread: store what the queue holds, acknowledge once stored."""
 
     def _on_session(self, session_present: bool) -> None:
         """Called on paho's thread after each connect, once subscribing is under way."""
