@@ -53,9 +53,7 @@ def plane(
     tmp_path_factory: pytest.TempPathFactory, broker: Mosquitto, model_packages: dict[str, Path]
 ) -> Iterator[ControlCloud]:
     """One cloud-sync for the module, digits 1 and 2 in its registry; each test targets its own devices."""
-    # A lost report is healed by republishing after mqtt.republish_after_s (30 s by default; what it does is the
-    # same at 3 s, which keeps the lost-reports test short).
-    cloud = ControlCloud(tmp_path_factory.mktemp("cloud"), broker.url, settings={"mqtt": {"republish_after_s": 3.0}})
+    cloud = ControlCloud(tmp_path_factory.mktemp("cloud"), broker.url)
     cloud.start()
     for ref in ("digits:1", "digits:2"):
         cloud.push(model_packages[ref])
