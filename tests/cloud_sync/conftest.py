@@ -20,6 +20,8 @@ import httpx
 import numpy as np
 import pytest
 
+from cloud_sync.store import ControlStore, Database, DeviceRegistry, open_database
+from cloud_sync.store.assignments import AssignmentStore
 from edge_runtime.inference.types import InferResponse
 from edge_runtime.kserve.codec import encode_response
 from edgefleet.proto.edgefleet.v1 import results_pb2, services_pb2_grpc
@@ -158,6 +160,31 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         return
     with postgres_schema_url() as url:
         yield url
+
+
+@pytest.fixture
+def db(store_url: str) -> Iterator[Database]:
+    """The cloud store on `store_url`'s engine (each engine in turn), closed after the test."""
+    database = open_database(store_url)
+    try:
+        yield database
+    finally:
+        database.close()
+
+
+@pytest.fixture
+def devices(db: Database) -> DeviceRegistry:
+    return DeviceRegistry(db)
+
+
+@pytest.fixture
+def assignments(db: Database) -> AssignmentStore:
+    return AssignmentStore(db)
+
+
+@pytest.fixture
+def control(db: Database) -> ControlStore:
+    return ControlStore(db)
 
 
 @pytest.fixture

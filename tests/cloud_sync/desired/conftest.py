@@ -2,14 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import pytest
-
-from cloud_sync.store import Database, DeviceRegistry, open_database
-from cloud_sync.store.assignments import AssignmentStore
-from cloud_sync.store.control import ControlStore
-
 
 class Catalog:
     """The registry's digests as plain data: the one method the reconciler reads (ModelCatalog)."""
@@ -19,27 +11,3 @@ class Catalog:
 
     def digests(self) -> dict[tuple[str, int], str]:
         return dict(self.versions)
-
-
-@pytest.fixture
-def db(store_url: str) -> Iterator[Database]:
-    database = open_database(store_url)
-    try:
-        yield database
-    finally:
-        database.close()
-
-
-@pytest.fixture
-def devices(db: Database) -> DeviceRegistry:
-    return DeviceRegistry(db)
-
-
-@pytest.fixture
-def assignments(db: Database) -> AssignmentStore:
-    return AssignmentStore(db)
-
-
-@pytest.fixture
-def control(db: Database) -> ControlStore:
-    return ControlStore(db)

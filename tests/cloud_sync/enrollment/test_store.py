@@ -7,7 +7,6 @@ device (also when many present it at once); only the token's sha256 is stored.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
@@ -15,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cloud_sync.errors import AlreadyExists, CloudSyncError, InvalidArgument
-from cloud_sync.store import Database, DeviceRegistry, open_database
+from cloud_sync.store import Database, DeviceRegistry
 from cloud_sync.store.database import now_ms
 from cloud_sync.store.devices import check_device_id, is_reserved
 from cloud_sync.store.enrollment import (
@@ -26,18 +25,6 @@ from cloud_sync.store.enrollment import (
     device_id_for_host,
     enrollment_tokens,
 )
-
-
-@pytest.fixture
-def db(store_url: str) -> Iterator[Database]:
-    database = open_database(store_url)
-    yield database
-    database.close()
-
-
-@pytest.fixture
-def devices(db: Database) -> DeviceRegistry:
-    return DeviceRegistry(db)
 
 
 @pytest.fixture

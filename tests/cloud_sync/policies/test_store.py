@@ -3,21 +3,13 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from cloud_sync.errors import InvalidArgument, NotFound
 from cloud_sync.policies import PolicyInvalid
-from cloud_sync.store import Database, PolicyStore, open_database
-
-
-@pytest.fixture
-def db(store_url: str) -> Iterator[Database]:
-    database = open_database(store_url)
-    yield database
-    database.close()
+from cloud_sync.store import Database, PolicyStore
 
 
 @pytest.fixture

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
 from cloud_sync.reconciler import Reconciler
 from cloud_sync.rollouts.service import RolloutService
 from cloud_sync.rollouts.store import RolloutStore
-from cloud_sync.store import Database, DeviceRegistry, open_database
+from cloud_sync.store import Database, DeviceRegistry
 from cloud_sync.store.assignments import AssignmentStore
 from cloud_sync.store.control import ControlStore
 from cloud_sync.store.policies import PolicyStore
@@ -17,30 +15,6 @@ from edgefleet.proto.edgefleet.v1.state_pb2 import ModelRole
 from tests.cloud_sync.desired.conftest import Catalog
 
 ROLES = {ModelRole.MODEL_ROLE_ACTIVE: "active", ModelRole.MODEL_ROLE_SHADOW: "shadow"}
-
-
-@pytest.fixture
-def db(store_url: str) -> Iterator[Database]:
-    database = open_database(store_url)
-    try:
-        yield database
-    finally:
-        database.close()
-
-
-@pytest.fixture
-def devices(db: Database) -> DeviceRegistry:
-    return DeviceRegistry(db)
-
-
-@pytest.fixture
-def assignments(db: Database) -> AssignmentStore:
-    return AssignmentStore(db)
-
-
-@pytest.fixture
-def control(db: Database) -> ControlStore:
-    return ControlStore(db)
 
 
 @pytest.fixture

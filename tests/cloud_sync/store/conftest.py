@@ -6,20 +6,13 @@ PostgreSQL comes from $EDGEFLEET_TEST_POSTGRES (a SQLAlchemy URL), by default th
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 import pytest
 
-from cloud_sync.store import Database, DeviceRegistry, ResultStore, open_database
+from cloud_sync.store import Database, DeviceRegistry, ResultStore
 from cloud_sync.store.batches import record_checksum
 from edgefleet.proto.edgefleet.v1 import results_pb2
-
-
-@pytest.fixture
-def db(store_url: str) -> Iterator[Database]:
-    database = open_database(store_url)
-    yield database
-    database.close()
 
 
 @pytest.fixture
