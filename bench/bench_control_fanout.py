@@ -37,7 +37,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -124,8 +124,9 @@ def _cpu(pid: int) -> float:
     return float(times.user + times.system)
 
 
-def register_devices(database: Path, ids: Sequence[str]) -> None:
-    """The devices in the cloud store, in one transaction (as many enrollments would leave them)."""
+def register_devices(database: Path, ids: Sequence[str], labels: Mapping[str, str] = LABELS) -> None:
+    """The devices, labelled `labels`, in the cloud store in one transaction (as many enrollments would leave
+    them)."""
     from cloud_sync.store import open_database
     from cloud_sync.store.database import now_ms
     from cloud_sync.store.devices import insert_device
@@ -136,7 +137,7 @@ def register_devices(database: Path, ids: Sequence[str]) -> None:
 
         def insert(conn: Any) -> None:
             for device_id in ids:
-                insert_device(conn, device_id, LABELS, f"efd_{secrets.token_urlsafe(32)}", created)
+                insert_device(conn, device_id, dict(labels), f"efd_{secrets.token_urlsafe(32)}", created)
 
         db.write(insert)
     finally:

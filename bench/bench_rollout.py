@@ -28,7 +28,6 @@ import hashlib
 import importlib.metadata
 import json
 import os
-import secrets
 import sqlite3
 import sys
 import tempfile
@@ -40,7 +39,7 @@ from typing import Any
 import httpx
 
 from bench._harness import Options, Report, Target, median
-from bench.bench_control_fanout import RawCloud, _cpu, _mosquitto
+from bench.bench_control_fanout import RawCloud, _cpu, _mosquitto, register_devices
 from bench.hollow import BAD_KINDS, Behaviour, HollowProcess, device_ids, raise_fd_limit
 from edgefleet.proto.edgefleet.v1.state_pb2 import MODEL_ROLE_ACTIVE, MODEL_STATE_ACTIVE, ReportedState
 
@@ -91,25 +90,6 @@ def _manifest(version: int, model: bytes) -> dict[str, Any]:
         "created": "",
         "description": f"hollow {MODEL} v{version}: random bytes, never downloaded",
     }
-
-
-def _register(database: Path, ids: Sequence[str]) -> None:
-    """The devices in the cloud store, labelled bench=rollout, in one transaction."""
-    from cloud_sync.store import open_database
-    from cloud_sync.store.database import now_ms
-    from cloud_sync.store.devices import insert_device
-
-    db = open_database(f"sqlite:///{database}")
-    try:
-        created = now_ms()
-
-        def insert(conn: Any) -> None:
-            for device_id in ids:
-                insert_device(conn, device_id, LABELS, f"efd_{secrets.token_urlsafe(32)}", created)
-
-        db.write(insert)
-    finally:
-        db.close()
 
 
 def _wait(condition: Callable[[], Any], timeout: float, what: str, poll: float = POLL_S) -> Any:
@@ -178,7 +158,7 @@ class RolloutRig:
         self.broker_port, self.broker_pid = self._stack.enter_context(_mosquitto(work))
         (work / "cloud").mkdir()
         database = work / "cloud" / "cloud-sync.db"
-        _register(database, self.ids)
+        register_devices(database, self.ids, LABELS)
         self.hollow = self._stack.enter_context(
             HollowProcess(
                 "127.0.0.1",
