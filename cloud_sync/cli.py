@@ -21,19 +21,34 @@ if TYPE_CHECKING:
 __all__ = ["main"]
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("edgefleet")
+    except PackageNotFoundError:  # a source tree that was never installed
+        return "unknown"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cloud-sync", description="Edgefleet's cloud aggregator.")
+    parser.add_argument("--version", action="version", version=f"cloud-sync {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = commands.add_parser("run", help="serve devices (gRPC) and operators (admin API)")
     run.add_argument("--config", help="TOML config file (default: built-in defaults)")
-    token = commands.add_parser("admin-token", help="print the admin API token (made on first use)")
+    token = commands.add_parser("admin-token", help="print the admin API token (made by the first run)")
     token.add_argument("--config", help="TOML config file (for the data dir)")
+    token.add_argument(
+        "--create",
+        action="store_true",
+        help="make the token (and the data dir) when there is none yet, before the first run",
+    )
     add = commands.add_parser("add-device", help="register a device and print its token (shown once)")
     add.add_argument("device_id", help="unique device id, e.g. cam-17")
     add.add_argument("--labels", default="", help="comma-separated key=value pairs, e.g. site=lab,cam=front")
     add.add_argument("--config", help="TOML config file (for the database)")
     check = commands.add_parser("check-config", help="validate a config file and print the effective values")
-    check.add_argument("config", help="the TOML file to check")
+    check.add_argument("config", help="the TOML file to check (the same checks `run` makes before it starts)")
     return parser
 
 
@@ -78,6 +93,22 @@ def _add_device(config: CloudSyncConfig, device_id: str, labels: str) -> int:
     return 0
 
 
+def _admin_token(config: CloudSyncConfig, config_path: str | None, *, create: bool) -> int:
+    """Print the token; without --create only one that exists: a wrong --config (another data dir) must never
+    mint a token the running server does not know, which every later call would then fail with (401)."""
+    from cloud_sync.process import ADMIN_TOKEN_FILE, admin_token
+
+    if not create and not (config.data_dir / ADMIN_TOKEN_FILE).exists():
+        run = f"cloud-sync run --config {config_path}" if config_path else "cloud-sync run"
+        raise InvalidArgument(
+            f"no admin token in {config.data_dir.resolve()} (server.data_dir): is this the config cloud-sync runs "
+            f"with? `{run}` makes the token on its first start; pass --create to make it before that"
+        )
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    print(admin_token(config.data_dir))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # Imported here: fleetctl imports this module for parse_labels and need not pay for pydantic at start-up.
@@ -88,11 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "run":
             return _run(config)
         if args.command == "admin-token":
-            from cloud_sync.process import admin_token
-
-            config.data_dir.mkdir(parents=True, exist_ok=True)
-            print(admin_token(config.data_dir))
-            return 0
+            return _admin_token(config, args.config, create=args.create)
         if args.command == "add-device":
             return _add_device(config, args.device_id, args.labels)
         print(json.dumps(config.model_dump(), indent=2))

@@ -6,11 +6,13 @@ Unknown keys are errors that name the key (`grpc.listn`), like the agent's confi
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from cloud_sync.certificates import CertificateProblem, FleetCA, ServerTls
 from cloud_sync.errors import InvalidArgument
 from edgefleet.addresses import parse_broker_url, parse_host_port
 
@@ -74,6 +76,11 @@ class GrpcSection(_Section):
         64 * 1024 * 1024, ge=1024, le=2**31 - 1, description="Largest message a device may send (a ResultBatch)."
     )
     ingest_threads: int = Field(4, ge=1, le=64, description="Threads that write uploaded batches to the database.")
+    enrollment_listen: OptionalAddress = Field(
+        "",
+        description="host:port serving only Enrollment, with server-side TLS, for devices that have no client "
+        "certificate yet; needed (only) with tls.client_ca_file.",
+    )
 
 
 class HttpSection(_Section):
@@ -83,8 +90,31 @@ class HttpSection(_Section):
     )
 
 
+def _database_url(value: str) -> str:
+    """The URLs open_database serves (cloud_sync/store/database.py), refused here so check-config refuses them."""
+    if not value:
+        return value
+    import sqlalchemy as sa
+    from sqlalchemy import exc as sa_exc
+
+    try:
+        url = sa.make_url(value)
+    except sa_exc.ArgumentError:
+        raise ValueError("not a database URL: use sqlite:///path.db or postgresql+psycopg://user@host/db") from None
+    backend = url.get_backend_name()
+    if backend == "sqlite":
+        if url.database in (None, "", ":memory:") or (url.database or "").startswith("file::memory:"):
+            raise ValueError("in-memory SQLite is not supported (each connection would see its own): use a file")
+    elif backend == "postgresql":
+        if url.drivername not in ("postgresql", "postgres", "postgresql+psycopg"):
+            raise ValueError(f"unsupported PostgreSQL driver {url.drivername!r}: use postgresql+psycopg://")
+    else:
+        raise ValueError(f"unsupported database {backend!r}: use a sqlite:/// or postgresql+psycopg:// URL")
+    return value
+
+
 class DatabaseSection(_Section):
-    url: str = Field(
+    url: Annotated[str, AfterValidator(_database_url)] = Field(
         "", description="SQLAlchemy URL: empty = SQLite in data_dir; postgresql+psycopg://... for several replicas."
     )
 
@@ -103,7 +133,9 @@ ReservedName = Annotated[str, AfterValidator(_reserved_name)]
 
 
 class MqttSection(_Section):
-    url: str = Field("", description="MQTT broker (mqtt://host:port); empty: no telemetry or presence ingest.")
+    url: OptionalBrokerUrl = Field(
+        "", description="MQTT broker (mqtt://host:port); empty: no telemetry or presence ingest."
+    )
     topic_prefix: str = Field("edgefleet/v1", description="Prefix of every device topic.")
     share_group: str = Field("cloud-sync", description="Shared-subscription group: replicas split the messages.")
     username: ReservedName = Field(
@@ -138,6 +170,12 @@ class MqttSection(_Section):
         "twice as long, up to 10 minutes.",
     )
 
+    @model_validator(mode="after")
+    def _accounts_need_a_broker(self) -> MqttSection:
+        if self.manage_accounts != "none" and not self.url:
+            raise ValueError(f"mqtt.manage_accounts = {self.manage_accounts} needs mqtt.url (the broker to manage)")
+        return self
+
 
 class RegistrySection(_Section):
     blob_dir: str = Field(
@@ -160,6 +198,59 @@ class RolloutsSection(_Section):
     )
 
 
+class TlsSection(_Section):
+    cert_file: str = Field(
+        "",
+        description="PEM certificate (chain) of cloud-sync's gRPC port and admin API; empty (with key_file): "
+        "plaintext, for loopback or behind a TLS-terminating proxy.",
+    )
+    key_file: str = Field("", description="PEM private key of cert_file (unencrypted, mode 0600).")
+    client_ca_file: str = Field(
+        "",
+        description="PEM CA bundle device client certificates must chain to: the gRPC port then requires one "
+        "(mTLS) on top of the device token, and Enrollment moves to grpc.enrollment_listen; empty: none asked.",
+    )
+
+    @model_validator(mode="after")
+    def _readable(self) -> TlsSection:
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("tls.cert_file and tls.key_file: set both, or neither")
+        if self.client_ca_file and not self.cert_file:
+            raise ValueError("tls.client_ca_file needs tls.cert_file and tls.key_file: client certificates need TLS")
+        if self.cert_file:
+            _check_files(lambda: ServerTls.read(self.cert_file, self.key_file, self.client_ca_file))
+        return self
+
+
+class FleetCaSection(_Section):
+    cert_file: str = Field(
+        "",
+        description="PEM certificate of the CA that signs device client certificates at enrollment (the broker's "
+        "cafile for devices); empty (with key_file): devices get no certificate.",
+    )
+    key_file: str = Field("", description="PEM private key of that CA (unencrypted, mode 0600).")
+    validity_days: int = Field(
+        90, ge=1, le=3650, description="How long an issued device certificate is valid (capped at the CA's own)."
+    )
+
+    @model_validator(mode="after")
+    def _readable(self) -> FleetCaSection:
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("fleet_ca.cert_file and fleet_ca.key_file: set both, or neither")
+        if self.cert_file:
+            _check_files(lambda: FleetCA.read(self.cert_file, self.key_file, self.validity_days))
+        return self
+
+
+def _check_files(read: Callable[[], object]) -> None:
+    # The message names the full key itself (`tls.key_file: ...`: certificates.py knows which file failed);
+    # config_from_dict then leaves out the section pydantic would put before it.
+    try:
+        read()
+    except CertificateProblem as exc:
+        raise ValueError(exc.message) from None
+
+
 class CloudSyncConfig(_Section):
     server: ServerSection = ServerSection()
     grpc: GrpcSection = GrpcSection()
@@ -168,6 +259,20 @@ class CloudSyncConfig(_Section):
     mqtt: MqttSection = MqttSection()
     registry: RegistrySection = RegistrySection()
     rollouts: RolloutsSection = RolloutsSection()
+    tls: TlsSection = TlsSection()
+    fleet_ca: FleetCaSection = FleetCaSection()
+
+    @model_validator(mode="after")
+    def _enrollment_reachable(self) -> CloudSyncConfig:
+        # With client certificates required on grpc.listen, a device that has none yet could never enroll.
+        if self.tls.client_ca_file and not self.grpc.enrollment_listen:
+            raise ValueError(
+                "tls.client_ca_file requires client certificates on grpc.listen, where devices without one cannot "
+                "enroll: set grpc.enrollment_listen (a port serving Enrollment with server-side TLS only)"
+            )
+        if self.grpc.enrollment_listen and not self.tls.client_ca_file:
+            raise ValueError("grpc.enrollment_listen is only for tls.client_ca_file (mTLS on grpc.listen)")
+        return self
 
     @property
     def data_dir(self) -> Path:
@@ -185,7 +290,9 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> CloudSyncC
         first = exc.errors()[0]
         key = ".".join(str(part) for part in first["loc"])
         message = "unknown key" if first["type"] == "extra_forbidden" else first["msg"].removeprefix("Value error, ")
-        raise ConfigProblem(f"{source}: {key}: {message}") from None
+        if key and message.startswith(f"{key}."):  # the message names the key already
+            raise ConfigProblem(f"{source}: {message}") from None
+        raise ConfigProblem(f"{source}: {key}: {message}" if key else f"{source}: {message}") from None
 
 
 def load_config(path: str | Path | None) -> CloudSyncConfig:

@@ -1,9 +1,9 @@
 """The device-facing Enrollment service: a one-time token in, the device's identity out.
 
 The call carries no bearer token: the enrollment token is the credential. The answer (device id, device
-token, the fleet's public signing key, the endpoints, the labels) is everything `edge-agent enroll` writes
-to the device's data dir. Not the token store (cloud_sync/store/enrollment.py) nor the admin API that mints
-tokens (cloud_sync/api_enrollment.py).
+token, the fleet's public signing key, the endpoints, the labels, and with a fleet CA a client certificate
+for the CSR the device sent) is everything `edge-agent enroll` writes to the device's data dir. Not the
+token store (cloud_sync/store/enrollment.py) nor the admin API that mints tokens (cloud_sync/api_enrollment.py).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Protocol
 import grpc
 import structlog
 
+from cloud_sync.certificates import FleetCA, check_csr
 from cloud_sync.errors import CloudSyncError, InvalidArgument
 from cloud_sync.status import INTERNAL_MESSAGE, grpc_code, unexpected_error_fields
 from cloud_sync.store.enrollment import MAX_ENROLLMENT_TOKEN_CHARS, EnrollmentRefused, EnrollmentTokens, Redemption
@@ -59,10 +60,7 @@ def check_enroll_request(request: services_pb2.EnrollRequest) -> None:
     for provider in agent.providers:
         _check_text(provider, "providers")
     if request.csr_pem:
-        raise InvalidArgument(
-            "csr_pem: this cloud-sync issues no client certificates; enroll without a CSR (the device token is the "
-            "credential)"
-        )
+        check_csr(request.csr_pem)  # before the token is used: a device with a broken CSR may try again
 
 
 class EnrollmentServicer:
@@ -76,21 +74,29 @@ class EnrollmentServicer:
         executor: ThreadPoolExecutor,
         on_enrolled: Callable[[str], None],
         accounts: DeviceAccounts | None = None,
+        fleet_ca: FleetCA | None = None,
     ) -> None:
         """`endpoints` is called per enrollment (the gRPC port is known only once the server listens);
         `on_enrolled(device_id)` runs after the commit, on the executor (the reconciler computes the
-        device's desired state); `accounts` makes the device's broker account before the commit."""
+        device's desired state); `accounts` makes the device's broker account before the commit; `fleet_ca`
+        signs the device's CSR (without one a CSR is ignored and the device token is the only credential)."""
         self._tokens = tokens
         self._signing_public_key = signing_public_key
         self._endpoints = endpoints
         self._executor = executor
         self._on_enrolled = on_enrolled
         self._accounts = accounts
+        self._fleet_ca = fleet_ca
 
-    def _enroll(self, request: services_pb2.EnrollRequest) -> Redemption:
-        """Blocking: check the token, prepare the broker account, commit (the token used, the device in)."""
+    def _enroll(self, request: services_pb2.EnrollRequest) -> tuple[Redemption, bytes]:
+        """Blocking: check the token, issue the certificate, prepare the broker account, commit (the token
+        used, the device in); the redemption and the client certificate (PEM, empty without a fleet CA)."""
         check_enroll_request(request)
         redemption = self._tokens.reserve(request.token, request.agent.hostname)
+        # Issued before the commit: a certificate that cannot be made leaves the token unused.
+        certificate = b""
+        if self._fleet_ca is not None and request.csr_pem:
+            certificate = self._fleet_ca.issue(request.csr_pem, redemption.device_id)
         if self._accounts is not None:
             # Before the commit: a device is never told an identity the broker does not know. A failure
             # here leaves the token unused, so the device may try again.
@@ -105,14 +111,14 @@ class EnrollmentServicer:
             self._on_enrolled(redemption.device_id)
         except Exception as exc:  # the device is enrolled: the periodic reconcile pass catches up
             log.error("enrollment.on_enrolled_failed", device=redemption.device_id, **unexpected_error_fields(exc))
-        return redemption
+        return redemption, certificate
 
     async def Enroll(
         self, request: services_pb2.EnrollRequest, context: grpc.aio.ServicerContext
     ) -> services_pb2.EnrollResponse:
         loop = asyncio.get_running_loop()
         try:
-            redemption = await loop.run_in_executor(self._executor, self._enroll, request)
+            redemption, certificate = await loop.run_in_executor(self._executor, self._enroll, request)
         except grpc.aio.AbortError:
             raise
         except CloudSyncError as exc:
@@ -130,10 +136,13 @@ class EnrollmentServicer:
             labels=redemption.labels,
             host=request.agent.hostname,
             agent=request.agent.agent_version,
+            certificate=bool(certificate),
         )
         return services_pb2.EnrollResponse(
             device_id=redemption.device_id,
             device_token=redemption.device_token,
+            client_cert_pem=certificate,
+            ca_cert_pem=self._fleet_ca.ca_pem if certificate and self._fleet_ca is not None else b"",
             signing_public_key=self._signing_public_key,
             endpoints=self._endpoints(),
             labels=redemption.labels,

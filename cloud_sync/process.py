@@ -22,7 +22,6 @@ from pathlib import Path
 import grpc
 import structlog
 import uvicorn
-from prometheus_client import CollectorRegistry
 
 from cloud_sync.api import ApiContext, create_app
 from cloud_sync.api_compare import compare_routes
@@ -32,24 +31,27 @@ from cloud_sync.api_policies import policy_routes
 from cloud_sync.api_rollouts import rollout_routes
 from cloud_sync.api_state import DeviceStates, state_routes
 from cloud_sync.broker_accounts import DynsecAccounts
+from cloud_sync.certificates import FleetCA, ServerTls
 from cloud_sync.config import CloudSyncConfig, ConfigProblem
 from cloud_sync.control import ControlServicer, DesiredChanges
 from cloud_sync.control_mqtt import CHECK_EVERY_S, MqttControl
 from cloud_sync.enrollment import EnrollmentServicer
 from cloud_sync.errors import CloudSyncError
+from cloud_sync.health import add_health
 from cloud_sync.reconciler import Reconciler
 from cloud_sync.registry import DirectoryBlobStore, FleetSigner, ModelRegistry
 from cloud_sync.registry.artifacts import ArtifactsServicer
 from cloud_sync.registry.signer import SIGNING_KEY_FILE
 from cloud_sync.registry.store import RENEW_EVERY_S
 from cloud_sync.rollouts.controller import RolloutController
+from cloud_sync.rollouts.metrics import RolloutMetrics
 from cloud_sync.rollouts.service import RolloutService
 from cloud_sync.rollouts.store import RolloutStore
 from cloud_sync.store import Database, DeviceRegistry, PolicyStore, ResultStore, TelemetryStore, open_database
 from cloud_sync.store.assignments import AssignmentStore
 from cloud_sync.store.control import ControlStore
 from cloud_sync.store.enrollment import EnrollmentTokens
-from cloud_sync.telemetry.metrics import TelemetryMetrics
+from cloud_sync.telemetry.metrics import TelemetryMetrics, metrics_registry
 from cloud_sync.telemetry.subscriber import TelemetrySubscriber
 from cloud_sync.uplink import DeviceAuthenticator, UplinkServicer
 from edgefleet.addresses import AddressError, parse_host_port
@@ -113,6 +115,11 @@ def _checked_token(path: Path, token: str) -> str:
     return token
 
 
+def _delete_all(accounts: DynsecAccounts, device_ids: list[str]) -> None:
+    for device_id in device_ids:
+        accounts.delete(device_id)
+
+
 def _host_port(address: str, key: str) -> tuple[str, int]:
     try:
         return parse_host_port(address)
@@ -126,13 +133,38 @@ class Endpoints:
     http_port: int = 0
     grpc_target: str = ""
     http_url: str = ""
+    enrollment_target: str = ""  # with mTLS on grpc.listen: where devices without a certificate enroll
     extra: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Certificates:
+    """What [tls] and [fleet_ca] name, read once at start (the same checks check-config made)."""
+
+    server: ServerTls | None
+    fleet_ca: FleetCA | None
+
+    @classmethod
+    def read(cls, config: CloudSyncConfig) -> _Certificates:
+        tls, ca = config.tls, config.fleet_ca
+        return cls(
+            ServerTls.read(tls.cert_file, tls.key_file, tls.client_ca_file) if tls.cert_file else None,
+            FleetCA.read(ca.cert_file, ca.key_file, ca.validity_days) if ca.cert_file else None,
+        )
+
+
+def _server_credentials(tls: ServerTls, *, client_certificates: bool) -> grpc.ServerCredentials:
+    return grpc.ssl_server_credentials(
+        [(tls.key_pem, tls.cert_pem)],
+        root_certificates=tls.client_ca_pem if client_certificates else None,
+        require_client_auth=client_certificates,
+    )
 
 
 class CloudSync:
     def __init__(self, config: CloudSyncConfig) -> None:
         self.config = config
-        self.registry = CollectorRegistry()
+        self.registry = metrics_registry()
         self.endpoints = Endpoints()
         self._stop = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -146,6 +178,7 @@ class CloudSync:
         self.reconciler: Reconciler | None = None  # set once the database is open
         self.rollout_service: RolloutService | None = None  # set once the database is open
         self.control_link: MqttControl | None = None  # with a broker: desired states out, reports in
+        self._certificates = _Certificates(None, None)  # read at start
 
     def model_in_use(self, name: str, version: int) -> list[str]:
         """What holds a model version (its delete is refused while any does): the assignments naming it, the
@@ -190,14 +223,18 @@ class CloudSync:
         mqtt = self.config.mqtt
         if mqtt.manage_accounts == "none":
             return None
-        if not mqtt.url:
-            raise ConfigProblem("mqtt.manage_accounts = mosquitto-dynsec needs mqtt.url (the broker to manage)")
         # Its own client id with a random part: it keeps no session, and a second cloud-sync started by
         # mistake cannot take over this one's.
         client_id = f"{mqtt.client_id or f'cloud-sync-{socket.gethostname()}'}-accounts-{secrets.token_hex(3)}"
         accounts = DynsecAccounts.from_config(mqtt, client_id)
         accounts.start()
         devices.on_revoked.append(accounts.disable)
+        # A device known by its certificate (use_identity_as_username) is never asked for its password: a
+        # disabled account lets it straight back in, and Mosquitto 2.0's dynsec ACLs ignore `disabled` (seen:
+        # telemetry stored a second after the revocation). Its account and role go too, so it may do nothing.
+        certificates = self._certificates.fleet_ca is not None
+        if certificates:
+            devices.on_revoked.append(accounts.delete)
         if mqtt.username:  # cloud-sync's own user may publish desired states (in the background, as below)
             granted = self._io.submit(accounts.grant_cloud_sync, [mqtt.username])
             granted.add_done_callback(
@@ -209,6 +246,11 @@ class CloudSync:
             future.add_done_callback(
                 lambda f: f.exception() and log.warning("broker_accounts.resync_failed", error=str(f.exception()))
             )
+            if certificates:
+                deleted = self._io.submit(_delete_all, accounts, revoked)
+                deleted.add_done_callback(
+                    lambda f: f.exception() and log.warning("broker_accounts.resync_failed", error=str(f.exception()))
+                )
         return accounts
 
     def _enrollment(self) -> EnrollmentServicer:
@@ -220,6 +262,7 @@ class CloudSync:
             self._io,
             self.on_enrolled,
             self.broker_accounts,
+            self._certificates.fleet_ca,
         )
 
     def on_policy_change(self) -> None:
@@ -245,6 +288,7 @@ class CloudSync:
         began = time.monotonic()
         grace = self.config.server.shutdown_grace_s
         await asyncio.to_thread(self.config.data_dir.mkdir, parents=True, exist_ok=True)
+        self._certificates = await asyncio.to_thread(_Certificates.read, self.config)
         # Whatever started is stopped again in reverse order on the way out, also when a later part fails to
         # start (a taken port): a grpc.aio server left running complains from its finalizer on a closed loop.
         # Blocking steps of the way out (joining the ingest threads, closing the database) run on threads.
@@ -281,6 +325,9 @@ class CloudSync:
             server = self._grpc_server(auth, results, control)
             started.push_async_callback(server.stop, None)  # unstarted, or stopped already: returns at once
             await self._claim_grpc_port(server)
+            enrolling = self._enrollment_server()
+            if enrolling is not None:
+                started.push_async_callback(enrolling.stop, None)
             sock = self._claim_http_port()
             started.callback(sock.close)
             subscriber = await asyncio.to_thread(self._start_telemetry, telemetry)
@@ -288,12 +335,16 @@ class CloudSync:
                 # Closing stores and acknowledges what is queued (blocking): off the loop.
                 started.push_async_callback(asyncio.to_thread, subscriber.close)
             self.registry.register(TelemetryMetrics(telemetry, subscriber))
+            self.registry.register(RolloutMetrics(db))
             self.control_link = await asyncio.to_thread(self._start_control_link, control_store)
             if self.control_link is not None:
                 started.push_async_callback(asyncio.to_thread, self.control_link.close)
             http = await self._start_http(sock, db, devices, results, telemetry)
             started.push_async_callback(self._stop_http, http)
             await server.start()
+            if enrolling is not None:
+                await enrolling.start()
+                started.push_async_callback(enrolling.stop, grace)
             # Stopped first: devices' calls in flight get the grace period while the admin API still answers.
             started.push_async_callback(server.stop, grace)
             polling = asyncio.ensure_future(changes.poll(self._io))
@@ -316,8 +367,10 @@ class CloudSync:
                 "cloud_sync.ready",
                 seconds=round(time.monotonic() - began, 3),
                 grpc=self.endpoints.grpc_target,
+                grpc_tls=self._grpc_tls_mode(),
                 http=self.endpoints.http_url,
                 database=db.url,
+                **({"enrollment": self.endpoints.enrollment_target} if self.endpoints.enrollment_target else {}),
                 pid=os.getpid(),
             )
             await self._stop.wait()
@@ -357,16 +410,46 @@ class CloudSync:
         assert self.model_registry is not None and self.control_store is not None
         artifacts = ArtifactsServicer(auth, self.model_registry, self.control_store, self._io, self.registry)
         add_service(server, services_pb2, "Artifacts", artifacts)
-        add_service(server, services_pb2, "Enrollment", self._enrollment())
+        if not self.config.grpc.enrollment_listen:  # else on a port of its own, without client certificates
+            add_service(server, services_pb2, "Enrollment", self._enrollment())
+        add_health(server)
         return server
 
-    async def _claim_grpc_port(self, server: grpc.aio.Server) -> None:
-        host, port = _host_port(self.config.grpc.listen, "grpc.listen")
+    def _grpc_tls_mode(self) -> str:
+        """What the ready line says of the device port: plaintext, tls or mtls (client certificates required)."""
+        server = self._certificates.server
+        if server is None:
+            return "plaintext"
+        return "mtls" if server.client_ca_pem is not None else "tls"
+
+    def _add_port(self, server: grpc.aio.Server, address: str, key: str, *, client_certificates: bool) -> int:
+        host, port = _host_port(address, key)
+        tls = self._certificates.server
         try:
-            self.endpoints.grpc_port = server.add_insecure_port(f"{host}:{port}")
+            if tls is None:
+                return int(server.add_insecure_port(f"{host}:{port}"))
+            credentials = _server_credentials(tls, client_certificates=client_certificates)
+            return int(server.add_secure_port(f"{host}:{port}", credentials))
         except RuntimeError as exc:
-            raise ConfigProblem(f"cannot listen on grpc.listen {self.config.grpc.listen}: {exc}") from exc
-        self.endpoints.grpc_target = f"{host}:{self.endpoints.grpc_port}"
+            raise ConfigProblem(f"cannot listen on {key} {address}: {exc}") from exc
+
+    async def _claim_grpc_port(self, server: grpc.aio.Server) -> None:
+        listen = self.config.grpc.listen
+        mtls = self._grpc_tls_mode() == "mtls"
+        self.endpoints.grpc_port = self._add_port(server, listen, "grpc.listen", client_certificates=mtls)
+        self.endpoints.grpc_target = f"{_host_port(listen, 'grpc.listen')[0]}:{self.endpoints.grpc_port}"
+
+    def _enrollment_server(self) -> grpc.aio.Server | None:
+        """With mTLS on grpc.listen: Enrollment alone on grpc.enrollment_listen, server-side TLS only (a device
+        has no client certificate before it enrolls). Claimed with the other ports, started with them."""
+        listen = self.config.grpc.enrollment_listen
+        if not listen:
+            return None
+        server = grpc.aio.server(options=_GRPC_OPTIONS)
+        add_service(server, services_pb2, "Enrollment", self._enrollment())
+        port = self._add_port(server, listen, "grpc.enrollment_listen", client_certificates=False)
+        self.endpoints.enrollment_target = f"{_host_port(listen, 'grpc.enrollment_listen')[0]}:{port}"
+        return server
 
     def _claim_http_port(self) -> socket.socket:
         host, port = _host_port(self.config.http.listen, "http.listen")
@@ -378,7 +461,8 @@ class CloudSync:
                 f"cannot serve the admin API on http.listen {self.config.http.listen}: {exc.strerror}"
             ) from exc
         self.endpoints.http_port = int(sock.getsockname()[1])
-        self.endpoints.http_url = f"http://{host}:{self.endpoints.http_port}"
+        scheme = "https" if self._certificates.server is not None else "http"
+        self.endpoints.http_url = f"{scheme}://{host}:{self.endpoints.http_port}"
         return sock
 
     def _start_telemetry(self, store: TelemetryStore) -> TelemetrySubscriber | None:
@@ -457,7 +541,18 @@ class CloudSync:
             device_states=states,
         )
         app = await asyncio.to_thread(create_app, context)
-        server = _EmbeddedServer(uvicorn.Config(app, log_config=None, access_log=False, lifespan="off"))
+        tls = self._certificates.server
+        # The admin API never asks for client certificates: operators authenticate with the bearer token.
+        server = _EmbeddedServer(
+            uvicorn.Config(
+                app,
+                log_config=None,
+                access_log=False,
+                lifespan="off",
+                ssl_certfile=tls.cert_file if tls is not None else None,
+                ssl_keyfile=tls.key_file if tls is not None else None,
+            )
+        )
         self._http_task = asyncio.ensure_future(server.serve(sockets=[sock]))
         return server
 

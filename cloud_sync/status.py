@@ -7,6 +7,7 @@ from typing import Any
 
 import grpc
 
+from cloud_sync.certificates import CertificateProblem
 from cloud_sync.config import ConfigProblem
 from cloud_sync.errors import (
     AlreadyExists,
@@ -36,6 +37,8 @@ GRPC_CODES: dict[type[CloudSyncError], grpc.StatusCode] = {
     InvalidBatch: grpc.StatusCode.INVALID_ARGUMENT,
     TooLarge: grpc.StatusCode.INVALID_ARGUMENT,
     PolicyInvalid: grpc.StatusCode.INVALID_ARGUMENT,
+    # A CSR that cannot be signed (junk, a bad signature, a weak key): the caller's input.
+    CertificateProblem: grpc.StatusCode.INVALID_ARGUMENT,
     # A report that arrived after a newer one: refused with its reason, as any report that cannot be stored.
     StaleReport: grpc.StatusCode.INVALID_ARGUMENT,
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
@@ -56,6 +59,7 @@ HTTP_CODES: dict[type[CloudSyncError], int] = {
     InvalidBatch: 422,
     TooLarge: 413,
     PolicyInvalid: 422,
+    CertificateProblem: 422,
     StaleReport: 422,
     FailedPrecondition: 409,
     Unauthenticated: 401,

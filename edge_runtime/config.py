@@ -102,14 +102,17 @@ class CloudSection:
     device_id: str = option("", "This device's id, given at enrollment.")
     token_file: str = option("", "File holding the device token (mode 0600), given at enrollment.")
     ca_file: str = option(
-        "", "PEM CA bundle for TLS to cloud-sync and the broker; empty: plaintext, allowed to loopback targets only."
+        "",
+        "PEM CA bundle for TLS to cloud-sync and the broker; empty: the one enrollment trusted (--ca-file), else "
+        "plaintext, allowed to loopback targets only.",
     )
     client_cert_file: str = option(
         "",
-        "PEM client certificate (signed by the fleet CA, its name the device id) for the broker's TLS listener; "
-        "empty: the broker is given the device id and token instead.",
+        "PEM client certificate (signed by the fleet CA, its name the device id) for the broker's TLS listener "
+        "and for cloud-sync when it asks for one (mTLS); empty: the one enrollment issued, if any (else the "
+        "broker is given the device id and token only).",
     )
-    client_key_file: str = option("", "PEM private key of client_cert_file (mode 0600).")
+    client_key_file: str = option("", "PEM private key of client_cert_file (mode 0600); set both or neither.")
     signing_key_file: str = option(
         "",
         "The fleet's ed25519 public key (raw 32 bytes) that model manifests must be signed with; set by enrollment.",

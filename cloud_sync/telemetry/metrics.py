@@ -1,6 +1,7 @@
 """Fleet telemetry as Prometheus metrics: a collector over the store (fleet-wide) and the subscriber (this replica).
 
-Not an HTTP endpoint: cloud-sync's /metrics serves the registry this collector is registered on.
+Not an HTTP endpoint: cloud-sync's /metrics serves the registry this collector is registered on
+(`metrics_registry()`, which also carries the process's own figures).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import structlog
+from prometheus_client import GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR, CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -19,11 +21,21 @@ from cloud_sync.store.database import now_ms
 from cloud_sync.store.telemetry import TelemetryStore
 from cloud_sync.telemetry.rollup import ModelWindow
 from cloud_sync.telemetry.subscriber import TelemetrySubscriber
+from cloud_sync.telemetry.validation import REASONS
 
-__all__ = ["TelemetryMetrics"]
+__all__ = ["TelemetryMetrics", "metrics_registry"]
 
 log = structlog.get_logger(__name__)
 _LABELS = ["model", "version"]
+
+
+def metrics_registry() -> CollectorRegistry:
+    """A registry for cloud-sync's /metrics with prometheus_client's process, platform and GC collectors on it
+    (process_cpu_seconds_total, process_resident_memory_bytes, python_gc_*), as its default registry has."""
+    registry = CollectorRegistry()
+    for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+        registry.register(collector)
+    return registry
 
 
 @dataclass(frozen=True)
@@ -91,7 +103,7 @@ class TelemetryMetrics(Collector):
                     "cloud_sync_model_error_ratio", "Failed / all requests of a model version.", labels=_LABELS
                 ),
                 "p99": GaugeMetricFamily(
-                    "cloud_sync_model_p99_latency_ms",
+                    "cloud_sync_model_p99_latency_seconds",
                     "Worst device's request-weighted p99 latency of a model version (rollout gates use it).",
                     labels=_LABELS,
                 ),
@@ -103,7 +115,7 @@ class TelemetryMetrics(Collector):
                 labels = [w.model, str(w.version)]
                 families["requests"].add_metric(labels, w.requests_per_s)
                 families["errors"].add_metric(labels, w.error_rate)
-                families["p99"].add_metric(labels, w.p99_ms)
+                families["p99"].add_metric(labels, w.p99_ms / 1000)
                 families["devices"].add_metric(labels, w.devices)
             yield from families.values()
         if self._subscriber is not None:
@@ -111,13 +123,14 @@ class TelemetryMetrics(Collector):
             messages = CounterMetricFamily(
                 "cloud_sync_telemetry_messages", "MQTT messages this replica stored, by kind.", labels=["kind"]
             )
-            for kind, n in sorted(stats.stored.items()):
+            # Every kind and reason at 0 before its first message: alerts on their rate see a series from the start.
+            for kind, n in sorted((dict.fromkeys(("status", "telemetry"), 0) | dict(stats.stored)).items()):
                 messages.add_metric([kind], n)
             yield messages
             rejected = CounterMetricFamily(
                 "cloud_sync_telemetry_rejected", "MQTT messages this replica ignored, by reason.", labels=["reason"]
             )
-            for reason, n in sorted(stats.rejected.items()):
+            for reason, n in sorted((dict.fromkeys(REASONS, 0) | dict(stats.rejected)).items()):
                 rejected.add_metric([reason], n)
             yield rejected
             yield CounterMetricFamily(

@@ -24,6 +24,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from edge_runtime.config import AgentConfig, MqttSection
 from edge_runtime.errors import ConfigError
+from edge_runtime.sync.tls import warn_if_unusable
 from edgefleet.addresses import AddressError, BrokerAddress
 from edgefleet.addresses import parse_broker_url as parse_address
 from edgefleet.proto.edgefleet.v1.state_pb2 import DesiredState, ReportedState
@@ -173,6 +174,7 @@ class MqttLink:
         if username is not None:
             client.username_pw_set(username, password)
         if self.address.tls:
+            warn_if_unusable(client_cert_file, "the broker")
             client.tls_set(
                 ca_certs=ca_file or None,
                 certfile=client_cert_file or None,

@@ -23,6 +23,7 @@ from edge_runtime.config import CloudSection, UploadPolicy
 from edge_runtime.errors import ConfigError
 from edge_runtime.kserve.server import parse_tcp_address
 from edge_runtime.outbox import Outbox, UploadBatch
+from edge_runtime.sync.tls import REFUSED_CERTIFICATE_HINT, warn_if_unusable
 from edgefleet.addresses import is_loopback
 from edgefleet.proto.edgefleet.v1 import results_pb2, services_pb2_grpc
 
@@ -99,6 +100,7 @@ class UplinkStatus:
     last_success_ms: int = 0
     consecutive_failures: int = 0
     last_error: str = ""
+    failures: dict[str, int] = field(default_factory=dict)  # gRPC code name -> failed streams
 
 
 def read_token(config: CloudSection) -> str:
@@ -122,11 +124,15 @@ class CloudChannel:
     """Where cloud-sync listens and the CA that vouches for it, read and checked once from the config, off the
     loop (`read` opens cloud.ca_file); `open` then makes a channel on the loop without touching the disk.
 
-    TLS when cloud.ca_file is set; plaintext only to a loopback cloud-sync (development).
+    TLS when cloud.ca_file is set; plaintext only to a loopback cloud-sync (development). With
+    cloud.client_cert_file and client_key_file the channel offers that certificate to a cloud-sync that asks
+    for one (tls.client_ca_file there); one that asks for none never sees it.
     """
 
     target: str
     root_certificates: bytes | None = None  # None: plaintext
+    client_key: bytes | None = None
+    client_chain: bytes | None = None
 
     @classmethod
     def read(cls, config: CloudSection) -> CloudChannel:
@@ -135,7 +141,9 @@ class CloudChannel:
         if port == 0:
             raise ConfigError(f"cloud.grpc_target {config.grpc_target!r} needs cloud-sync's port, not 0")
         if config.ca_file:
-            return cls(config.grpc_target, _read_ca(config.ca_file))
+            key, chain = _read_client_certificate(config)
+            warn_if_unusable(config.client_cert_file, "cloud-sync")
+            return cls(config.grpc_target, _read_ca(config.ca_file), key, chain)
         if not is_loopback(host):
             raise ConfigError(
                 f"cloud.grpc_target {config.grpc_target} is not loopback: set cloud.ca_file to upload over TLS"
@@ -147,8 +155,28 @@ class CloudChannel:
         options = [("grpc.max_send_message_length", -1), ("grpc.keepalive_time_ms", 30_000)]
         if self.root_certificates is None:
             return grpc.aio.insecure_channel(self.target, options=options)
-        credentials = grpc.ssl_channel_credentials(self.root_certificates)
+        credentials = grpc.ssl_channel_credentials(self.root_certificates, self.client_key, self.client_chain)
         return grpc.aio.secure_channel(self.target, credentials, options=options)
+
+
+def _read_client_certificate(config: CloudSection) -> tuple[bytes | None, bytes | None]:
+    """cloud.client_key_file and client_cert_file (PEM), both or neither; ConfigError naming the key."""
+    if bool(config.client_cert_file) != bool(config.client_key_file):
+        raise ConfigError("set both cloud.client_cert_file and cloud.client_key_file, or neither")
+    if not config.client_cert_file:
+        return None, None
+    files = {"cloud.client_key_file": config.client_key_file, "cloud.client_cert_file": config.client_cert_file}
+    read = {}
+    for key, path in files.items():
+        try:
+            read[key] = Path(path).read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read {key} {path}: {exc.strerror}") from exc
+    if PEM_CERTIFICATE not in read["cloud.client_cert_file"]:
+        raise ConfigError(f"cloud.client_cert_file {config.client_cert_file} holds no PEM certificate")
+    if b"PRIVATE KEY-----" not in read["cloud.client_key_file"]:
+        raise ConfigError(f"cloud.client_key_file {config.client_key_file} holds no PEM private key")
+    return read["cloud.client_key_file"], read["cloud.client_cert_file"]
 
 
 def _read_ca(path: str) -> bytes:
@@ -208,7 +236,12 @@ class Uploader:
         """Upload until cancelled; errors are logged and retried, never raised."""
         channel = self._channel.open()
         stub = services_pb2_grpc.UplinkStub(channel)
-        log.info("uplink.started", target=self._channel.target, tls=self._channel.root_certificates is not None)
+        log.info(
+            "uplink.started",
+            target=self._channel.target,
+            tls=self._channel.root_certificates is not None,
+            client_certificate=self._channel.client_chain is not None,
+        )
         try:
             while True:
                 delay = await self._cycle(stub)
@@ -237,10 +270,13 @@ class Uploader:
             log.exception("uplink.error", error=repr(exc))
             await self._discard_pipeline()
             return self._failed(grpc.StatusCode.UNKNOWN, repr(exc))
+        if not sent:
+            # Nothing to send: no call was made, so this says nothing about the link either way.
+            return self.policy.interval_s
         self._backoff.reset()
         self.status.connected = True
         self.status.consecutive_failures = 0
-        return 0.0 if sent else self.policy.interval_s
+        return 0.0
 
     async def _discard_pipeline(self) -> None:
         """After a failed stream: let the ack and the read in flight finish; the next stream starts from the
@@ -255,18 +291,23 @@ class Uploader:
         self.status.connected = False
         self.status.consecutive_failures += 1
         self.status.last_error = f"{code.name}: {details}"
+        self.status.failures[code.name] = self.status.failures.get(code.name, 0) + 1
         if code in _PERMANENT:
             delay = self._backoff.cap_s
             log.error("uplink.refused", code=code.name, details=details, retry_in_s=delay)
         else:
             delay = self._backoff.next_delay()
             if self.status.consecutive_failures in (1, 10) or self.status.consecutive_failures % 100 == 0:
+                hint = {}
+                if self._channel.client_chain is not None and "Socket closed" in details:
+                    hint = {"hint": REFUSED_CERTIFICATE_HINT}
                 log.warning(
                     "uplink.unavailable",
                     code=code.name,
                     details=details,
                     failures=self.status.consecutive_failures,
                     retry_in_s=round(delay, 3),
+                    **hint,
                 )
         return delay
 

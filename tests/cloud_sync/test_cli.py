@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -50,6 +51,19 @@ BAD_CONFIGS = {
     "listen-without-port": ('[http]\nlisten = "localhost"\n', "http.listen"),
     "listen-port-too-big": ('[grpc]\nlisten = "127.0.0.1:99999"\n', "grpc.listen"),
     "listen-port-not-a-number": ('[http]\nlisten = "127.0.0.1:http"\n', "http.listen"),
+    # What `run` refused only once it started, check-config now refuses too (issue 13).
+    "unsupported-database": ('[database]\nurl = "mysql://db/edgefleet"\n', "database.url: unsupported database"),
+    "in-memory-sqlite": ('[database]\nurl = "sqlite://"\n', "database.url: in-memory SQLite"),
+    "postgres-driver": ('[database]\nurl = "postgresql+asyncpg://db/x"\n', "database.url: unsupported PostgreSQL"),
+    "broker-url": ('[mqtt]\nurl = "tcp://broker:1883"\n', "mqtt.url"),
+    "accounts-without-broker": ('[mqtt]\nmanage_accounts = "mosquitto-dynsec"\n', "mqtt.manage_accounts"),
+    "tls-cert-alone": ('[tls]\ncert_file = "/nonexistent/cert.pem"\n', "tls.cert_file and tls.key_file"),
+    "tls-missing-file": (
+        '[tls]\ncert_file = "/nonexistent/cert.pem"\nkey_file = "/nonexistent/key.pem"\n',
+        "tls.cert_file: cannot read /nonexistent/cert.pem",
+    ),
+    "fleet-ca-key-alone": ('[fleet_ca]\nkey_file = "/nonexistent/ca.key"\n', "fleet_ca.cert_file and"),
+    "enrollment-listen-without-mtls": ('[grpc]\nenrollment_listen = "127.0.0.1:7001"\n', "grpc.enrollment_listen"),
 }
 
 
@@ -62,16 +76,18 @@ def bad_config_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, subpr
     argvs: dict[str, list[str | Path]] = {name: ["check-config", root / f"{name}.toml"] for name in BAD_CONFIGS}
     argvs["missing-file"] = ["check-config", root / "missing.toml"]
     argvs["run-missing-file"] = ["run", "--config", root / "missing.toml"]
+    argvs["run-unsupported-database"] = ["run", "--config", root / "unsupported-database.toml"]
     return run_cloud_sync_cli_all(argvs)
 
 
-@pytest.mark.parametrize("name", [*BAD_CONFIGS, "missing-file", "run-missing-file"])
+@pytest.mark.parametrize("name", [*BAD_CONFIGS, "missing-file", "run-missing-file", "run-unsupported-database"])
 def test_a_bad_config_exits_2_naming_the_key(
     bad_config_runs: dict[str, subprocess.CompletedProcess[str]], name: str
 ) -> None:
     done = bad_config_runs[name]
     assert done.returncode == 2, (done.stdout, done.stderr)
-    says = BAD_CONFIGS[name][1] if name in BAD_CONFIGS else "cannot read config"
+    says = BAD_CONFIGS[name.removeprefix("run-")][1] if name != "run-missing-file" and name != "missing-file" else ""
+    says = says or "cannot read config"
     assert says in done.stderr
     assert "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
@@ -127,13 +143,32 @@ def test_admin_token_is_made_once(tmp_path: Path) -> None:
     path = cloud_sync_config(tmp_path)
     # Two at once on a fresh data dir: both print the one token the file keeps.
     runs = run_cloud_sync_cli_all(
-        {"first": ["admin-token", "--config", path], "second": ["admin-token", "--config", path]}
+        {
+            "first": ["admin-token", "--create", "--config", path],
+            "second": ["admin-token", "--create", "--config", path],
+        }
     )
     assert [done.returncode for done in runs.values()] == [0, 0], [done.stderr for done in runs.values()]
     token_file = tmp_path / "data" / "admin-token"
     assert runs["first"].stdout == runs["second"].stdout == token_file.read_text()
     assert token_file.read_text().startswith("efa_")
     assert token_file.stat().st_mode & 0o777 == 0o600
+
+
+def test_admin_token_never_mints_a_token_for_a_data_dir_no_server_made(tmp_path: Path) -> None:
+    # A wrong --config (another data dir) once minted a token there: every API call with it then failed (401).
+    path = cloud_sync_config(tmp_path)
+    done = run_cloud_sync_cli("admin-token", "--config", path)
+    assert done.returncode == 2 and done.stdout == "", done.stderr
+    assert str((tmp_path / "data").resolve()) in done.stderr and "--create" in done.stderr, done.stderr
+    assert f"cloud-sync run --config {path}" in done.stderr
+    assert not (tmp_path / "data").exists()  # nothing made
+
+
+def test_cloud_sync_version() -> None:
+    done = run_cloud_sync_cli("--version")
+    assert done.returncode == 0, done.stderr
+    assert re.fullmatch(r"cloud-sync \S+\n", done.stdout), done.stdout
 
 
 def test_admin_token_made_by_several_at_once_is_one_token(tmp_path: Path) -> None:
