@@ -1,4 +1,5 @@
-"""The edge-agent command line: run the agent, inspect and package an ONNX file, install a package, check a config.
+"""The edge-agent command line: run the agent, inspect and package an ONNX file, install a package, check a
+config, ask a running agent for its status, and diagnose the device (doctor).
 
 Exit codes: 0 success, 1 a runtime failure, 2 bad input (arguments, config file, ONNX file, model package).
 The work is done by importable modules (models/packaging.py, models/checks.py); this module only parses
@@ -73,6 +74,28 @@ def _parser() -> argparse.ArgumentParser:
 
     models = commands.add_parser("models", help="list installed model versions and which is active")
     models.add_argument("--config", default=DEFAULT_CONFIG, help="TOML config file (for the data dir)")
+    _json_argument(models)
+
+    status = commands.add_parser(
+        "status",
+        help="ask the running agent how it is doing",
+        description="Ask the running agent over its local endpoint (server.unix_socket, else server.tcp_address): "
+        "models and versions with their states and reasons, queue depths, the outbox and upload lag, the cloud and "
+        "broker links, the desired generation applied, health and uptime. Exit 1 when no agent answers.",
+    )
+    status.add_argument("--config", default=DEFAULT_CONFIG, help=f"TOML config file (default {DEFAULT_CONFIG})")
+    status.add_argument("--timeout", type=float, default=5.0, metavar="S", help="seconds to wait for an answer")
+    _json_argument(status)
+
+    doctor = commands.add_parser(
+        "doctor",
+        help="check this device: GPU, CUDA, TensorRT, disk, credentials, clock, cloud and broker",
+        description="Run every check an operator would run by hand; each says PASS, WARN, FAIL or ABSENT and what "
+        "to do. Needs no running agent. Exit 1 when any check FAILs.",
+    )
+    doctor.add_argument("--config", default=DEFAULT_CONFIG, help=f"TOML config file (default {DEFAULT_CONFIG})")
+    doctor.add_argument("--timeout", type=float, default=3.0, metavar="S", help="seconds per network check (default 3)")
+    _json_argument(doctor)
 
     enroll = commands.add_parser(
         "enroll",
@@ -88,9 +111,20 @@ def _parser() -> argparse.ArgumentParser:
     enroll.add_argument("--ca-file", help="PEM CA bundle to reach cloud-sync over TLS (default: cloud.ca_file)")
     enroll.add_argument("--force", action="store_true", help="replace an existing identity")
 
-    check = commands.add_parser("check-config", help="validate a config file and print the effective values")
+    check = commands.add_parser(
+        "check-config",
+        help="validate a config file as `run` does and print the effective values",
+        description="Apply every check `edge-agent run` makes before it starts (keys, types, bounds, the listen "
+        "addresses, token and CA files, the cloud and broker settings, the enrolled identity), then print the "
+        "effective values as JSON. Exit 2 naming the key when `run` would refuse the config.",
+    )
     check.add_argument("config", help="TOML config file")
+    _json_argument(check, "(the output is JSON either way)")
     return parser
+
+
+def _json_argument(parser: argparse.ArgumentParser, note: str = "") -> None:
+    parser.add_argument("--json", action="store_true", help=f"print JSON instead of text {note}".rstrip())
 
 
 def _probe_arguments(parser: argparse.ArgumentParser) -> None:
@@ -217,20 +251,52 @@ def _install(config: AgentConfig, source: Path, activate: bool) -> int:
     return 0
 
 
-def _models(config: AgentConfig) -> int:
+def _models(config: AgentConfig, as_json: bool) -> int:
     from edge_runtime.models.store import ModelStore
 
     store = ModelStore(config.data_dir / "models")
+    rows = []
     for name in store.names():
         pointer = store.active(name)
         for version in store.versions(name):
-            mark = (
-                "active"
-                if pointer and pointer.version == version
-                else ("previous" if pointer and pointer.previous == version else "")
-            )
-            print(f"{name}\t{version}\t{mark}")
+            active = bool(pointer and pointer.version == version)
+            previous = bool(pointer and pointer.previous == version)
+            rows.append({"name": name, "version": version, "active": active, "previous": previous})
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        mark = "active" if row["active"] else ("previous" if row["previous"] else "")
+        print(f"{row['name']}\t{row['version']}\t{mark}")
     return 0
+
+
+def _status(config: AgentConfig, as_json: bool, timeout_s: float) -> int:
+    from edge_runtime.agent.status import NotRunning, local_targets, query, render
+    from edge_runtime.agent.status import as_json as status_json
+
+    if timeout_s <= 0:
+        raise ConfigError(f"--timeout must be positive, not {timeout_s}")
+    try:
+        status = query(local_targets(config), timeout_s)
+    except NotRunning as exc:
+        print(f"edge-agent: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(status_json(status), indent=2) if as_json else render(status))
+    return 0
+
+
+def _doctor(config_path: str, as_json: bool, timeout_s: float) -> int:
+    from edge_runtime.agent.doctor import FAIL, render, run_checks
+
+    if timeout_s <= 0:
+        raise ConfigError(f"--timeout must be positive, not {timeout_s}")
+    checks = run_checks(config_path, timeout_s=timeout_s)
+    if as_json:
+        print(json.dumps([check.as_dict() for check in checks], indent=2))
+    else:
+        print(render(checks))
+    return 1 if any(check.result == FAIL for check in checks) else 0
 
 
 def _enroll(args: argparse.Namespace) -> int:
@@ -257,6 +323,9 @@ def _enroll(args: argparse.Namespace) -> int:
 
 
 def _check(config: AgentConfig) -> int:
+    from edge_runtime.agent.preflight import preflight
+
+    preflight(config)  # exactly what `run` checks before it opens anything
     docs = field_docs()
     values = {}
     for key in docs:
@@ -275,17 +344,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "enroll":
             configure_logging("warning", sys.stderr)
             return _enroll(args)
+        if args.command == "doctor":
+            configure_logging("error", sys.stderr)
+            return _doctor(args.config, args.json, args.timeout)
         config = load_config(args.config)
-        if args.command in ("run", "install", "models"):
+        if args.command in ("run", "install", "models", "check-config"):
             config = apply_identity(config)
         if args.command == "run":
             configure_logging(config.agent.log_level)
-            return _run(config)
+            return _run(config)  # the Agent runs preflight() first, as check-config does
         configure_logging("warning", sys.stderr)
         if args.command == "install":
             return _install(config, args.package, not args.no_activate)
         if args.command == "models":
-            return _models(config)
+            return _models(config, args.json)
+        if args.command == "status":
+            return _status(config, args.json, args.timeout)
         return _check(config)
     except (ConfigError, PackageError) as exc:
         print(f"edge-agent: error: {exc}", file=sys.stderr)

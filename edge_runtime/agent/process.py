@@ -15,14 +15,16 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from http.server import HTTPServer
 from pathlib import Path
 
 import grpc
 import structlog
-from prometheus_client import start_http_server
 
 from edge_runtime import __version__
+from edge_runtime.agent.health import STUCK_BATCH_S, gather, judge
+from edge_runtime.agent.metrics_http import MetricsServer
+from edge_runtime.agent.preflight import preflight
+from edge_runtime.agent.status import AgentAdminServicer
 from edge_runtime.agent.systemd import SystemdNotifier
 from edge_runtime.config import AgentConfig
 from edge_runtime.control.converge import Converger
@@ -30,6 +32,7 @@ from edge_runtime.control.desired_store import DesiredStore
 from edge_runtime.control.trust import TrustStore
 from edge_runtime.errors import ConfigError, EdgeRuntimeError
 from edge_runtime.inference.keeping import Keeper
+from edge_runtime.kserve.health import AgentHealth
 from edge_runtime.kserve.server import InferenceServer, parse_tcp_address
 from edge_runtime.models.repository import ModelRepository
 from edge_runtime.models.served import ServedModel
@@ -37,8 +40,7 @@ from edge_runtime.observability.metrics import AgentMetrics
 from edge_runtime.outbox import Outbox
 from edge_runtime.policy import EffectivePolicy, PolicyChange, parse_policy
 from edge_runtime.sync.control import ControlTransport
-from edge_runtime.sync.transports import open_control
-from edge_runtime.sync.uplink import CloudChannel, Uploader, read_token
+from edge_runtime.sync.uplink import Uploader
 from edge_runtime.telemetry import TelemetryCollector, deferred_probe
 from edgefleet.proto.edgefleet.v1 import state_pb2
 
@@ -53,6 +55,9 @@ NO_SIGNING_KEY = "no fleet signing key: enroll the device (edge-agent enroll) or
 log = structlog.get_logger(__name__)
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# How often the health loop judges the agent and refreshes the gRPC health status (and, when systemd's
+# watchdog asks for pings more often than this, how often it pings).
+HEALTH_TICK_S = 1.0
 
 
 @dataclass
@@ -64,26 +69,37 @@ class AgentEndpoints:
 
 
 class Agent:
-    def __init__(self, config: AgentConfig, notifier: SystemdNotifier | None = None) -> None:
+    def __init__(
+        self, config: AgentConfig, notifier: SystemdNotifier | None = None, *, stuck_batch_s: float = STUCK_BATCH_S
+    ) -> None:
         self.config = config
+        # A batch running longer than this is an engine that hangs: the agent turns unhealthy (health.py).
+        self.stuck_batch_s = stuck_batch_s
+        self.began = time.monotonic()
+        self.unhealthy = ""  # why the agent is not healthy ("" while it is): what the watchdog follows
         self.notifier = notifier or SystemdNotifier()
         self.metrics = AgentMetrics()
-        token = read_token(config.cloud) if config.cloud.grpc_target or config.cloud.token_file else None
-        # cloud-sync's address and CA (cloud.ca_file is read here, off the loop) and the control transport (MQTT,
-        # or the gRPC stream to cloud-sync) are checked before anything is opened: a config they refuse leaves
-        # nothing behind and fails the start naming the key, rather than a task nobody awaits.
-        cloud = CloudChannel.read(config.cloud) if config.cloud.grpc_target else None
-        self.control: ControlTransport | None = open_control(config, token, cloud)
+        # Everything `run` refuses is refused here, before anything is opened (preflight.py, which check-config
+        # and doctor run too): listen addresses, the token, cloud-sync's address and CA (cloud.ca_file is read
+        # here, off the loop) and the control transport (MQTT, or the gRPC stream to cloud-sync). A config they
+        # refuse leaves nothing behind and fails the start naming the key, rather than a task nobody awaits.
+        checked = preflight(config)
+        token, cloud = checked.token, checked.cloud
+        self.control: ControlTransport | None = checked.control
         config.data_dir.mkdir(parents=True, exist_ok=True)
         self.outbox = Outbox.open(
             config.data_dir / OUTBOX_FILE, max_bytes=config.buffer.max_bytes, max_age_s=config.buffer.max_age_s
         )
-        self.metrics.track_outbox(self.outbox.counters)
+        # The buffer bounds in force are read at scrape time (self.policy is assigned below).
+        self.metrics.track_outbox(self.outbox.counters, lambda: self.policy.buffer)
         self.keeper = Keeper(self.outbox, config.upload.sample_rate)
         self.repository = ModelRepository(config, self.metrics, self.keeper)
         self.uploader = (
             Uploader(self.outbox, config.cloud, config.upload, token, channel=cloud) if cloud and token else None
         )
+        if self.uploader is not None:
+            uploader = self.uploader
+            self.metrics.track_uplink(lambda: uploader.status, lambda: dict(uploader.status.failures))
         # The config file's policy sections are the base every policy from the cloud is laid over.
         self.base_policy = self.policy = EffectivePolicy.from_config(config)
         self.collector: TelemetryCollector | None = None
@@ -100,6 +116,7 @@ class Agent:
         self._cloud = cloud
         self._token = token
         self._artifacts: grpc.aio.Channel | None = None  # opened on the loop at the first download
+        self.health = AgentHealth(self.repository.ready, lambda: self.unhealthy)
         self.converger = Converger(
             device_id=config.cloud.device_id,
             repository=self.repository,
@@ -113,6 +130,8 @@ class Agent:
             "cloud.token_file",
             agent_info=self._agent_info,
         )
+        # Read from the scrape thread: reported() copies the converger's dicts in single C-level calls.
+        self.metrics.track_model_states(lambda: self.converger.reported().models)
 
     @property
     def applied_generation(self) -> int:
@@ -138,9 +157,15 @@ class Agent:
     async def run(self, *, handle_signals: bool = True) -> None:
         loop = asyncio.get_running_loop()
         self._loop = loop
-        began = time.monotonic()
+        began = self.began = time.monotonic()
         try:
-            server = await InferenceServer.start(self.repository, self.config.server, __version__)
+            server = await InferenceServer.start(
+                self.repository,
+                self.config.server,
+                __version__,
+                health=self.health,
+                admin=AgentAdminServicer(self),
+            )
         except BaseException:
             await loop.run_in_executor(self._loader, self.outbox.close)
             raise
@@ -154,7 +179,7 @@ class Agent:
         if handle_signals:
             for sig in _SIGNALS:
                 loop.add_signal_handler(sig, self.stop)
-        watchdog = asyncio.ensure_future(self._watchdog())
+        watchdog = asyncio.ensure_future(self._health_loop())
         uploading = asyncio.ensure_future(self.uploader.run()) if self.uploader else None
         telemetry: asyncio.Future[None] | None = None
         try:
@@ -201,7 +226,7 @@ class Agent:
             await loop.run_in_executor(self._loader, self.outbox.close, grace)
             if metrics_server is not None:
                 # shutdown() waits for serve_forever's next poll (up to 0.5 s): not on the loop.
-                await loop.run_in_executor(self._loader, _stop_http_server, metrics_server)
+                await loop.run_in_executor(self._loader, metrics_server.stop)
             self._loader.shutdown(wait=True)
             watchdog.cancel()
             if handle_signals:
@@ -315,7 +340,7 @@ class Agent:
         except ValueError as exc:
             raise EdgeRuntimeError(f"{path}: {exc}; enroll the device again") from None
 
-    def _start_metrics(self) -> HTTPServer | None:
+    def _start_metrics(self) -> MetricsServer | None:
         address = self.config.server.metrics_address
         if not address:
             return None
@@ -325,21 +350,45 @@ class Agent:
         except ConfigError as exc:
             raise ConfigError(f"server.metrics_address {address!r} must be host:port") from exc
         try:
-            # prometheus_client serves from its own daemon thread; it only reads our counters.
-            httpd, _thread = start_http_server(port, addr=host, registry=self.metrics.registry)
+            # Served from its own threads (GET /metrics only); a scrape only reads our counters.
+            server = MetricsServer(host, port, self.metrics.registry)
         except OSError as exc:
             raise ConfigError(f"cannot serve metrics on server.metrics_address {address}: {exc.strerror}") from exc
-        self.endpoints.metrics_port = int(httpd.server_port)
-        return httpd
+        self.endpoints.metrics_port = server.port
+        return server
 
-    async def _watchdog(self) -> None:
+    def check_health(self) -> str:
+        """Judge the agent now (health.py); "" when healthy. On the loop: reads memory and thread stacks only."""
+        facts = gather(self.repository.models(), self.outbox, time.monotonic())
+        return judge(facts, self.stuck_batch_s)
+
+    async def _health_loop(self) -> None:
+        """Judge health every tick; ping systemd's watchdog only while healthy, and keep grpc.health current.
+
+        Run on the loop on purpose: a wedged loop stops the pings too. An unhealthy agent logs why once and
+        stops pinging, so systemd restarts it after WatchdogSec; if it recovers first, pings resume.
+        """
         interval = self.notifier.watchdog_interval_s
-        if interval is None or not self.config.agent.watchdog:
-            return
-        # Pinged from the loop on purpose: a wedged loop stops the pings and systemd restarts the agent.
+        pinging = interval is not None and self.config.agent.watchdog
+        tick = min(interval, HEALTH_TICK_S) if pinging and interval is not None else HEALTH_TICK_S
         while True:
-            self.notifier.notify(WATCHDOG="1")
-            await asyncio.sleep(interval)
+            reason = self.check_health()
+            if reason != self.unhealthy:
+                if reason:
+                    log.error(
+                        "agent.unhealthy",
+                        reason=reason,
+                        watchdog="pings stopped: systemd restarts the agent" if pinging else "off",
+                    )
+                    self.notifier.notify(STATUS=f"unhealthy: {reason}")
+                else:
+                    log.warning("agent.healthy_again", was=self.unhealthy)
+                    self.notifier.notify(STATUS="healthy again")
+                self.unhealthy = reason
+            if pinging and not reason:
+                self.notifier.notify(WATCHDOG="1")
+            await self.health.refresh()
+            await asyncio.sleep(tick)
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
@@ -360,11 +409,6 @@ def _agent_info() -> state_pb2.AgentInfo:
         onnxruntime_version=onnxruntime.__version__,
         providers=onnxruntime.get_available_providers(),
     )
-
-
-def _stop_http_server(httpd: HTTPServer) -> None:
-    httpd.shutdown()
-    httpd.server_close()
 
 
 def _ref(served: ServedModel) -> str:

@@ -96,6 +96,10 @@ class DynamicBatcher(Generic[R, T]):
         self._closing = False
         self._order = itertools.count()
         self._workers: list[threading.Thread] = []
+        # Thread id -> time.monotonic() at which the batch it executes started: what the agent's health loop
+        # reads to find an engine that hangs. Plain dict operations (atomic under the GIL), no lock on the hot
+        # path.
+        self._running: dict[int, float] = {}
         self._start_workers()
 
     # -- public API -------------------------------------------------------------------------------------
@@ -107,6 +111,10 @@ class DynamicBatcher(Generic[R, T]):
     def pending(self) -> int:
         """Requests queued and not yet started."""
         return len(self._heap)
+
+    def running_since(self) -> float | None:
+        """time.monotonic() at which the oldest batch still executing started; None when none is."""
+        return min(list(self._running.values()), default=None)
 
     def submit(self, request: R) -> Future[T]:
         """Queue a validated request; raises Overloaded or ShuttingDown at once instead of queueing."""
@@ -277,6 +285,8 @@ class DynamicBatcher(Generic[R, T]):
         started = time.monotonic()
         queue_s = [started - item.enqueued for item in live]
         rows = sum(item.request.rows for item in live)
+        ident = threading.get_ident()
+        self._running[ident] = started
         try:
             results = self._runner([item.request for item in live])
         except Exception as exc:
@@ -285,17 +295,23 @@ class DynamicBatcher(Generic[R, T]):
             for item in live:
                 item.future.set_exception(error)
             return
+        finally:
+            self._running.pop(ident, None)
         self._observer.on_batch(rows, len(live), queue_s, time.monotonic() - started, ok=True)
         for item, result in zip(live, results, strict=True):
             item.future.set_result(result)
 
     def _execute_inline(self, request: R) -> T:
         started = time.monotonic()
+        ident = threading.get_ident()
+        self._running[ident] = started
         try:
             result = self._runner([request])[0]
         except Exception as exc:
             self._observer.on_batch(request.rows, 1, (0.0,), time.monotonic() - started, ok=False)
             raise _as_runtime_error(exc, self.name) from exc
+        finally:
+            self._running.pop(ident, None)
         self._observer.on_batch(request.rows, 1, (0.0,), time.monotonic() - started, ok=True)
         return result
 

@@ -1,5 +1,8 @@
 """The KServe v2 gRPC server of edge-agent: a grpc.aio server on a Unix socket and/or loopback TCP.
 
+Beside KServe it serves grpc.health.v1 (kserve/health.py), server reflection (so grpcurl needs no .proto
+files) and, when the agent gives one, its local admin service (edgefleet.v1.AgentAdmin: `edge-agent status`).
+
 Plaintext is allowed on loopback and Unix sockets only (DESIGN.md "Security"): a non-loopback TCP address
 is a config error. Message size limits are set just above server.max_request_bytes, so gRPC itself turns
 away an oversized message with RESOURCE_EXHAUSTED before it is buffered whole.
@@ -19,15 +22,20 @@ from typing import Any, TypeVar
 
 import grpc
 import structlog
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from edge_runtime.config import ServerSection
 from edge_runtime.errors import ConfigError
+from edge_runtime.kserve.health import INFERENCE_SERVICE, AgentHealth
 from edge_runtime.kserve.servicer import KServeServicer, add_to_server
 from edge_runtime.models.repository import ModelRepository
 from edgefleet.addresses import AddressError, is_loopback, parse_host_port
 from edgefleet.durable import hold_lock
+from edgefleet.proto.edgefleet.v1 import admin_pb2
+from edgefleet.rpc import add_service
 
-__all__ = ["InferenceServer", "check_loopback", "parse_tcp_address"]
+__all__ = ["InferenceServer", "check_addresses", "check_loopback", "parse_tcp_address"]
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -52,6 +60,22 @@ def check_loopback(host: str) -> None:
             f"server.tcp_address host {host!r} is not a loopback address; the inference API is plaintext and "
             "local-only: serve apps on this device over the Unix socket or 127.0.0.1"
         )
+
+
+def check_addresses(config: ServerSection) -> tuple[Path | None, tuple[str, int] | None]:
+    """The Unix socket path and loopback (host, port) the server section asks for; ConfigError naming the key
+    for one the server could not or must not listen on (edge_runtime/agent/preflight.py runs this too)."""
+    path = Path(config.unix_socket) if config.unix_socket else None
+    if path is not None and len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        raise ConfigError(
+            f"server.unix_socket {path} is longer than the {MAX_SOCKET_PATH} bytes a Unix socket path may have"
+        )
+    tcp = parse_tcp_address(config.tcp_address) if config.tcp_address else None
+    if tcp is not None:
+        check_loopback(tcp[0])
+    if path is None and tcp is None:
+        raise ConfigError("neither server.unix_socket nor server.tcp_address is set: apps could not connect")
+    return path, tcp
 
 
 def _claim_socket_path(path: Path) -> int:
@@ -129,10 +153,23 @@ class InferenceServer:
     unix_socket: str = ""
     tcp_port: int = 0
     targets: list[str] = field(default_factory=list)
+    health: AgentHealth | None = None
     _lock_fd: int = -1
 
     @classmethod
-    async def start(cls, repository: ModelRepository, config: ServerSection, version: str) -> InferenceServer:
+    async def start(
+        cls,
+        repository: ModelRepository,
+        config: ServerSection,
+        version: str,
+        *,
+        health: AgentHealth | None = None,
+        admin: object | None = None,
+    ) -> InferenceServer:
+        """Listen and serve KServe, health and reflection (and `admin`, an edgefleet.v1.AgentAdmin servicer).
+
+        `health`: the agent's, fed by its readiness and health; by default one that follows ServerReady.
+        """
         limit = config.max_request_bytes + MESSAGE_OVERHEAD
         server = grpc.aio.server(
             options=[
@@ -142,7 +179,16 @@ class InferenceServer:
             ]
         )
         add_to_server(KServeServicer(repository, config.max_request_bytes, version), server)
-        result = cls(server)
+        health = health or AgentHealth(repository.ready)
+        health_pb2_grpc.add_HealthServicer_to_server(health, server)
+        services = [INFERENCE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
+        if admin is not None:
+            add_service(server, admin_pb2, "AgentAdmin", admin)
+            name = admin_pb2.DESCRIPTOR.services_by_name["AgentAdmin"].full_name
+            health.add_service(name)
+            services.append(name)
+        reflection.enable_server_reflection([*services, reflection.SERVICE_NAME], server)
+        result = cls(server, health=health)
         try:
             await result._listen(config)
             if result.unix_socket:
@@ -153,21 +199,14 @@ class InferenceServer:
         except BaseException:
             await result._let_go()  # nobody listens on what this start bound
             raise
+        health.started()
+        await health.refresh()
         log.info("server.listening", targets=result.targets)
         return result
 
     async def _listen(self, config: ServerSection) -> None:
         # Every address is checked before any is claimed: a refused one then leaves no socket file behind.
-        path = Path(config.unix_socket) if config.unix_socket else None
-        if path is not None and len(os.fsencode(path)) > MAX_SOCKET_PATH:
-            raise ConfigError(
-                f"server.unix_socket {path} is longer than the {MAX_SOCKET_PATH} bytes a Unix socket path may have"
-            )
-        tcp = parse_tcp_address(config.tcp_address) if config.tcp_address else None
-        if tcp is not None:
-            check_loopback(tcp[0])
-        if path is None and tcp is None:
-            raise ConfigError("neither server.unix_socket nor server.tcp_address is set: apps could not connect")
+        path, tcp = check_addresses(config)
         if path is not None:
             self._lock_fd = await _on_file_thread(_claim_socket_path, path, undo=os.close)
             try:
@@ -186,6 +225,8 @@ class InferenceServer:
 
     async def stop(self, grace_s: float) -> None:
         """Refuse new calls at once; let calls in flight finish for up to `grace_s`."""
+        if self.health is not None:
+            await self.health.stopping()
         await self.server.stop(grace_s)
         await self._let_go()
 

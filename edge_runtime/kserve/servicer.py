@@ -17,6 +17,7 @@ from edge_runtime.errors import EdgeRuntimeError, InvalidInput, ModelNotFound, M
 from edge_runtime.inference import keeping
 from edge_runtime.inference.stats import Duration
 from edge_runtime.kserve.codec import check_version, decode_request, encode_response
+from edge_runtime.kserve.repository import LOAD_UNIMPLEMENTED, model_config, repository_index
 from edge_runtime.kserve.status import status_for
 from edge_runtime.loop_bridge import LoopBridge
 from edge_runtime.models.repository import KEEP_WAIT_S, ModelRepository
@@ -30,7 +31,7 @@ __all__ = ["SERVER_NAME", "KServeServicer", "add_to_server", "status_message"]
 log = structlog.get_logger(__name__)
 
 SERVER_NAME = "edgefleet-edge-agent"
-EXTENSIONS = ["statistics", "parameters"]
+EXTENSIONS = ["statistics", "parameters", "model_configuration", "model_repository"]
 
 T = TypeVar("T")
 # A status message travels in the grpc-message header, percent-encoded: a client refuses metadata past 16 KiB
@@ -155,6 +156,42 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             return pb.ModelStatisticsResponse(model_stats=[self._statistics(s) for s in selected])
 
         return await _guarded(context, call)
+
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:
+        async def call() -> pb.ModelConfigResponse:
+            served = self._repo.model(request.name, check_version(request.name, request.version))
+            return pb.ModelConfigResponse(config=model_config(served))
+
+        return await _guarded(context, call)
+
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Any) -> pb.RepositoryIndexResponse:
+        async def call() -> pb.RepositoryIndexResponse:
+            if request.repository_name:
+                raise InvalidInput(
+                    f"edge-agent has one model repository; leave repository_name empty, not {request.repository_name!r}"
+                )
+            # The installed versions are directories on disk: listed off the loop.
+            installed = await asyncio.to_thread(self._installed)
+            rows = repository_index(self._repo.status(), installed, ready_only=request.ready)
+            return pb.RepositoryIndexResponse(models=rows)
+
+        return await _guarded(context, call)
+
+    def _installed(self) -> dict[str, list[int]]:
+        store = self._repo.store
+        return {name: store.versions(name) for name in store.names()}
+
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryModelLoadResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, LOAD_UNIMPLEMENTED)
+        raise AssertionError("unreachable: abort raises")  # pragma: no cover
+
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryModelUnloadResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, LOAD_UNIMPLEMENTED)
+        raise AssertionError("unreachable: abort raises")  # pragma: no cover
 
     @staticmethod
     def _statistics(served: ServedModel) -> pb.ModelStatistics:

@@ -246,6 +246,10 @@ class Outbox:
         """The counters as of the last commit, plus the queue's; no SQLite work."""
         return self._writer.counters()
 
+    def writer_alive(self) -> bool:
+        """Whether the writer thread runs: False once it died (or after close), when nothing can be kept."""
+        return self._writer.alive()
+
     def close(self, timeout: float | None = 10.0) -> bool:
         """Commit what is queued, stop the writer, close the file. False if the writer did not stop in time."""
         self._queue.close()

@@ -60,6 +60,9 @@ class Writer:
         self._thread.join(timeout)
         return not self._thread.is_alive()
 
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def counters(self) -> OutboxCounters:
         return dataclasses.replace(self.snapshot, pending=self._queue.pending, refused_total=self._queue.refused_total)
 

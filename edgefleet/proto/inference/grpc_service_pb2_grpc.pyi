@@ -6,7 +6,9 @@ Open Inference Protocol (KServe v2) gRPC API, written from its public specificat
 Wire-compatible with KServe's grpc_predict_v2.proto and Triton's grpc_service.proto: the same package,
 service, message names and field numbers, so Triton and KServe clients talk to edge-agent unchanged
 (tests/edge_runtime/kserve/test_wire_compat.py checks every message against tritonclient's descriptors).
-ModelStatistics is Triton's statistics extension, kept field-for-field.
+ModelStatistics is Triton's statistics extension, kept field-for-field. Triton's model-repository extension
+(RepositoryIndex, RepositoryModelLoad/Unload) and ModelConfig are here too; ModelConfig is a subset of
+Triton's model_config.proto ModelConfig (the same names and field numbers; the fields edge-agent can fill).
 """
 
 from collections import abc as _abc
@@ -46,8 +48,16 @@ class GRPCInferenceServiceStub:
     ServerMetadata: _grpc.UnaryUnaryMultiCallable[_grpc_service_pb2.ServerMetadataRequest, _grpc_service_pb2.ServerMetadataResponse]
     ModelMetadata: _grpc.UnaryUnaryMultiCallable[_grpc_service_pb2.ModelMetadataRequest, _grpc_service_pb2.ModelMetadataResponse]
     ModelInfer: _grpc.UnaryUnaryMultiCallable[_grpc_service_pb2.ModelInferRequest, _grpc_service_pb2.ModelInferResponse]
+    ModelConfig: _grpc.UnaryUnaryMultiCallable[_grpc_service_pb2.ModelConfigRequest, _grpc_service_pb2.ModelConfigResponse]
+    """Triton's model configuration extension."""
     ModelStatistics: _grpc.UnaryUnaryMultiCallable[_grpc_service_pb2.ModelStatisticsRequest, _grpc_service_pb2.ModelStatisticsResponse]
     """Triton's statistics extension."""
+    RepositoryIndex: _grpc.UnaryUnaryMultiCallable[_grpc_service_pb2.RepositoryIndexRequest, _grpc_service_pb2.RepositoryIndexResponse]
+    """Triton's model-repository extension. Load and unload answer UNIMPLEMENTED on edge-agent: what a device
+    serves is the fleet's desired state (fleetctl models assign) or `edge-agent install`.
+    """
+    RepositoryModelLoad: _grpc.UnaryUnaryMultiCallable[_grpc_service_pb2.RepositoryModelLoadRequest, _grpc_service_pb2.RepositoryModelLoadResponse]
+    RepositoryModelUnload: _grpc.UnaryUnaryMultiCallable[_grpc_service_pb2.RepositoryModelUnloadRequest, _grpc_service_pb2.RepositoryModelUnloadResponse]
 
 @_typing.type_check_only
 class GRPCInferenceServiceAsyncStub(GRPCInferenceServiceStub):
@@ -61,8 +71,16 @@ class GRPCInferenceServiceAsyncStub(GRPCInferenceServiceStub):
     ServerMetadata: _aio.UnaryUnaryMultiCallable[_grpc_service_pb2.ServerMetadataRequest, _grpc_service_pb2.ServerMetadataResponse]  # type: ignore[assignment]
     ModelMetadata: _aio.UnaryUnaryMultiCallable[_grpc_service_pb2.ModelMetadataRequest, _grpc_service_pb2.ModelMetadataResponse]  # type: ignore[assignment]
     ModelInfer: _aio.UnaryUnaryMultiCallable[_grpc_service_pb2.ModelInferRequest, _grpc_service_pb2.ModelInferResponse]  # type: ignore[assignment]
+    ModelConfig: _aio.UnaryUnaryMultiCallable[_grpc_service_pb2.ModelConfigRequest, _grpc_service_pb2.ModelConfigResponse]  # type: ignore[assignment]
+    """Triton's model configuration extension."""
     ModelStatistics: _aio.UnaryUnaryMultiCallable[_grpc_service_pb2.ModelStatisticsRequest, _grpc_service_pb2.ModelStatisticsResponse]  # type: ignore[assignment]
     """Triton's statistics extension."""
+    RepositoryIndex: _aio.UnaryUnaryMultiCallable[_grpc_service_pb2.RepositoryIndexRequest, _grpc_service_pb2.RepositoryIndexResponse]  # type: ignore[assignment]
+    """Triton's model-repository extension. Load and unload answer UNIMPLEMENTED on edge-agent: what a device
+    serves is the fleet's desired state (fleetctl models assign) or `edge-agent install`.
+    """
+    RepositoryModelLoad: _aio.UnaryUnaryMultiCallable[_grpc_service_pb2.RepositoryModelLoadRequest, _grpc_service_pb2.RepositoryModelLoadResponse]  # type: ignore[assignment]
+    RepositoryModelUnload: _aio.UnaryUnaryMultiCallable[_grpc_service_pb2.RepositoryModelUnloadRequest, _grpc_service_pb2.RepositoryModelUnloadResponse]  # type: ignore[assignment]
 
 class GRPCInferenceServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -111,11 +129,43 @@ class GRPCInferenceServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_grpc_service_pb2.ModelInferResponse, _abc.Awaitable[_grpc_service_pb2.ModelInferResponse]]: ...
 
     @_abc_1.abstractmethod
+    def ModelConfig(
+        self,
+        request: _grpc_service_pb2.ModelConfigRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_grpc_service_pb2.ModelConfigResponse, _abc.Awaitable[_grpc_service_pb2.ModelConfigResponse]]:
+        """Triton's model configuration extension."""
+
+    @_abc_1.abstractmethod
     def ModelStatistics(
         self,
         request: _grpc_service_pb2.ModelStatisticsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_grpc_service_pb2.ModelStatisticsResponse, _abc.Awaitable[_grpc_service_pb2.ModelStatisticsResponse]]:
         """Triton's statistics extension."""
+
+    @_abc_1.abstractmethod
+    def RepositoryIndex(
+        self,
+        request: _grpc_service_pb2.RepositoryIndexRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_grpc_service_pb2.RepositoryIndexResponse, _abc.Awaitable[_grpc_service_pb2.RepositoryIndexResponse]]:
+        """Triton's model-repository extension. Load and unload answer UNIMPLEMENTED on edge-agent: what a device
+        serves is the fleet's desired state (fleetctl models assign) or `edge-agent install`.
+        """
+
+    @_abc_1.abstractmethod
+    def RepositoryModelLoad(
+        self,
+        request: _grpc_service_pb2.RepositoryModelLoadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_grpc_service_pb2.RepositoryModelLoadResponse, _abc.Awaitable[_grpc_service_pb2.RepositoryModelLoadResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RepositoryModelUnload(
+        self,
+        request: _grpc_service_pb2.RepositoryModelUnloadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_grpc_service_pb2.RepositoryModelUnloadResponse, _abc.Awaitable[_grpc_service_pb2.RepositoryModelUnloadResponse]]: ...
 
 def add_GRPCInferenceServiceServicer_to_server(servicer: GRPCInferenceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

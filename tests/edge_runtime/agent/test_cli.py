@@ -24,7 +24,7 @@ from tests.edge_runtime.agent.conftest import REPO_ROOT, run_cli, run_cli_all
 from tests.models import zoo
 from tests.processes import toml_text
 
-COMMANDS = ["run", "inspect", "package", "install", "models", "check-config"]
+COMMANDS = ["run", "inspect", "package", "install", "models", "check-config", "status", "doctor"]
 
 BAD_CONFIGS = {
     "unknown-key": ("[inference]\nmax_batch_sze = 4\n", ["unknown key 'inference.max_batch_sze'"]),
@@ -108,6 +108,23 @@ def runs(
         )
     )
     argvs["check-valid"] = ["check-config", valid]
+    argvs["check-valid-json"] = ["check-config", valid, "--json"]
+    # What `run` refuses after the keys and types passed: check-config refuses it too (preflight.py).
+    for name, data in {
+        "public-tcp": {"server": {"tcp_address": "0.0.0.0:8001"}},
+        "remote-plaintext-cloud": {
+            "cloud": {"grpc_target": "10.1.2.3:7000", "device_id": "d", "token_file": str(root / "token")}
+        },
+        "no-token-file": {"cloud": {"grpc_target": "127.0.0.1:7000", "device_id": "d"}},
+        "bad-metrics-address": {"server": {"metrics_address": "metrics"}},
+        "mqtt-without-device": {"mqtt": {"url": "mqtt://127.0.0.1:1883"}},
+    }.items():
+        (root / f"run-refuses-{name}.toml").write_text(toml_text({"agent": {"data_dir": str(root / "r")}, **data}))
+        argvs[f"run-refuses-{name}"] = ["check-config", root / f"run-refuses-{name}.toml"]
+    (root / "token").write_text("efd_token\n")
+    argvs["status-bad-timeout"] = ["status", "--config", valid, "--timeout", "0"]
+    argvs["status-bad-option"] = ["status", "--config", valid, "--jsn"]
+    argvs["doctor-bad-timeout"] = ["doctor", "--config", valid, "--timeout", "-1"]
     for name, (text, _expected) in BAD_CONFIGS.items():
         (root / f"{name}.toml").write_text(text)
         argvs[f"bad-{name}"] = ["check-config", root / f"{name}.toml"]
@@ -206,6 +223,42 @@ def test_check_config_prints_the_effective_values(runs: Runs) -> None:
     assert values["server.unix_socket"] == "/run/edgefleet/inference.sock"
 
 
+def test_check_config_takes_json_and_prints_the_same(runs: Runs) -> None:
+    assert runs["check-valid-json"].returncode == 0
+    assert json.loads(runs["check-valid-json"].stdout) == json.loads(runs["check-valid"].stdout)
+
+
+RUN_REFUSES = {
+    "public-tcp": "server.tcp_address host '0.0.0.0' is not a loopback address",
+    "remote-plaintext-cloud": "cloud.grpc_target 10.1.2.3:7000 is not loopback: set cloud.ca_file",
+    "no-token-file": "cloud.token_file is not set",
+    "bad-metrics-address": "server.metrics_address",
+    "mqtt-without-device": "mqtt.url is set but cloud.device_id is not",
+}
+
+
+@pytest.mark.parametrize("name", list(RUN_REFUSES))
+def test_check_config_refuses_what_run_refuses(runs: Runs, name: str) -> None:
+    # Caught a bug: check-config accepted a non-loopback server.tcp_address that `run` then refused.
+    result = runs[f"run-refuses-{name}"]
+    assert result.returncode == 2, result.stdout
+    assert result.stderr.startswith("edge-agent: error: ") and RUN_REFUSES[name] in result.stderr
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("status-bad-timeout", "--timeout must be positive"),
+        ("status-bad-option", "unrecognized arguments: --jsn"),
+        ("doctor-bad-timeout", "--timeout must be positive"),
+    ],
+)
+def test_bad_status_and_doctor_arguments_exit_2(runs: Runs, name: str, message: str) -> None:
+    result = runs[name]
+    assert result.returncode == 2 and message in result.stderr
+
+
 @pytest.mark.parametrize("name", list(BAD_CONFIGS))
 def test_bad_config_exits_2_naming_the_key(runs: Runs, name: str) -> None:
     result = runs[f"bad-{name}"]
@@ -275,6 +328,12 @@ def test_install_activates_and_models_lists_it(
     assert _models(config) == [["digits", "1", "active"], ["digits", "2", ""]]
     pointer = ModelStore(tmp_path / "data" / "models").active("digits")
     assert pointer is not None and pointer.version == 1
+    listed = run_cli("models", "--config", config, "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert json.loads(listed.stdout) == [
+        {"name": "digits", "version": 1, "active": True, "previous": False},
+        {"name": "digits", "version": 2, "active": False, "previous": False},
+    ]
 
 
 def test_package_writes_a_package_and_says_what_it_found(runs: Runs) -> None:

@@ -90,7 +90,7 @@ def test_serves_inference_and_metrics(
     assert metrics[("edgefleet_inference_request_success_total", labels("digits", "1"))] == 5
     assert metrics[("edgefleet_inference_count_total", labels("digits", "1"))] == 83
     assert metrics[("edgefleet_model_ready", labels("digits", "1"))] == 1
-    assert metrics[("edgefleet_inference_pending_request_count", labels("digits", "1"))] == 0
+    assert metrics[("edgefleet_inference_pending_requests", labels("digits", "1"))] == 0
     # The outbox's ledger is on the page too: with no uplink, all it produced (the activation event) is held.
     produced = metrics[("edgefleet_outbox_produced_total", ())]
     assert produced >= 1 and metrics[("edgefleet_outbox_depth", ())] == produced
@@ -128,7 +128,7 @@ def test_sigterm_drains_every_accepted_request(
         assert wait_for(client.ready, 10, "ServerReady")
         futures = [pool.submit(infer, client) for _ in range(20)]
         queued = wait_for(
-            lambda: scrape(ready["metrics_port"])[("edgefleet_inference_pending_request_count", key)] >= 5,
+            lambda: scrape(ready["metrics_port"])[("edgefleet_inference_pending_requests", key)] >= 5,
             20,
             "requests queued in the agent",
         )

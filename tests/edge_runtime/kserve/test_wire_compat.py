@@ -103,7 +103,10 @@ def test_our_messages_and_rpcs_are_a_wire_identical_subset_of_tritons() -> None:
         their_messages.update(index_messages(file))
     assert len(our_messages) >= 25  # the walk reached the nested messages too
     assert message_differences(our_messages, their_messages) == []
-    assert not ours.enum_type or {e.name for e in ours.enum_type} <= {e.name for e in triton.enum_type}
+    # Enums by name with their values (DataType lives in Triton's model_config.proto).
+    their_enums = {e.name: {(v.name, v.number) for v in e.value} for file in theirs_set.file for e in file.enum_type}
+    for enum in ours.enum_type:
+        assert {(v.name, v.number) for v in enum.value} <= their_enums.get(enum.name, set()), enum.name
 
     (our_service,) = ours.service
     their_service = {s.name: s for s in triton.service}[our_service.name]
@@ -121,6 +124,10 @@ def test_our_messages_and_rpcs_are_a_wire_identical_subset_of_tritons() -> None:
         "ModelMetadata",
         "ModelInfer",
         "ModelStatistics",
+        "ModelConfig",
+        "RepositoryIndex",
+        "RepositoryModelLoad",
+        "RepositoryModelUnload",
     } <= {m.name for m in our_service.method}
 
 
@@ -161,3 +168,32 @@ def test_tritonclient_grpc_works_against_our_server_unchanged(serve: Serve, tmp_
     assert report["wrong_shape"]["status"] == "StatusCode.INVALID_ARGUMENT"
     assert "'pixels'" in report["wrong_shape"]["message"]
     assert report["live_after"]
+
+
+def test_tritonclient_reads_the_repository_index_and_model_config(
+    serve: Serve, tmp_path: Path, model_packages: dict[str, Path]
+) -> None:
+    # Version 2 installed beside the active 1: Triton lists a version it has not loaded as UNAVAILABLE.
+    served = serve("digits:1")
+    served.repo.store.install(model_packages["digits:2"])
+    np.save(tmp_path / "in.npy", digits_inputs(1))
+    report = json.loads(probe("client", served.tcp, str(tmp_path / "in.npy"), str(tmp_path / "out.npy")))
+
+    models = report["index"]["models"]
+    assert [(m["name"], m["version"], m["state"]) for m in models] == [
+        ("digits", "1", "READY"),
+        ("digits", "2", "UNAVAILABLE"),
+    ]
+    assert "not loaded" in models[1]["reason"]
+    config = report["config"]["config"]
+    assert (config["name"], config["platform"], config["backend"]) == ("digits", "onnxruntime_onnx", "onnxruntime")
+    assert config["max_batch_size"] == served.repo.model("digits").manifest.max_batch_size > 1
+    # dims without the batch axis, as Triton's config.pbtxt has them
+    assert config["input"] == [{"name": "pixels", "data_type": "TYPE_FP32", "dims": ["64"]}]
+    assert config["output"] == [{"name": "probabilities", "data_type": "TYPE_FP32", "dims": ["10"]}]
+    assert config["dynamic_batching"]["preferred_batch_size"]
+    assert report["config_unknown"]["status"] == "StatusCode.NOT_FOUND"
+    for call in ("load", "unload"):
+        assert report[call]["status"] == "StatusCode.UNIMPLEMENTED"
+        assert "fleetctl models assign" in report[call]["message"]
+        assert "edge-agent install" in report[call]["message"]

@@ -69,6 +69,12 @@ def client(target: str, source: str, result: str) -> None:
         short = triton.InferInput("pixels", [1, 32], "FP32")
         short.set_data_from_numpy(np.zeros((1, 32), np.float32))
         report["wrong_shape"] = error_of(lambda: c.infer("digits", [short]))
+        report["index"] = c.get_model_repository_index(as_json=True)
+        report["index_ready"] = c.get_model_repository_index(as_json=True)
+        report["config"] = c.get_model_config("digits", as_json=True)
+        report["config_unknown"] = error_of(lambda: c.get_model_config("nope"))
+        report["load"] = error_of(lambda: c.load_model("digits"))
+        report["unload"] = error_of(lambda: c.unload_model("digits"))
         report["live_after"] = c.is_server_live()
     json.dump(report, sys.stdout)
 
