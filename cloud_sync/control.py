@@ -152,6 +152,11 @@ class ControlMetrics:
         self.refused = Counter(
             "cloud_sync_control_refused", "Control calls refused", ["method", "code"], registry=registry
         )
+        # Every method (and the refusals an operator alerts on) at 0 before its first call.
+        for method in ("WatchDesired", "Report", "PublishTelemetry"):
+            self.calls.labels(method)
+            for code in ("UNAUTHENTICATED", "PERMISSION_DENIED", "INVALID_ARGUMENT", "INTERNAL"):
+                self.refused.labels(method, code)
 
 
 class ControlServicer:

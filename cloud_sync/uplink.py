@@ -86,6 +86,11 @@ class UplinkMetrics:
         self.ingest_seconds = Histogram(
             "cloud_sync_uplink_ingest_seconds", "Time to store one batch (validate, insert, commit)", registry=registry
         )
+        # Every outcome (and the refusals an operator alerts on) at 0 before the first upload.
+        for outcome in ("stored", "duplicate", "evicted", "rejected"):
+            self.records.labels(outcome)
+        for code in ("UNAUTHENTICATED", "PERMISSION_DENIED", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "INTERNAL"):
+            self.refused.labels(code)
 
 
 class UplinkServicer:

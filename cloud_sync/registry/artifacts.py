@@ -48,6 +48,9 @@ class ArtifactsMetrics:
         self.downloads = Counter("cloud_sync_artifact_downloads", "Download calls accepted", registry=registry)
         self.bytes = Counter("cloud_sync_artifact_bytes", "Model file bytes sent to devices", registry=registry)
         self.refused = Counter("cloud_sync_artifact_refused", "Download calls refused", ["code"], registry=registry)
+        # The refusals an operator alerts on at 0 before the first one.
+        for code in ("UNAUTHENTICATED", "PERMISSION_DENIED", "NOT_FOUND", "INTERNAL"):
+            self.refused.labels(code)
 
 
 class ArtifactsServicer:

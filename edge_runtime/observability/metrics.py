@@ -1,4 +1,6 @@
-"""Prometheus metrics of the agent, named after Triton's (`nv_inference_*` -> `edgefleet_inference_*`).
+"""Prometheus metrics of the agent, named after Triton's (`nv_inference_*` -> `edgefleet_inference_*`) but in
+base units (seconds, bytes), as Prometheus' naming rules and `promtool check metrics` ask; docs/observability.md
+maps each one to its Triton counterpart.
 
 Per-model figures are not Prometheus objects on the hot path: each model version keeps plain counters in
 its ModelStats (one lock per batch) and this collector reads them at scrape time, as Triton exports its
@@ -9,20 +11,38 @@ whole inference. One registry per agent; tests build their own.
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Protocol
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR, CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from edge_runtime.inference.stats import BATCH_BUCKETS, LATENCY_BUCKETS, StatsSnapshot
+from edge_runtime.observability.dataplane import (
+    BufferLimits,
+    OutboxCollector,
+    OutboxFigures,
+    UplinkCollector,
+    UplinkFigures,
+)
+from edge_runtime.observability.states import ModelStateCollector, ModelStateFigure
 
-__all__ = ["AgentMetrics", "ModelSample", "OutboxFigures"]
+__all__ = [
+    "FAILURE_REASONS",
+    "AgentMetrics",
+    "BufferLimits",
+    "ModelSample",
+    "ModelStateFigure",
+    "OutboxFigures",
+    "UplinkFigures",
+]
 
 _LABELS = ["model", "version"]
+# Every reason the batcher and the served model count a failed request under (inference/stats.py callers):
+# each is exported at 0 as soon as a model version is tracked, so `rate()` and alerts see the series before
+# the first failure rather than a series that appears from nowhere.
+FAILURE_REASONS = ("cancelled", "engine", "invalid_input", "queue_full", "shutdown", "timeout")
 
 
 @dataclass(frozen=True)
@@ -38,41 +58,41 @@ class ModelSample:
     ready: bool
 
 
-class OutboxFigures(Protocol):
-    """The outbox's counters as exported (edge_runtime.outbox.OutboxCounters)."""
-
-    @property
-    def depth(self) -> int: ...
-    @property
-    def bytes(self) -> int: ...
-    @property
-    def produced_total(self) -> int: ...
-    @property
-    def delivered_total(self) -> int: ...
-    @property
-    def evicted_total(self) -> int: ...
-    @property
-    def rejected_total(self) -> int: ...
-    @property
-    def quarantined(self) -> int: ...
-    @property
-    def acked_seq(self) -> int: ...
-    @property
-    def oldest_created_at_ms(self) -> int | None: ...
-
-
 class AgentMetrics:
-    """The agent's registry, with a collector over every tracked model version and the outbox."""
+    """The agent's registry: every tracked model version, the outbox and the uplink, and the process.
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    `process_metrics` adds prometheus_client's process, platform and GC collectors (process_cpu_seconds_total,
+    process_resident_memory_bytes, python_gc_*...), the figures its default registry carries; they read /proc
+    only at scrape time.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None, *, process_metrics: bool = True) -> None:
         self.registry = registry or CollectorRegistry()
         self._sources: dict[tuple[str, int], Callable[[], ModelSample]] = {}
         self._lock = threading.Lock()
         self.registry.register(_ModelCollector(self))
+        if process_metrics:
+            # The default registry's own instances: they hold no state but the boot time ProcessCollector read
+            # at import, so sharing them across registries is safe (and costs no /proc read here).
+            for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+                self.registry.register(collector)
 
-    def track_outbox(self, counters: Callable[[], OutboxFigures]) -> None:
-        """Export the outbox's ledger (read at scrape time: no work on the append path)."""
-        self.registry.register(_OutboxCollector(counters))
+    def track_outbox(
+        self, counters: Callable[[], OutboxFigures], limits: Callable[[], BufferLimits] | None = None
+    ) -> None:
+        """Export the outbox's ledger (read at scrape time: no work on the append path), and with `limits`
+        the buffer bounds in force (the policy's buffer section), so alerts can compare the two."""
+        self.registry.register(OutboxCollector(counters, limits))
+
+    def track_uplink(
+        self, status: Callable[[], UplinkFigures], failures: Callable[[], Mapping[str, int]] | None = None
+    ) -> None:
+        """Export the uploader's status; `failures` maps a gRPC status code name to failed streams so far."""
+        self.registry.register(UplinkCollector(status, failures))
+
+    def track_model_states(self, states: Callable[[], Iterable[ModelStateFigure]]) -> None:
+        """Export each model version's state as the control plane reports it (DOWNLOADING ... FAILED)."""
+        self.registry.register(ModelStateCollector(states))
 
     def track(self, name: str, version: int, sample: Callable[[], ModelSample]) -> None:
         with self._lock:
@@ -131,10 +151,11 @@ class _ModelCollector(Collector):
             lambda s: s.stats.success.count,
         )
         failure = CounterMetricFamily(
-            "edgefleet_inference_request_failure", "Failed inference requests", labels=[*_LABELS, "reason"]
+            "edgefleet_inference_request_failure", "Failed inference requests, by reason", labels=[*_LABELS, "reason"]
         )
         for s in samples:
-            for reason, n in sorted(s.stats.failures.items()):
+            counts = dict.fromkeys(FAILURE_REASONS, 0) | s.stats.failures
+            for reason, n in sorted(counts.items()):
                 failure.add_metric([s.name, s.version, reason], n)
         yield failure
         yield counter(
@@ -146,14 +167,14 @@ class _ModelCollector(Collector):
             "edgefleet_inference_exec_count", "Engine executions (batches)", lambda s: s.stats.execution_count
         )
         yield counter(
-            "edgefleet_inference_queue_duration_us",
-            "Cumulative queue time of requests (µs)",
-            lambda s: s.stats.queue.ns / 1e3,
+            "edgefleet_inference_queue_duration_seconds",
+            "Cumulative time requests waited in the batcher's queue",
+            lambda s: s.stats.queue.ns / 1e9,
         )
         yield counter(
-            "edgefleet_inference_compute_infer_duration_us",
-            "Cumulative engine time of requests (µs)",
-            lambda s: s.stats.compute_infer.ns / 1e3,
+            "edgefleet_inference_compute_infer_duration_seconds",
+            "Cumulative engine time of requests (a batch's time counts once per request in it)",
+            lambda s: s.stats.compute_infer.ns / 1e9,
         )
         yield _histogram(
             "edgefleet_inference_request_duration_seconds",
@@ -169,7 +190,7 @@ class _ModelCollector(Collector):
             BATCH_BUCKETS,
             lambda st: (st.batch_buckets, float(st.inference_count)),
         )
-        yield gauge("edgefleet_inference_pending_request_count", "Requests waiting in the queue", lambda s: s.pending)
+        yield gauge("edgefleet_inference_pending_requests", "Requests waiting in the queue", lambda s: s.pending)
         yield gauge(
             "edgefleet_batcher_max_batch_size",
             "Batch size the adaptive batcher chose",
@@ -185,34 +206,3 @@ class _ModelCollector(Collector):
             for size, throughput in s.profile:
                 profile.add_metric([s.name, s.version, str(size)], throughput)
         yield profile
-
-
-class _OutboxCollector(Collector):
-    def __init__(self, counters: Callable[[], OutboxFigures]) -> None:
-        self._counters = counters
-
-    def collect(self) -> Iterator[Metric]:
-        c = self._counters()
-        yield GaugeMetricFamily("edgefleet_outbox_depth", "Records kept, waiting for the cloud's ack", c.depth)
-        yield GaugeMetricFamily(
-            "edgefleet_outbox_bytes", "Bytes the kept records count against buffer.max_bytes", c.bytes
-        )
-        # The ledger: produced = depth + quarantined + delivered + evicted + rejected.
-        for name, doc, value in (
-            ("produced", "Records ever committed to the outbox", c.produced_total),
-            ("delivered", "Records the cloud acknowledged as stored", c.delivered_total),
-            ("evicted", "Records evicted before the cloud had them (buffer bounds)", c.evicted_total),
-            ("rejected", "Records the cloud acknowledged as rejected (quarantined there or here)", c.rejected_total),
-        ):
-            yield CounterMetricFamily(f"edgefleet_outbox_{name}", doc, value)
-        yield GaugeMetricFamily(
-            "edgefleet_outbox_quarantined",
-            "Records quarantined here, their rejection not yet acknowledged",
-            c.quarantined,
-        )
-        yield GaugeMetricFamily("edgefleet_outbox_acked_seq", "Highest seq the cloud acknowledged", c.acked_seq)
-        oldest = c.oldest_created_at_ms
-        lag = max(0.0, time.time() - oldest / 1000) if oldest is not None else 0.0
-        yield GaugeMetricFamily(
-            "edgefleet_outbox_upload_lag_seconds", "Age of the oldest record not yet acknowledged", lag
-        )

@@ -5,6 +5,9 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -188,3 +191,152 @@ def test_tracebacks_never_carry_local_variables() -> None:
     text = stream.getvalue()
     assert "something.failed" in text and "boom" in text
     assert "efd_SECRET_VALUE" not in text
+
+
+def test_fields_are_data_not_python_reprs(stream: io.StringIO) -> None:
+    import dataclasses
+    import enum
+
+    class Color(enum.Enum):
+        RED = "red"
+
+    @dataclasses.dataclass
+    class Link:
+        target: str
+        token: str
+
+    configure_logging("info", stream)
+    log.info(
+        "fields.typed",
+        path=Path("/var/lib/edge-agent/outbox.db"),
+        error=ValueError("bad tensor"),
+        color=Color.RED,
+        when=datetime(2026, 1, 2, 3, 4, 5),
+        tags={"b", "a"},
+        link=Link("cloud:443", "tok-SECRET"),
+        raw=b"\x00\x01",
+        other=object(),
+    )
+    (record,) = lines(stream)
+    assert record["path"] == "/var/lib/edge-agent/outbox.db"  # not "PosixPath('/var/...')"
+    assert record["error"] == {"type": "ValueError", "message": "bad tensor"}
+    assert record["color"] == "red"
+    assert record["when"] == "2026-01-02T03:04:05"
+    assert record["tags"] == ["a", "b"]
+    # A dataclass becomes an object, and a secret inside it is still redacted.
+    assert record["link"] == {"target": "cloud:443", "token": "[redacted]"}
+    assert "tok-SECRET" not in stream.getvalue()
+    assert record["raw"] == "0001"
+    assert isinstance(record["other"], str)
+
+
+def test_stdlib_record_arguments_render_as_text(stream: io.StringIO) -> None:
+    configure_logging("info", stream)
+    logging.getLogger("grpc").warning("failed on %s", Path("/tmp/x"))
+    (record,) = lines(stream)
+    assert record["event"] == "failed on /tmp/x"
+
+
+@pytest.mark.parametrize(
+    ("method", "priority"), [("debug", 7), ("info", 6), ("warning", 4), ("error", 3), ("critical", 2)]
+)
+def test_journald_lines_start_with_the_syslog_priority(stream: io.StringIO, method: str, priority: int) -> None:
+    configure_logging("debug", stream, syslog_prefix=True)
+    getattr(log, method)("a.event", n=1)
+    line = stream.getvalue().rstrip("\n")
+    assert line.startswith(f"<{priority}>{{")
+    assert json.loads(line[len(f"<{priority}>") :])["event"] == "a.event"
+
+
+def test_journald_prefix_covers_stdlib_records_and_exceptions(stream: io.StringIO) -> None:
+    configure_logging("info", stream, syslog_prefix=True)
+    logging.getLogger("asyncio").error("loop trouble")
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        log.exception("a.failed")
+    first, second = stream.getvalue().splitlines()
+    assert first.startswith("<3>{") and json.loads(first[3:])["event"] == "loop trouble"
+    assert second.startswith("<3>{") and json.loads(second[3:])["exception"][0]["exc_type"] == "RuntimeError"
+
+
+def _log_in_child(env: dict[str, str], stdout: Any) -> subprocess.CompletedProcess[str]:
+    code = (
+        "import structlog\n"
+        "from edgefleet.logs import configure_logging\n"
+        "configure_logging('info')\n"
+        "structlog.get_logger('child').error('child.failed', reason='disk full')\n"
+        "structlog.get_logger('child').info('child.ok')\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=60
+    )
+
+
+def test_a_child_whose_stdout_is_the_journal_stream_prefixes_priorities(tmp_path: Path) -> None:
+    # systemd sets JOURNAL_STREAM to the device and inode of the stream it connected stdout to.
+    out = tmp_path / "journal-stream"
+    with out.open("w") as handle:
+        st = os.fstat(handle.fileno())
+        env = {**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
+        done = _log_in_child(env, handle)
+    assert done.returncode == 0, done.stderr
+    first, second = out.read_text().splitlines()
+    assert first.startswith("<3>{") and json.loads(first[3:])["event"] == "child.failed"
+    assert second.startswith("<6>{") and json.loads(second[3:])["event"] == "child.ok"
+
+
+def test_a_child_whose_stdout_is_not_the_journal_stream_keeps_plain_json(tmp_path: Path) -> None:
+    # Run from a shell under systemd and piped to jq: JOURNAL_STREAM is inherited but names another stream.
+    env = {**os.environ, "JOURNAL_STREAM": "1:2"}
+    done = _log_in_child(env, subprocess.PIPE)
+    assert done.returncode == 0, done.stderr
+    events = [json.loads(line)["event"] for line in done.stdout.splitlines()]
+    assert events == ["child.failed", "child.ok"]
+    bad = _log_in_child({**os.environ, "JOURNAL_STREAM": "not-a-pair"}, subprocess.PIPE)
+    assert [json.loads(line)["event"] for line in bad.stdout.splitlines()] == ["child.failed", "child.ok"]
+
+
+_IN_PROCESS_APP = """
+import logging, sys
+from pathlib import Path
+import numpy as np
+from edge_runtime import InferRequest, ModelRepository
+from edge_runtime.config import AgentConfig, config_from_dict
+
+data = Path(sys.argv[2])
+config = config_from_dict(AgentConfig, {
+    "agent": {"data_dir": str(data)},
+    "server": {"unix_socket": str(data / "s.sock"), "tcp_address": "", "metrics_address": ""},
+    "engine": {"backend": "onnxruntime", "intra_op_threads": 1, "warmup_inferences": 1},
+})
+if sys.argv[3] == "asked":
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s %(message)s")
+repository = ModelRepository(config)
+repository.install(Path(sys.argv[1]))
+reply = repository.infer(InferRequest("digits", {"pixels": np.zeros((1, 64), np.float32)}))
+print("answer", reply.outputs["probabilities"].shape)
+repository.close()
+"""
+
+
+@pytest.mark.parametrize("logging_asked", [False, True])
+def test_the_in_process_api_prints_nothing_on_the_apps_stdout(
+    model_packages: dict[str, Path], tmp_path: Path, logging_asked: bool
+) -> None:
+    mode = "asked" if logging_asked else "silent"
+    done = subprocess.run(
+        [sys.executable, "-c", _IN_PROCESS_APP, str(model_packages["digits:1"]), str(tmp_path), mode],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "answer (1, 10)\n"  # the app's own output, and nothing of ours
+    if not logging_asked:
+        assert done.stderr == ""  # a library says nothing unless the app configures logging
+        return
+    # The app asked (logging.basicConfig): our events reach its handlers as JSON messages under our loggers.
+    ready = [line for line in done.stderr.splitlines() if line.startswith("INFO edge_runtime.models.served ")]
+    events = [json.loads(line.split(" ", 2)[2]) for line in ready]
+    assert any(e["event"] == "model.ready" and e["model"] == "digits" for e in events)

@@ -61,5 +61,5 @@ def test_the_collector_exports_presence_and_per_version_figures(db: Database) ->
     assert value("cloud_sync_devices_online") == 1 and value("cloud_sync_devices_offline") == 1
     assert value("cloud_sync_model_requests_per_second", labels) == 8.0  # 50/10 s + 30/10 s
     assert value("cloud_sync_model_error_ratio", labels) == 5 / 80
-    assert value("cloud_sync_model_p99_latency_ms", labels) == 6.0
+    assert value("cloud_sync_model_p99_latency_seconds", labels) == 0.006
     assert value("cloud_sync_model_devices_reporting", labels) == 2
