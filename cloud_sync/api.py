@@ -1,37 +1,49 @@
 """The admin HTTP API (FastAPI, OpenAPI at /openapi.json) that fleetctl and the dashboard use.
 
-Bearer-token auth on everything under /v1; /healthz and /metrics are open (no fleet data in them beyond
-counts). Store calls are synchronous SQLAlchemy: FastAPI runs these plain `def` endpoints in its threadpool,
-off the event loop.
+Bearer-token auth with a role per route on everything under /v1 (api_auth.py, with the one error body
+every status carries); /healthz and /metrics are open (no fleet data in them beyond counts). Response bodies
+are api_schemas.py's models, so the schema says what each route answers. Store calls are synchronous
+SQLAlchemy: FastAPI runs these plain `def` endpoints in its threadpool, off the event loop.
 """
 
 from __future__ import annotations
 
 import base64
-import hmac
-import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict
 from typing import Annotated, Any, Protocol
 
 import structlog
-from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
-from fastapi.encoders import jsonable_encoder
+from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from google.protobuf.json_format import MessageToDict
+from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from cloud_sync.errors import CloudSyncError, Unauthenticated
+from cloud_sync.api_auth import BearerAuth, as_auth, error_response, errors, validation_error_response
+from cloud_sync.api_schemas import (
+    DEVICE_ID_PATTERN,
+    LABELS_SCHEMA,
+    CreatedDevice,
+    Cursor,
+    Device,
+    DeviceDetail,
+    DeviceList,
+    Health,
+    QuarantinePage,
+    ResultPage,
+    message_json,
+)
+from cloud_sync.errors import CloudSyncError, InvalidArgument, Unauthenticated
 from cloud_sync.status import INTERNAL_MESSAGE, http_code, unexpected_error_fields
 from cloud_sync.store import DeviceRegistry, ResultStore, TelemetryStore
 from cloud_sync.store.batches import MAX_SEQ
 from cloud_sync.store.results import MAX_PAGE, QuarantineEntry
 
-__all__ = ["ApiContext", "admin_auth", "create_app"]
+__all__ = ["ApiContext", "create_app"]
 
 log = structlog.get_logger(__name__)
 
@@ -59,7 +71,7 @@ class ApiContext:
         self,
         devices: DeviceRegistry,
         results: ResultStore,
-        admin_token: str,
+        admin_token: str | BearerAuth,
         registry: CollectorRegistry,
         extra_routes: list[Callable[[FastAPI], None]] | None = None,
         telemetry: TelemetryStore | None = None,
@@ -78,8 +90,16 @@ class ApiContext:
 
 class NewDevice(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    device_id: str = Field(min_length=1, max_length=128, description="Unique id, e.g. cam-17.")
-    labels: dict[str, str] = Field(default_factory=dict, description="Labels rollouts and policies select on.")
+    device_id: str = Field(
+        min_length=1,
+        max_length=128,
+        # In the schema only: check_device_id's message says what is allowed, pydantic's would quote a regex.
+        json_schema_extra={"pattern": DEVICE_ID_PATTERN},
+        description="Unique id, e.g. cam-17: letters, digits and . _ - (not starting with cloud-sync or edgefleet).",
+    )
+    labels: dict[str, str] = Field(
+        default_factory=dict, description="Labels rollouts and policies select on.", json_schema_extra=LABELS_SCHEMA
+    )
 
     @field_validator("labels")
     @classmethod
@@ -118,7 +138,7 @@ class _InternalErrors:
             log.error("api.internal_error", method=scope["method"], path=scope["path"], **unexpected_error_fields(exc))
             if started:
                 return  # the status line is out: all that is left is to end the connection
-            await JSONResponse({"detail": INTERNAL_MESSAGE}, status_code=500)(scope, receive, send)
+            await error_response(500, INTERNAL_MESSAGE)(scope, receive, send)
 
 
 def _streamed_upload(scope: Scope) -> bool:
@@ -152,8 +172,7 @@ class _BodyLimit:
         declared = dict(scope.get("headers") or ()).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
             refused = self._too_large()
-            response = JSONResponse({"detail": refused.detail}, status_code=413, headers=refused.headers)
-            await response(scope, receive, send)
+            await error_response(413, refused.detail, refused.headers)(scope, receive, send)
             return
         seen = 0
 
@@ -169,6 +188,12 @@ class _BodyLimit:
         await self.app(scope, counted, send)
 
 
+DeviceIdPath = Annotated[
+    str,
+    # The pattern in the schema only: an id no device can have is answered 404, as an unknown one.
+    Path(max_length=128, json_schema_extra={"pattern": DEVICE_ID_PATTERN}, description="the device's id, e.g. cam-17"),
+]
+
 # A device never given a desired state (GET /v1/devices rows).
 _NO_STATE = {"desired_generation": None, "reported_generation": None, "converged": None, "state_error": ""}
 # How far back a device's per-model figures reach in GET /v1/devices/{id}.
@@ -183,7 +208,7 @@ def _presence_json(presence: Any) -> dict[str, Any]:
 
 
 def _telemetry_json(latest: Any) -> dict[str, Any]:
-    data = MessageToDict(latest.message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    data = message_json(latest.message)
     data["received_at_ms"] = latest.received_at_ms
     # How far the device's clock was ahead (+) or behind (-) the cloud's when it sent this, give or take the
     # transport's delay: a device with a wrong clock shows here.
@@ -215,72 +240,98 @@ def _quarantine_json(entry: QuarantineEntry) -> dict[str, Any]:
     return data
 
 
-def admin_auth(admin_token: str) -> list[Any]:
-    """The dependencies every /v1 route takes: a bearer token equal to the admin token.
+def _single_valued_query(request: Request) -> None:
+    """Refuse a query parameter of the route given twice: FastAPI would take the last one silently."""
+    route = request.scope.get("route")
+    dependant = getattr(route, "dependant", None)
+    declared = {p.alias for p in dependant.query_params} if dependant is not None else set()
+    names = [name for name, _ in request.query_params.multi_items() if name in declared]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise InvalidArgument(f"query parameter {repeated[0]} is given more than once: give it once")
 
-    Modules that add routes through ApiContext.extra_routes put this on each of theirs."""
 
-    def admin(authorization: Annotated[str, Header()] = "") -> None:
-        scheme, _, token = authorization.partition(" ")
-        token = token.strip()
-        # An empty token never matches, whatever the context holds.
-        if scheme.lower() != "bearer" or not token or not hmac.compare_digest(token.encode(), admin_token.encode()):
-            raise Unauthenticated("send 'Authorization: Bearer <admin token>' (cloud-sync admin-token prints it)")
-
-    return [Depends(admin)]
+# Every /v1 route may answer these (bad or missing token; the database away).
+AUTH_ERRORS = (401, 403, 503)
 
 
 def create_app(ctx: ApiContext) -> FastAPI:
-    app = FastAPI(title="cloud-sync admin API", version="1", description=__doc__)
+    app = FastAPI(
+        title="cloud-sync admin API", version="1", description=__doc__, dependencies=[Depends(_single_valued_query)]
+    )
     app.add_middleware(_BodyLimit, max_bytes=ctx.max_body_bytes)
     app.add_middleware(_InternalErrors)  # added last: the outermost
 
     @app.exception_handler(CloudSyncError)
-    async def _cloud_sync_error(request: Request, exc: CloudSyncError) -> JSONResponse:
+    async def _cloud_sync_error(request: Request, exc: CloudSyncError) -> Response:
         headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthenticated) else None
-        return JSONResponse({"detail": exc.message}, status_code=http_code(exc), headers=headers)
+        return error_response(http_code(exc), exc.message, headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        return error_response(exc.status_code, str(exc.detail), exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_request(request: Request, exc: RequestValidationError) -> Response:
-        # FastAPI's own answer, rendered as ASCII JSON: its errors echo the input, and an input holding a lone
-        # surrogate (valid JSON, not valid UTF-8) made rendering the 422 fail with a 500.
-        body = json.dumps({"detail": jsonable_encoder(exc.errors())})
-        return Response(body, status_code=422, media_type="application/json")
+        return validation_error_response(exc.errors())
 
-    auth = admin_auth(ctx.admin_token)
+    auth = as_auth(ctx.admin_token)
+    viewer, admin = auth.require("viewer"), auth.require("admin")
 
     @app.get("/healthz", tags=["health"])
-    def healthz() -> dict[str, str]:
-        return {"status": "ok"}
+    def healthz() -> Health:
+        return Health(status="ok")
 
-    @app.get("/metrics", tags=["health"], response_class=PlainTextResponse)
+    @app.get(
+        "/metrics",
+        tags=["health"],
+        response_class=PlainTextResponse,
+        responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}},
+    )
     def metrics() -> PlainTextResponse:
         return PlainTextResponse(generate_latest(ctx.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/devices", tags=["devices"], dependencies=auth)
-    def list_devices() -> dict[str, Any]:
+    @app.get("/v1/devices", tags=["devices"], dependencies=viewer, responses=errors(*AUTH_ERRORS))
+    def list_devices() -> DeviceList:
+        """Every registered device with its presence and desired/reported generations."""
         presence = {p.device_id: p for p in ctx.telemetry.fleet_presence()} if ctx.telemetry else {}
         states = ctx.device_states.summaries() if ctx.device_states is not None else {}
-        return {
-            "devices": [
-                {
-                    **_device_json(d),
-                    **_presence_json(presence.get(d.device_id)),
-                    **states.get(d.device_id, _NO_STATE),
-                    # A revoked device converges to nothing: its last report does not count.
-                    **({"converged": False} if d.revoked and d.device_id in states else {}),
-                }
-                for d in ctx.devices.list_devices()
-            ]
-        }
+        return DeviceList.model_validate(
+            {
+                "devices": [
+                    {
+                        **_device_json(d),
+                        **_presence_json(presence.get(d.device_id)),
+                        **states.get(d.device_id, _NO_STATE),
+                        # A revoked device converges to nothing: its last report does not count.
+                        **({"converged": False} if d.revoked and d.device_id in states else {}),
+                    }
+                    for d in ctx.devices.list_devices()
+                ]
+            }
+        )
 
-    @app.post("/v1/devices", tags=["devices"], dependencies=auth, status_code=201)
-    def add_device(body: NewDevice) -> dict[str, Any]:
+    @app.post(
+        "/v1/devices",
+        tags=["devices"],
+        dependencies=admin,
+        status_code=201,
+        responses=errors(*AUTH_ERRORS, 409, 413, 422),
+    )
+    def add_device(body: NewDevice) -> CreatedDevice:
+        """Register a device; its token is in this answer only."""
         token = ctx.devices.add_device(body.device_id, body.labels)
-        return {"device_id": body.device_id, "labels": body.labels, "token": token}
+        return CreatedDevice(device_id=body.device_id, labels=body.labels, token=token)
 
-    @app.get("/v1/devices/{device_id}", tags=["devices"], dependencies=auth)
-    def show_device(device_id: str) -> dict[str, Any]:
+    @app.get(
+        "/v1/devices/{device_id}",
+        tags=["devices"],
+        dependencies=viewer,
+        responses=errors(*AUTH_ERRORS, 404, 422),
+        response_model_exclude_unset=True,
+    )
+    def show_device(device_id: DeviceIdPath) -> DeviceDetail:
+        """A device, its upload counters, presence, newest telemetry, desired vs reported state, recent figures."""
         device = ctx.devices.get_device(device_id)
         shown = {**_device_json(device), "uplink": asdict(ctx.results.reconcile(device_id))}
         if ctx.device_states is not None:
@@ -297,50 +348,62 @@ def create_app(ctx: ApiContext) -> FastAPI:
                 {**asdict(w), "error_rate": w.error_rate, "window_s": RECENT_S}
                 for w in (ctx.telemetry.model_window(name, version, [device_id], since) for name, version in models)
             ]
-        return shown
+        return DeviceDetail.model_validate(shown)
 
-    @app.post("/v1/devices/{device_id}/revoke", tags=["devices"], dependencies=auth)
-    def revoke_device(device_id: str) -> dict[str, Any]:
+    @app.post(
+        "/v1/devices/{device_id}/revoke",
+        tags=["devices"],
+        dependencies=admin,
+        responses=errors(*AUTH_ERRORS, 404, 422),
+    )
+    def revoke_device(device_id: DeviceIdPath) -> Device:
+        """Cut a device off: its token stops working on every channel (idempotent)."""
         ctx.devices.revoke(device_id)
-        return _device_json(ctx.devices.get_device(device_id))
+        return Device.model_validate(_device_json(ctx.devices.get_device(device_id)))
 
     @app.get(
         "/v1/devices/{device_id}/quarantine",
         tags=["devices"],
-        dependencies=auth,
+        dependencies=viewer,
+        responses=errors(*AUTH_ERRORS, 404, 422),
         summary="Records of a device the cloud counts as rejected, and why",
     )
     def list_quarantine(
-        device_id: str,
+        device_id: DeviceIdPath,
         after_seq: Annotated[int, Query(ge=0, le=MAX_SEQ)] = 0,
         limit: Annotated[int, Query(ge=1, le=MAX_QUARANTINE_PAGE)] = 100,
-    ) -> dict[str, Any]:
+    ) -> QuarantinePage:
         """Quarantined seqs past `after_seq`, ascending: refused by cloud-sync (with the first bytes of the
         record) or declared rejected by the device. Pass `next_after_seq` back as `after_seq` to go on."""
         entries = ctx.results.quarantine(device_id, after_seq, limit)
-        return {
-            "quarantine": [_quarantine_json(e) for e in entries],
-            "next_after_seq": entries[-1].seq if entries else after_seq,
-        }
+        return QuarantinePage.model_validate(
+            {
+                "quarantine": [_quarantine_json(e) for e in entries],
+                "next_after_seq": entries[-1].seq if entries else after_seq,
+            }
+        )
 
-    @app.get("/v1/results", tags=["results"], dependencies=auth)
+    @app.get("/v1/results", tags=["results"], dependencies=viewer, responses=errors(*AUTH_ERRORS, 422))
     def list_results(
         device_id: Annotated[str | None, Query(max_length=128)] = None,
         after_id: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
         limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
         settle_ms: Annotated[int, Query(ge=0, le=60_000, description="stay this far behind the newest")] = 0,
-    ) -> dict[str, Any]:
+    ) -> ResultPage:
+        """Stored results past `after_id`, in id order; pass `next_after_id` back as `after_id` to go on."""
         before = int(time.time() * 1000) - settle_ms if settle_ms else 0
         rows = ctx.results.results(device_id, after_id, limit, received_before_ms=before)
-        return {"results": [_result_json(r) for r in rows], "next_after_id": rows[-1].id if rows else after_id}
+        return ResultPage.model_validate(
+            {"results": [_result_json(r) for r in rows], "next_after_id": rows[-1].id if rows else after_id}
+        )
 
-    @app.get("/v1/results/cursor", tags=["results"], dependencies=auth)
+    @app.get("/v1/results/cursor", tags=["results"], dependencies=viewer, responses=errors(*AUTH_ERRORS, 422))
     def results_cursor(
         device_id: Annotated[str | None, Query(max_length=128)] = None,
         last: Annotated[int, Query(ge=0, le=MAX_PAGE)] = 20,
-    ) -> dict[str, int]:
+    ) -> Cursor:
         """The after_id from which /v1/results returns the newest `last` results."""
-        return {"after_id": ctx.results.cursor_before_last(device_id, last)}
+        return Cursor(after_id=ctx.results.cursor_before_last(device_id, last))
 
     for add_routes in ctx.extra_routes:
         add_routes(app)

@@ -8,6 +8,7 @@ rollout gates (cloud_sync/rollouts/gates.py), which read the same windows per st
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -16,7 +17,8 @@ from typing import Annotated, Any
 import sqlalchemy as sa
 from fastapi import FastAPI, Query
 
-from cloud_sync.api import admin_auth
+from cloud_sync.api_auth import BearerAuth, as_auth, errors
+from cloud_sync.api_schemas import SELECTOR_TEXT_PATTERN, VERSION_REF_PATTERN, Comparison
 from cloud_sync.errors import InvalidArgument
 from cloud_sync.registry.store import check_model_ref
 from cloud_sync.selectors import format_selector, matches, parse_selector
@@ -27,6 +29,10 @@ from cloud_sync.telemetry.rollup import ModelWindow
 __all__ = ["DEFAULT_SINCE_S", "MAX_SINCE_S", "compare_routes", "figures", "parse_version_ref"]
 
 DEFAULT_SINCE_S = 3600
+# In the schema only: parse_version_ref's message names the parameter.
+REF = {"pattern": VERSION_REF_PATTERN}
+SELECTOR_TEXT = {"pattern": SELECTOR_TEXT_PATTERN}
+_SELECTOR_TEXT = re.compile(SELECTOR_TEXT_PATTERN)
 MAX_SINCE_S = 30 * 86400
 # The largest IN (...) list one statement carries (as the telemetry store's own queries).
 _IN_CHUNK = 1000
@@ -126,27 +132,35 @@ def relative(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float | None]:
 
 
 def compare_routes(
-    db: Database, telemetry: TelemetryStore, devices: DeviceRegistry, admin_token: str
+    db: Database, telemetry: TelemetryStore, devices: DeviceRegistry, admin_token: str | BearerAuth
 ) -> Callable[[FastAPI], None]:
     """The route, for ApiContext.extra_routes."""
-    auth = admin_auth(admin_token)
+    viewer = as_auth(admin_token).require("viewer")
 
     def add(app: FastAPI) -> None:
-        @app.get("/v1/models/compare", tags=["models"], dependencies=auth)
+        @app.get("/v1/models/compare", tags=["models"], dependencies=viewer, responses=errors(401, 403, 422, 503))
         def compare_models(
-            a: Annotated[str, Query(max_length=100, description="version A, name:version, e.g. digits:1")],
-            b: Annotated[str, Query(max_length=100, description="version B, name:version, e.g. digits:2")],
-            selector: Annotated[str, Query(max_length=4096, description="key=value,...; '' for every device")] = "",
+            a: Annotated[str, Query(max_length=100, description="version A, e.g. digits:1", json_schema_extra=REF)],
+            b: Annotated[str, Query(max_length=100, description="version B, e.g. digits:2", json_schema_extra=REF)],
+            selector: Annotated[
+                str,
+                Query(
+                    max_length=10_400, json_schema_extra=SELECTOR_TEXT, description="key=value,...; '' for all devices"
+                ),
+            ] = "",
             since_s: Annotated[int, Query(ge=1, le=MAX_SINCE_S, description="the window: the last since_s")] = (
                 DEFAULT_SINCE_S
             ),
-        ) -> dict[str, Any]:
+        ) -> Comparison:
             """Latency, throughput, error rate and cost per inference of two versions on the same devices."""
             refs = parse_version_ref(a, "a"), parse_version_ref(b, "b")
             try:
                 chosen = parse_selector(selector)
             except InvalidArgument as exc:
                 raise InvalidArgument(f"selector: {exc.message}") from None
+            if not _SELECTOR_TEXT.fullmatch(selector):
+                # What the schema says, so that what it forbids is refused (spaces parse_selector would strip).
+                raise InvalidArgument(f"selector: write it as {format_selector(chosen)!r}: no spaces around = and ,")
             ids = sorted(d.device_id for d in devices.list_devices() if not d.revoked and matches(chosen, d.labels))
             since_ms = int(time.time() * 1000) - since_s * 1000
             shown = [
@@ -155,14 +169,16 @@ def compare_routes(
                 )
                 for name, version in refs
             ]
-            return {
-                "selector": chosen,
-                "selector_text": format_selector(chosen),
-                "since_s": since_s,
-                "devices_selected": len(ids),
-                "a": shown[0],
-                "b": shown[1],
-                "relative": relative(shown[0], shown[1]),
-            }
+            return Comparison.model_validate(
+                {
+                    "selector": chosen,
+                    "selector_text": format_selector(chosen),
+                    "since_s": since_s,
+                    "devices_selected": len(ids),
+                    "a": shown[0],
+                    "b": shown[1],
+                    "relative": relative(shown[0], shown[1]),
+                }
+            )
 
     return add

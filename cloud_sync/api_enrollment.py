@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict
-from typing import Any
 
 from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from cloud_sync.api import admin_auth
+from cloud_sync.api_auth import BearerAuth, as_auth, errors
+from cloud_sync.api_schemas import DEVICE_ID_PATTERN, LABELS_SCHEMA, EnrollmentTokenList, MintedToken
 from cloud_sync.store.database import now_ms
 from cloud_sync.store.enrollment import MAX_TTL_S, MIN_TTL_S, EnrollmentTokens
 
@@ -24,13 +24,28 @@ DEFAULT_TTL_S = 86400
 
 class NewEnrollmentToken(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    labels: dict[str, str] = Field(default_factory=dict, description="Labels the enrolled device gets.")
+    labels: dict[str, str] = Field(
+        default_factory=dict, description="Labels the enrolled device gets.", json_schema_extra=LABELS_SCHEMA
+    )
     expires_in_s: int = Field(
-        DEFAULT_TTL_S, ge=MIN_TTL_S, le=MAX_TTL_S, strict=True, description="How long the token may be redeemed."
+        DEFAULT_TTL_S, ge=MIN_TTL_S, le=MAX_TTL_S, description="How long the token may be redeemed."
     )
     device_id: str | None = Field(
-        None, min_length=1, max_length=128, description="The enrolled device's id; empty: made from its hostname."
+        None,
+        min_length=1,
+        max_length=128,
+        description="The enrolled device's id; empty: made from its hostname.",
+        # In the schema only: check_new_device_id's message says what an id may hold.
+        json_schema_extra={"pattern": DEVICE_ID_PATTERN},
     )
+
+    @field_validator("expires_in_s", mode="before")
+    @classmethod
+    def _a_number(cls, value: object) -> object:
+        # A JSON number (3600, or 3600.0: JSON Schema's integer), never "3600" or true, which pydantic would take.
+        if isinstance(value, (str, bool)):
+            raise ValueError("must be a JSON number of seconds")
+        return value
 
     @field_validator("labels")
     @classmethod
@@ -43,20 +58,30 @@ class NewEnrollmentToken(BaseModel):
         return labels
 
 
-def enrollment_routes(tokens: EnrollmentTokens, admin_token: str) -> Callable[[FastAPI], None]:
-    auth = admin_auth(admin_token)
+def enrollment_routes(tokens: EnrollmentTokens, admin_token: str | BearerAuth) -> Callable[[FastAPI], None]:
+    auth = as_auth(admin_token)
+    admin = auth.require("admin")
+    read = errors(401, 403, 503)
 
     def add(app: FastAPI) -> None:
-        @app.post("/v1/enrollment-tokens", tags=["enrollment"], dependencies=auth, status_code=201)
-        def mint_token(body: NewEnrollmentToken) -> dict[str, Any]:
+        @app.post(
+            "/v1/enrollment-tokens",
+            tags=["enrollment"],
+            dependencies=admin,
+            status_code=201,
+            responses=errors(401, 403, 409, 413, 422, 503),
+        )
+        def mint_token(body: NewEnrollmentToken) -> MintedToken:
             """A one-time enrollment token: shown only in this answer; `edge-agent enroll --token` redeems it."""
             token, expires_at_ms = tokens.mint(body.labels, body.expires_in_s, body.device_id)
-            return {"token": token, "expires_at_ms": expires_at_ms, "labels": body.labels, "device_id": body.device_id}
+            return MintedToken(token=token, expires_at_ms=expires_at_ms, labels=body.labels, device_id=body.device_id)
 
-        @app.get("/v1/enrollment-tokens", tags=["enrollment"], dependencies=auth)
-        def list_tokens() -> dict[str, Any]:
+        @app.get("/v1/enrollment-tokens", tags=["enrollment"], dependencies=admin, responses=read)
+        def list_tokens() -> EnrollmentTokenList:
             """Every minted token, newest first: its id (sha256 prefix), labels, state and who used it."""
             now = now_ms()
-            return {"tokens": [{**asdict(t), "state": t.state(now)} for t in tokens.list()]}
+            return EnrollmentTokenList.model_validate(
+                {"tokens": [{**asdict(t), "state": t.state(now)} for t in tokens.list()]}
+            )
 
     return add

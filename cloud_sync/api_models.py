@@ -12,14 +12,17 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Annotated, Any
 
 import structlog
-from fastapi import FastAPI, HTTPException, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi import FastAPI, HTTPException, Path, Query, Request
+from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import ClientDisconnect
 
-from cloud_sync.errors import TooLarge
+from cloud_sync.api_auth import ERROR_MEANINGS, BearerAuth, as_auth, errors
+from cloud_sync.api_schemas import MODEL_NAME_PATTERN, SHA256_PATTERN, Blob, ModelList, ModelVersion, SigningKey
+from cloud_sync.errors import InvalidArgument, TooLarge
 from cloud_sync.registry.blobs import check_sha256
-from cloud_sync.registry.store import ModelRegistry, ModelVersion, check_model_ref
+from cloud_sync.registry.store import ModelRegistry, check_model_ref
+from cloud_sync.registry.store import ModelVersion as StoredVersion
 from cloud_sync.store.database import now_ms
 
 __all__ = ["DEFAULT_EXPIRES_S", "MAX_EXPIRES_S", "MIN_EXPIRES_S", "model_json", "model_routes"]
@@ -34,9 +37,51 @@ MAX_EXPIRES_S = 5 * 365 * 86400
 Expiry = Annotated[int, Field(ge=MIN_EXPIRES_S, le=MAX_EXPIRES_S, description="seconds the signature is valid")]
 
 
+# Patterns in the schema only: check_sha256's and check_model_ref's messages say what is allowed.
+ShaPath = Annotated[
+    str, Path(max_length=64, json_schema_extra={"pattern": SHA256_PATTERN}, description="the file's sha256")
+]
+NamePath = Annotated[
+    str, Path(max_length=63, json_schema_extra={"pattern": MODEL_NAME_PATTERN}, description="model name, e.g. digits")
+]
+VersionPath = Annotated[int, Path(ge=1, le=2**31 - 1, description="model version")]
+
+
+HEAD_ERRORS = (401, 403, 422, 503)
+# The largest file size a manifest may give: JSON's exact integers (2**53 - 1; I-JSON, RFC 7493), past which
+# clients and schema tools round. The registry itself takes up to 2**63 - 1.
+MAX_FILE_BYTES = 2**53 - 1
+# What the registry checks of a manifest (registry/store.py check_manifest); the device checks the rest.
+MANIFEST_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["name", "version", "sha256", "size", "inputs", "outputs"],
+    "properties": {
+        "name": {"type": "string", "pattern": MODEL_NAME_PATTERN},
+        "version": {"type": "integer", "minimum": 1, "maximum": 2**31 - 1},
+        "platform": {"const": "onnx"},
+        "sha256": {"type": "string", "pattern": SHA256_PATTERN},
+        "size": {"type": "integer", "minimum": 1, "maximum": MAX_FILE_BYTES},
+        "inputs": {"type": "array", "minItems": 1},
+        "outputs": {"type": "array", "minItems": 1},
+        "warmup": {
+            "type": "object",
+            "properties": {
+                "file": {"const": "warmup.npz"},
+                "sha256": {"type": "string", "pattern": SHA256_PATTERN},
+                "size": {"type": "integer", "minimum": 1, "maximum": MAX_FILE_BYTES},
+            },
+            "dependentRequired": {"file": ["sha256", "size"]},
+        },
+    },
+}
+
+
 class NewModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    manifest: dict[str, Any] = Field(description="The package's manifest.json as an object; its blobs uploaded first.")
+    manifest: dict[str, Any] = Field(
+        description="The package's manifest.json as an object; its blobs uploaded first.",
+        json_schema_extra=MANIFEST_SCHEMA,
+    )
     expires_in_s: Expiry = DEFAULT_EXPIRES_S
 
 
@@ -45,7 +90,26 @@ class SignAgain(BaseModel):
     expires_in_s: Expiry = DEFAULT_EXPIRES_S
 
 
-def model_json(found: ModelVersion) -> dict[str, Any]:
+def _integers(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest with its integral numbers written as integers (JSON, and its schema, read 3.0 as the
+    integer 3; the registry's checks and the device's take ints only), its sizes within MAX_FILE_BYTES."""
+    shown = dict(manifest)
+    for key in ("version", "size"):
+        if isinstance(shown.get(key), float) and shown[key].is_integer():
+            shown[key] = int(shown[key])
+    warmup = shown.get("warmup")
+    if isinstance(warmup, dict) and isinstance(warmup.get("size"), float) and warmup["size"].is_integer():
+        shown["warmup"] = warmup = {**warmup, "size": int(warmup["size"])}
+    sizes = [("manifest.size", shown.get("size"))]
+    if isinstance(warmup, dict):
+        sizes.append(("manifest.warmup.size", warmup.get("size")))
+    for what, size in sizes:
+        if isinstance(size, int) and size > MAX_FILE_BYTES:
+            raise InvalidArgument(f"{what} {size} is past {MAX_FILE_BYTES} bytes")
+    return shown
+
+
+def model_json(found: StoredVersion) -> dict[str, Any]:
     return {
         "name": found.name,
         "version": found.version,
@@ -82,17 +146,27 @@ def _chunks(stream: AsyncIterator[bytes], loop: asyncio.AbstractEventLoop) -> It
 
 def model_routes(
     registry: ModelRegistry,
-    admin_token: str,
+    admin_token: str | BearerAuth,
     in_use: Callable[[str, int], list[str]],
     max_blob_bytes: int,
 ) -> Callable[[FastAPI], None]:
-    from cloud_sync.api import admin_auth  # api.py imports nothing of this module; this keeps it that way
-
-    auth = admin_auth(admin_token)
+    auth = as_auth(admin_token)
+    viewer, operator, admin = auth.require("viewer"), auth.require("operator"), auth.require("admin")
 
     def add(app: FastAPI) -> None:
-        @app.put("/v1/blobs/{sha256}", tags=["models"], dependencies=auth)
-        async def put_blob(sha256: str, request: Request) -> dict[str, Any]:
+        @app.put(
+            "/v1/blobs/{sha256}",
+            tags=["models"],
+            dependencies=operator,
+            responses=errors(400, 401, 403, 413, 422, 503),
+            openapi_extra={
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+                }
+            },
+        )
+        async def put_blob(sha256: ShaPath, request: Request) -> Blob:
             """Upload a model file under its sha256 (streamed; checked against the digest before it is kept)."""
             check_sha256(sha256)
             declared = request.headers.get("content-length")
@@ -108,10 +182,20 @@ def model_routes(
                 raise _too_large(max_blob_bytes) from None
             except ClientDisconnect:
                 raise HTTPException(status_code=400, detail="the upload was cut off; nothing was stored") from None
-            return {"sha256": info.sha256, "size": info.size}
+            return Blob(sha256=info.sha256, size=info.size)
 
-        @app.head("/v1/blobs/{sha256}", tags=["models"], dependencies=auth)
-        def has_blob(sha256: str) -> Response:
+        @app.head(
+            "/v1/blobs/{sha256}",
+            tags=["models"],
+            dependencies=viewer,
+            responses={
+                200: {"description": "Stored; Content-Length is its size."},
+                404: {"description": "Not stored."},
+                # A HEAD answer has no body: these are the statuses alone.
+                **{code: {"description": meaning} for code, meaning in ERROR_MEANINGS.items() if code in HEAD_ERRORS},
+            },
+        )
+        def has_blob(sha256: ShaPath) -> Response:
             """200 with Content-Length when the blob is stored, 404 when not: an upload can be skipped."""
             check_sha256(sha256)
             size = registry.blobs.size(sha256)
@@ -119,34 +203,66 @@ def model_routes(
                 return Response(status_code=404)
             return Response(status_code=200, headers={"Content-Length": str(size)})
 
-        @app.post("/v1/models", tags=["models"], dependencies=auth, status_code=201)
-        def register_model(body: NewModel) -> JSONResponse:
+        @app.post(
+            "/v1/models",
+            tags=["models"],
+            dependencies=operator,
+            status_code=201,
+            response_model=ModelVersion,
+            responses={
+                200: {"model": ModelVersion, "description": "Registered already with this manifest."},
+                **errors(401, 403, 409, 413, 422, 503),
+            },
+        )
+        def register_model(body: NewModel, response: Response) -> dict[str, Any]:
             """Register and sign a version (201); the same manifest again: 200 with the version as it is."""
-            found, created = registry.register_new(body.manifest, now_ms() + body.expires_in_s * 1000)
-            return JSONResponse(model_json(found), status_code=201 if created else 200)
+            found, created = registry.register_new(_integers(body.manifest), now_ms() + body.expires_in_s * 1000)
+            response.status_code = 201 if created else 200
+            return model_json(found)
 
-        @app.get("/v1/models", tags=["models"], dependencies=auth)
-        def list_models(name: Annotated[str | None, Query(max_length=63)] = None) -> dict[str, Any]:
-            return {"models": [model_json(v) for v in registry.list(name)]}
+        @app.get("/v1/models", tags=["models"], dependencies=viewer, responses=errors(401, 403, 422, 503))
+        def list_models(
+            name: Annotated[str | None, Query(max_length=63, pattern=MODEL_NAME_PATTERN)] = None,
+        ) -> ModelList:
+            """Registered versions (of one model with `name`), by name then version."""
+            return ModelList.model_validate({"models": [model_json(v) for v in registry.list(name)]})
 
-        @app.get("/v1/models/{name}/{version}", tags=["models"], dependencies=auth)
-        def show_model(name: str, version: int) -> dict[str, Any]:
-            return model_json(registry.get(*check_model_ref(name, version)))
+        @app.get(
+            "/v1/models/{name}/{version}",
+            tags=["models"],
+            dependencies=viewer,
+            responses=errors(401, 403, 404, 422, 503),
+        )
+        def show_model(name: NamePath, version: VersionPath) -> ModelVersion:
+            """A version: its files, manifest and signature."""
+            return ModelVersion.model_validate(model_json(registry.get(*check_model_ref(name, version))))
 
-        @app.delete("/v1/models/{name}/{version}", tags=["models"], dependencies=auth)
-        def delete_model(name: str, version: int) -> dict[str, Any]:
+        @app.delete(
+            "/v1/models/{name}/{version}",
+            tags=["models"],
+            dependencies=admin,
+            responses=errors(401, 403, 404, 409, 422, 503),
+        )
+        def delete_model(name: NamePath, version: VersionPath) -> ModelVersion:
             """Delete a version no device is assigned or runs (409 naming them otherwise), and its unshared blobs."""
-            return model_json(registry.delete(*check_model_ref(name, version), in_use))
+            return ModelVersion.model_validate(model_json(registry.delete(*check_model_ref(name, version), in_use)))
 
-        @app.post("/v1/models/{name}/{version}/sign", tags=["models"], dependencies=auth)
-        def sign_model(name: str, version: int, body: SignAgain) -> dict[str, Any]:
+        @app.post(
+            "/v1/models/{name}/{version}/sign",
+            tags=["models"],
+            dependencies=operator,
+            responses=errors(401, 403, 404, 413, 422, 503),
+        )
+        def sign_model(name: NamePath, version: VersionPath, body: SignAgain) -> ModelVersion:
             """Sign the version again with a new expiry under a new serial."""
             name, version = check_model_ref(name, version)
-            return model_json(registry.sign_again(name, version, now_ms() + body.expires_in_s * 1000))
+            return ModelVersion.model_validate(
+                model_json(registry.sign_again(name, version, now_ms() + body.expires_in_s * 1000))
+            )
 
-        @app.get("/v1/fleet/signing-key", tags=["models"], dependencies=auth)
-        def signing_key() -> dict[str, str]:
+        @app.get("/v1/fleet/signing-key", tags=["models"], dependencies=viewer, responses=errors(401, 403, 503))
+        def signing_key() -> SigningKey:
             """The fleet's ed25519 public key (hex of the raw 32 bytes) that devices pin at enrollment."""
-            return {"public_key": registry.signer.public_key.hex(), "key_id": registry.signer.key_id}
+            return SigningKey(public_key=registry.signer.public_key.hex(), key_id=registry.signer.key_id)
 
     return add

@@ -10,15 +10,24 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict
-from typing import Any
+from typing import Annotated, Any
 
 import structlog
-from fastapi import FastAPI
+from fastapi import FastAPI, Path
 from pydantic import BaseModel, ConfigDict, Field
 
-from cloud_sync.api import admin_auth
+from cloud_sync.api_auth import BearerAuth, as_auth, errors
+from cloud_sync.api_schemas import (
+    DEVICE_ID_PATTERN,
+    POLICY_NAME_PATTERN,
+    SELECTOR_SCHEMA,
+    EffectivePolicy,
+    PolicyList,
+    PolicyView,
+)
 from cloud_sync.errors import InvalidArgument
 from cloud_sync.policies import (
+    MAX_PRIORITY,
     Policy,
     PolicyInvalid,
     check_document,
@@ -41,13 +50,32 @@ class PolicyBody(BaseModel):
     """PUT /v1/policies/{name}. The values are checked by cloud_sync/policies.py, whose errors name the field."""
 
     model_config = ConfigDict(extra="forbid")
-    selector: Any = Field(default_factory=dict, description="Label key -> value; {} matches every device.")
-    priority: Any = Field(default=0, description="0..1000000; where policies set the same key, the higher wins.")
-    document: Any = Field(description='Policy sections, e.g. {"inference": {"max_batch_size": 8}}.')
+    # Typed as Any so that policies.py's checks answer, naming the field; the schema says what they take.
+    selector: Any = Field(
+        default_factory=dict,
+        description="Label key -> value; {} matches every device.",
+        json_schema_extra=SELECTOR_SCHEMA,
+    )
+    priority: Any = Field(
+        default=0,
+        description="Where policies set the same key, the higher wins.",
+        json_schema_extra={"type": "integer", "minimum": 0, "maximum": MAX_PRIORITY},
+    )
+    document: Any = Field(
+        description='Policy sections, e.g. {"inference": {"max_batch_size": 8}}.',
+        json_schema_extra={"type": "object", "additionalProperties": {"type": "object"}},
+    )
 
 
-def policy_json(policy: Policy) -> dict[str, Any]:
-    return asdict(policy)
+# The pattern in the schema only: check_policy_name's message says what a name may hold.
+NamePath = Annotated[
+    str,
+    Path(max_length=128, json_schema_extra={"pattern": POLICY_NAME_PATTERN}, description="e.g. lab-batching"),
+]
+
+
+def policy_json(policy: Policy) -> PolicyView:
+    return PolicyView.model_validate(asdict(policy))
 
 
 def _checked(name: str, body: PolicyBody) -> Policy:
@@ -86,10 +114,11 @@ def _check_fleet(policies: list[Policy], devices: DeviceRegistry) -> None:
 
 
 def policy_routes(
-    store: PolicyStore, devices: DeviceRegistry, admin_token: str, on_change: Callable[[], None]
+    store: PolicyStore, devices: DeviceRegistry, admin_token: str | BearerAuth, on_change: Callable[[], None]
 ) -> Callable[[FastAPI], None]:
     """The routes as an ApiContext.extra_routes entry; `on_change()` runs after every stored change."""
-    auth = admin_auth(admin_token)
+    auth = as_auth(admin_token)
+    viewer, operator = auth.require("viewer"), auth.require("operator")
 
     def changed(event: str, policy: Policy) -> None:
         log.info(event, policy=policy.name, version=policy.version)
@@ -99,8 +128,13 @@ def policy_routes(
             log.error("policy.on_change_failed", policy=policy.name, error=repr(exc))
 
     def add(app: FastAPI) -> None:
-        @app.put("/v1/policies/{name}", tags=["policies"], dependencies=auth)
-        def set_policy(name: str, body: PolicyBody) -> dict[str, Any]:
+        @app.put(
+            "/v1/policies/{name}",
+            tags=["policies"],
+            dependencies=operator,
+            responses=errors(401, 403, 413, 422, 503),
+        )
+        def set_policy(name: NamePath, body: PolicyBody) -> PolicyView:
             """Create or replace a policy; 422 names the field of a bad input (nothing is stored then)."""
             candidate = _checked(name, body)
             others = [p for p in store.list() if p.name != name]
@@ -109,16 +143,22 @@ def policy_routes(
             changed("policy.set", policy)
             return policy_json(policy)
 
-        @app.get("/v1/policies", tags=["policies"], dependencies=auth)
-        def list_policies() -> dict[str, Any]:
-            return {"policies": [policy_json(p) for p in store.list()]}
+        @app.get("/v1/policies", tags=["policies"], dependencies=viewer, responses=errors(401, 403, 503))
+        def list_policies() -> PolicyList:
+            """Every policy, by name."""
+            return PolicyList(policies=[policy_json(p) for p in store.list()])
 
-        @app.get("/v1/policies/{name}", tags=["policies"], dependencies=auth)
-        def show_policy(name: str) -> dict[str, Any]:
+        @app.get(
+            "/v1/policies/{name}", tags=["policies"], dependencies=viewer, responses=errors(401, 403, 404, 422, 503)
+        )
+        def show_policy(name: NamePath) -> PolicyView:
+            """One policy: its selector, priority, version and document."""
             return policy_json(store.get(name))
 
-        @app.delete("/v1/policies/{name}", tags=["policies"], dependencies=auth)
-        def delete_policy(name: str) -> dict[str, Any]:
+        @app.delete(
+            "/v1/policies/{name}", tags=["policies"], dependencies=operator, responses=errors(401, 403, 404, 422, 503)
+        )
+        def delete_policy(name: NamePath) -> PolicyView:
             """Remove a policy; devices it matched go back to what the remaining policies give them."""
             store.get(name)
             _check_fleet([p for p in store.list() if p.name != name], devices)
@@ -126,17 +166,24 @@ def policy_routes(
             changed("policy.deleted", policy)
             return policy_json(policy)
 
-        @app.get("/v1/devices/{device_id}/effective-policy", tags=["policies"], dependencies=auth)
-        def device_effective_policy(device_id: str) -> dict[str, Any]:
+        @app.get(
+            "/v1/devices/{device_id}/effective-policy",
+            tags=["policies"],
+            dependencies=viewer,
+            responses=errors(401, 403, 404, 422, 503),
+        )
+        def device_effective_policy(
+            device_id: Annotated[str, Path(max_length=128, json_schema_extra={"pattern": DEVICE_ID_PATTERN})],
+        ) -> EffectivePolicy:
             """The policy document the device's desired state carries, and the policies it comes from."""
             device = devices.get_device(device_id)
             policies = store.list()
             document = effective_policy(device.labels, policies)
-            return {
-                "device_id": device.device_id,
-                "policy": document,
-                "policy_hash": policy_hash(document),
-                "sources": [p.name for p in matching_policies(device.labels, policies)],
-            }
+            return EffectivePolicy(
+                device_id=device.device_id,
+                policy=document,
+                policy_hash=policy_hash(document),
+                sources=[p.name for p in matching_policies(device.labels, policies)],
+            )
 
     return add

@@ -10,12 +10,21 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Query
-from google.protobuf.json_format import MessageToDict
+from fastapi import FastAPI, Path, Query
 from google.protobuf.message import Message
 from pydantic import BaseModel, ConfigDict, Field
 
-from cloud_sync.api import admin_auth
+from cloud_sync.api_auth import BearerAuth, as_auth, errors
+from cloud_sync.api_schemas import (
+    DEVICE_ID_PATTERN,
+    MODEL_NAME_PATTERN,
+    SELECTOR_SCHEMA,
+    Assignment,
+    AssignmentList,
+    DeviceState,
+    Unassigned,
+    message_json,
+)
 from cloud_sync.errors import InvalidArgument
 from cloud_sync.selectors import check_selector
 from cloud_sync.store.assignments import AssignmentStore, check_model_name
@@ -33,9 +42,18 @@ class AssignmentBody(BaseModel):
     """PUT /v1/assignments."""
 
     model_config = ConfigDict(extra="forbid")
-    model: str = Field(min_length=1, max_length=63, description="Model name, e.g. digits.")
+    model: str = Field(
+        min_length=1,
+        max_length=63,
+        description="Model name, e.g. digits.",
+        json_schema_extra={"pattern": MODEL_NAME_PATTERN},
+    )
     version: int = Field(ge=1, le=2**31 - 1, description="A version the registry holds.")
-    selector: dict[str, str] = Field(default_factory=dict, description="Label key -> value; {} matches every device.")
+    selector: dict[str, str] = Field(
+        default_factory=dict,
+        description="Label key -> value; {} matches every device.",
+        json_schema_extra=SELECTOR_SCHEMA,
+    )
     priority: int = Field(
         0, ge=-1_000_000, le=1_000_000, description="Where assignments of a model overlap, the higher wins."
     )
@@ -45,12 +63,12 @@ class UnassignBody(BaseModel):
     """DELETE /v1/assignments."""
 
     model_config = ConfigDict(extra="forbid")
-    model: str = Field(min_length=1, max_length=63)
-    selector: dict[str, str] = Field(default_factory=dict)
+    model: str = Field(min_length=1, max_length=63, json_schema_extra={"pattern": MODEL_NAME_PATTERN})
+    selector: dict[str, str] = Field(default_factory=dict, json_schema_extra=SELECTOR_SCHEMA)
 
 
 def _message_json(message: Message) -> dict[str, Any]:
-    return MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    return message_json(message)
 
 
 def _state_name(state: int) -> str:
@@ -137,42 +155,57 @@ def state_routes(
     assignments: AssignmentStore,
     devices: DeviceRegistry,
     states: DeviceStates,
-    admin_token: str,
+    admin_token: str | BearerAuth,
     versions: VersionLookup,
     on_change: Callable[[], None],
 ) -> Callable[[FastAPI], None]:
     """The routes, for ApiContext.extra_routes."""
-    auth = admin_auth(admin_token)
+    auth = as_auth(admin_token)
+    viewer, operator = auth.require("viewer"), auth.require("operator")
+    changes = errors(401, 403, 413, 422, 503)
 
     def add(app: FastAPI) -> None:
-        @app.put("/v1/assignments", tags=["assignments"], dependencies=auth)
-        def assign(body: AssignmentBody) -> dict[str, Any]:
+        @app.put("/v1/assignments", tags=["assignments"], dependencies=operator, responses=changes)
+        def assign(body: AssignmentBody) -> Assignment:
             """Assign a model version to the devices a selector matches (replaces that model+selector's one)."""
             selector = check_selector(body.selector)
             _checked_version(versions, body.model, body.version)
             assignment = assignments.assign(body.model, body.version, selector, body.priority)
             on_change()
-            return assignment.to_json()
+            return Assignment.model_validate(assignment.to_json())
 
-        @app.delete("/v1/assignments", tags=["assignments"], dependencies=auth)
-        def unassign(body: UnassignBody) -> dict[str, Any]:
+        @app.delete(
+            "/v1/assignments",
+            tags=["assignments"],
+            dependencies=operator,
+            responses=errors(401, 403, 404, 413, 422, 503),
+        )
+        def unassign(body: UnassignBody) -> Unassigned:
             """Remove a model's assignment to a selector; devices keep what they run unless another applies."""
             assignments.unassign(body.model, check_selector(body.selector))
             on_change()
-            return {"model": body.model, "selector": body.selector, "removed": True}
+            return Unassigned(model=body.model, selector=body.selector, removed=True)
 
-        @app.get("/v1/assignments", tags=["assignments"], dependencies=auth)
+        @app.get("/v1/assignments", tags=["assignments"], dependencies=viewer, responses=errors(401, 403, 422, 503))
         def list_assignments(
-            model: Annotated[str | None, Query(min_length=1, max_length=63)] = None,
-        ) -> dict[str, Any]:
-            return {"assignments": [a.to_json() for a in assignments.list(model)]}
+            model: Annotated[str | None, Query(min_length=1, max_length=63, pattern=MODEL_NAME_PATTERN)] = None,
+        ) -> AssignmentList:
+            """Model assignments (of one model with `model`), by model then selector."""
+            return AssignmentList.model_validate({"assignments": [a.to_json() for a in assignments.list(model)]})
 
-        @app.get("/v1/devices/{device_id}/state", tags=["devices"], dependencies=auth)
-        def device_state(device_id: str) -> dict[str, Any]:
+        @app.get(
+            "/v1/devices/{device_id}/state",
+            tags=["devices"],
+            dependencies=viewer,
+            responses=errors(401, 403, 404, 422, 503),
+        )
+        def device_state(
+            device_id: Annotated[str, Path(max_length=128, json_schema_extra={"pattern": DEVICE_ID_PATTERN})],
+        ) -> DeviceState:
             """The device's desired state, its last report, per model desired vs reported, and whether in sync."""
             revoked = devices.get_device(device_id).revoked  # NotFound: 404
             state = states.state(device_id)
             state["converged"] = state["converged"] and not revoked  # a revoked device's report does not count
-            return state
+            return DeviceState.model_validate(state)
 
     return add

@@ -26,16 +26,29 @@ from cloud_sync.fleetctl_enrollment import token_app
 from cloud_sync.fleetctl_models import models_app
 from cloud_sync.fleetctl_policies import policies_app
 from cloud_sync.fleetctl_rollouts import rollouts_app
-from cloud_sync.fleetctl_session import Session, duration, err, fail, out, segment, session, when
+from cloud_sync.fleetctl_session import (
+    Connection,
+    JsonAfterCommands,
+    Session,
+    duration,
+    err,
+    fail,
+    out,
+    segment,
+    session,
+    when,
+)
 from cloud_sync.fleetctl_state import add_state_commands, print_device_state, state_cell
 from edgefleet.proto.edgefleet.v1 import results_pb2
 
 __all__ = ["app", "main"]
 
+# Completion is typer's own: `fleetctl --install-completion` (bash, zsh, fish, PowerShell) or
+# `--show-completion SHELL` to print the script.
 app = typer.Typer(
+    cls=JsonAfterCommands,
     help="Operate an Edgefleet fleet through cloud-sync's admin API.",
     no_args_is_help=True,
-    add_completion=False,
     pretty_exceptions_enable=False,
 )
 devices_app = typer.Typer(
@@ -57,9 +70,11 @@ def _session(
     url: Annotated[str, typer.Option(envvar="FLEETCTL_URL", help="cloud-sync admin API")] = "http://127.0.0.1:8080",
     token: Annotated[str | None, typer.Option(envvar="FLEETCTL_TOKEN", help="admin token", show_default=False)] = None,
     token_file: Annotated[Path | None, typer.Option(envvar="FLEETCTL_TOKEN_FILE", help="file holding it")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="machine-readable output (also accepted after the command)")
+    ] = False,
 ) -> None:
-    ctx.obj = (url, token, token_file, as_json)
+    ctx.obj = Connection(url, token, token_file, as_json)
 
 
 DeviceIdArgument = Annotated[str, typer.Argument(help="the device's id, e.g. cam-17")]
@@ -318,7 +333,8 @@ def _print_result(s: Session, result: dict[str, Any]) -> None:
 
 
 def main() -> None:
-    sys.exit(app(standalone_mode=True))
+    # "fleetctl" also under `python -m cloud_sync.fleetctl`: completion scripts are named after the program.
+    sys.exit(app(prog_name="fleetctl", standalone_mode=True))
 
 
 if __name__ == "__main__":

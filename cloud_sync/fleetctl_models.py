@@ -24,7 +24,9 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, Trans
 from rich.table import Table
 from rich.text import Text
 
+from cloud_sync.errors import InvalidArgument
 from cloud_sync.fleetctl_session import Session, detail, err, fail, out, segment, session, when
+from cloud_sync.selectors import format_selector, parse_selector
 
 __all__ = ["models_app", "models_compare", "parse_duration"]
 
@@ -298,7 +300,12 @@ def models_compare(
         name, sep, version = ref.partition(":")
         if not name or not sep or not version.isdigit():
             fail(2, f"{what} {ref!r} is not name:version, e.g. digits:2")
-    params = {"a": a, "b": b, "selector": selector, "since_s": _since(since)}
+    try:
+        # As the API takes it: key=value,... with no spaces.
+        selector = format_selector(parse_selector(selector))
+    except InvalidArgument as exc:
+        fail(2, f"--selector: {exc.message}")
+    params = {"a": a, "b": b, "selector": "" if selector == "*" else selector, "since_s": _since(since)}
     s = session(ctx)
     found = s.call("GET", "/v1/models/compare", params=params)
     if s.as_json:

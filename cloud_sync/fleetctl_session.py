@@ -11,18 +11,92 @@ import json
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Annotated, Any, NoReturn
 from urllib.parse import quote
 
 import httpx
 import typer
+import typer.main
 from rich.console import Console
+from typer.core import TyperGroup
 
-__all__ = ["Session", "detail", "duration", "err", "fail", "out", "segment", "session", "when"]
+__all__ = [
+    "Connection",
+    "JsonAfterCommands",
+    "Session",
+    "detail",
+    "duration",
+    "err",
+    "fail",
+    "out",
+    "segment",
+    "session",
+    "when",
+]
 
 # soft_wrap: a line is never folded at the terminal's width (scripts grep fleetctl's output and messages).
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
+
+
+@dataclass
+class Connection:
+    """The root options (`fleetctl --url ... --token ... --json`), as the root callback read them."""
+
+    url: str
+    token: str | None
+    token_file: Path | None
+    as_json: bool
+
+
+JSON_HELP = "machine-readable output (also accepted before the command: fleetctl --json ...)"
+
+
+def _json_after_command(ctx: typer.Context, value: bool) -> None:
+    # The root callback has run: a group is invoked before its subcommand's arguments are parsed.
+    root = ctx.find_root().obj
+    if value and isinstance(root, Connection):
+        root.as_json = True
+
+
+_JsonFlag = Annotated[bool, typer.Option("--json", help=JSON_HELP, callback=_json_after_command)]
+
+
+def _json_option() -> Any:
+    """The `--json` option every command takes after its name, built by typer as any other option."""
+    probe = typer.Typer(add_completion=False)
+
+    @probe.command()
+    def json_flag(
+        json_after_command: _JsonFlag = False,
+    ) -> None: ...
+
+    (option,) = typer.main.get_command(probe).params
+    option.expose_value = False  # the command's function never sees it: the callback set the root's flag
+    return option
+
+
+class JsonAfterCommands(TyperGroup):
+    """fleetctl's root group: every command under it also takes `--json` after its name.
+
+    One option added to each leaf command, not a parameter in every command's signature; it sets the same
+    flag as the root's `--json`, so `fleetctl devices list --json` = `fleetctl --json devices list`.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        option = _json_option()
+        for command in self.commands.values():
+            _add_option(command, option)
+
+
+def _add_option(command: Any, option: Any) -> None:
+    subcommands = getattr(command, "commands", None)
+    if subcommands is not None:
+        for sub in subcommands.values():
+            _add_option(sub, option)
+    elif all(param.name != option.name for param in command.params):
+        command.params.append(option)
 
 
 @dataclass
@@ -49,7 +123,8 @@ class Session:
 
 
 def detail(response: httpx.Response) -> str:
-    """The reason an API error gives: its `detail` string, or FastAPI's validation errors as `field: problem`."""
+    """The reason an API error gives: its `detail` string (ErrorBody), or, from a cloud-sync before the one
+    error body, FastAPI's list of validation errors as `field: problem`."""
     try:
         detail = response.json().get("detail", response.text)
     except (ValueError, AttributeError):
@@ -96,8 +171,8 @@ def _base_url(url: str) -> str:
 
 
 def session(ctx: typer.Context) -> Session:
-    url, token, token_file, as_json = ctx.find_root().obj
-    return Session(_base_url(url), _token(token, token_file), as_json)
+    root: Connection = ctx.find_root().obj
+    return Session(_base_url(root.url), _token(root.token, root.token_file), root.as_json)
 
 
 def when(ms: int | None) -> str:

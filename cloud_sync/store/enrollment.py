@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
-from cloud_sync.errors import InvalidArgument, Unauthenticated
+from cloud_sync.errors import AlreadyExists, InvalidArgument, Unauthenticated
 from cloud_sync.store.database import Database, now_ms
 from cloud_sync.store.devices import (
     DeviceRegistry,
@@ -143,15 +143,15 @@ class EnrollmentTokens:
         """A new one-time token (shown only now) and when it expires (ms since the epoch).
 
         The device that redeems it gets `labels` and `device_id` (None: one made from its hostname). Raises
-        InvalidArgument for bad labels, a ttl outside MIN_TTL_S..MAX_TTL_S, a malformed or reserved id, or
-        an id registered already.
+        InvalidArgument for bad labels, a ttl outside MIN_TTL_S..MAX_TTL_S, a malformed or reserved id;
+        AlreadyExists for an id registered already (as adding the device would).
         """
         checked = check_labels(labels)
         _check_ttl(ttl_s)
         if device_id is not None:
             check_new_device_id(device_id)
             if self._registered(device_id):
-                raise InvalidArgument(
+                raise AlreadyExists(
                     f"device {device_id!r} is registered already: choose another id, or revoke it and enroll it "
                     "under a new one"
                 )

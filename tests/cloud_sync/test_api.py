@@ -22,6 +22,7 @@ from starlette.routing import Route
 from structlog.testing import capture_logs
 
 from cloud_sync.api import ApiContext, create_app
+from cloud_sync.api_auth import BearerAuth
 from cloud_sync.store import DeviceRegistry, ResultStore, open_database
 from cloud_sync.store.batches import record_checksum
 from edgefleet.proto.edgefleet.v1 import results_pb2
@@ -39,10 +40,10 @@ ADMIN_ROUTES = [
 
 
 def detail_locations(response: httpx.Response) -> list[str]:
-    """The dotted locations FastAPI's validation errors name (body.device_id, query.limit...)."""
-    detail = response.json()["detail"]
-    assert isinstance(detail, list), detail
-    return [".".join(str(part) for part in error["loc"]) for error in detail]
+    """The dotted locations a 422's `errors` name (body.device_id, query.limit...); the detail names them too."""
+    body = response.json()
+    assert isinstance(body["detail"], str) and body["errors"], body
+    return [".".join(str(part) for part in error["loc"]) for error in body["errors"]]
 
 
 @pytest.mark.parametrize("method, path", ADMIN_ROUTES)
@@ -114,8 +115,8 @@ def test_an_invalid_device_is_refused_naming_the_field(
     sent = json.dumps(body).encode()
     response = cloud_sync.api.post("/v1/devices", content=sent, headers={"Content-Type": "application/json"})
     assert response.status_code == 422, response.text
-    detail = response.json()["detail"]
-    where = detail if isinstance(detail, str) else " ".join(detail_locations(response))
+    body = response.json()
+    where = " ".join([body["detail"], *(".".join(str(p) for p in e["loc"]) for e in body["errors"])])
     assert named in where
     listed = cloud_sync.api.get("/v1/devices")
     assert listed.status_code == 200, listed.text
@@ -347,7 +348,7 @@ def test_an_unexpected_error_is_500_with_a_generic_message_and_no_secret_logged(
     finally:
         db.close()
     assert response.status_code == 500
-    assert response.json() == {"detail": "internal error in cloud-sync; its log has the details"}
+    assert response.json() == {"detail": "internal error in cloud-sync; its log has the details", "errors": []}
     [logged] = [e for e in logs if e["event"] == "api.internal_error"]
     assert (logged["error"], logged["detail"], logged["path"]) == ("RuntimeError", "a bug", "/v1/fails")
     assert "test_api.py" in logged["where"]
@@ -434,3 +435,47 @@ def test_a_chunked_body_is_cut_off_once_it_passes_the_limit(cloud_sync: RunningC
     assert sent < 8 * 1024 * 1024, f"{sent} bytes went in before the refusal"
     assert cloud_sync.api.get("/healthz").status_code == 200
     assert "big-2" not in [d["device_id"] for d in cloud_sync.api.get("/v1/devices").json()["devices"]]
+
+
+def test_a_token_below_the_route_s_role_gets_403_naming_the_role(tmp_path: Path) -> None:
+    # Today cloud-sync has the one admin token; the auth dependency already answers per role (issue 14's
+    # tokens plug in here). In-process: no cloud-sync config makes a viewer token yet.
+    viewer, operator, admin = "v" * 40, "o" * 40, "a" * 40
+    auth = BearerAuth({viewer: "viewer", operator: "operator", admin: "admin"})
+    db = open_database(f"sqlite:///{tmp_path / 'api.db'}")
+    app = create_app(ApiContext(DeviceRegistry(db), ResultStore(db), auth, CollectorRegistry()))
+
+    async def call(token: str, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://cloud-sync") as client:
+            return await client.request(method, path, headers={"Authorization": f"Bearer {token}"}, **kwargs)
+
+    try:
+        assert asyncio.run(call(viewer, "GET", "/v1/devices")).status_code == 200
+        refused = asyncio.run(call(viewer, "POST", "/v1/devices", json={"device_id": "role-1"}))
+        assert refused.status_code == 403
+        assert refused.json() == {"detail": "this call needs the admin role; the token is viewer", "errors": []}
+        assert asyncio.run(call(operator, "POST", "/v1/devices", json={"device_id": "role-1"})).status_code == 403
+        assert asyncio.run(call(admin, "POST", "/v1/devices", json={"device_id": "role-1"})).status_code == 201
+        unknown = asyncio.run(call("x" * 40, "GET", "/v1/devices"))
+        assert unknown.status_code == 401 and unknown.headers["WWW-Authenticate"] == "Bearer"
+        assert DeviceRegistry(db).get_device("role-1").device_id == "role-1"  # the refused calls changed nothing
+        assert [d.device_id for d in DeviceRegistry(db).list_devices()] == ["role-1"]
+    finally:
+        db.close()
+
+
+def test_the_schema_has_the_bearer_scheme_and_one_error_body(cloud_sync: RunningCloudSync) -> None:
+    schema = cloud_sync.api.get("/openapi.json").json()
+    assert schema["components"]["securitySchemes"]["bearerAuth"]["scheme"] == "bearer"
+    error = schema["components"]["schemas"]["ErrorBody"]
+    assert error["required"] == ["detail"] and set(error["properties"]) == {"detail", "errors"}
+    assert "HTTPValidationError" not in schema["components"]["schemas"]  # FastAPI's own 422 shape is not sent
+    add = schema["paths"]["/v1/devices"]["post"]
+    assert {"201", "400", "401", "403", "409", "413", "422", "503"} <= set(add["responses"])
+    assert add["responses"]["201"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/CreatedDevice"
+    }
+    new_device = schema["components"]["schemas"]["NewDevice"]["properties"]
+    assert new_device["device_id"]["maxLength"] == 128 and new_device["device_id"]["pattern"].startswith("^")
+    assert new_device["labels"]["maxProperties"] == 64

@@ -1,7 +1,8 @@
 """The user docs keep up with the code (as sqlite-utils' tests/test_docs.py does).
 
 Every fleetctl command and every cloud-sync subcommand has --help and a section of its own in docs/ that
-names each of its options; every cloud-sync config key and every admin API route is in docs/cloud-sync.md.
+names each of its options; every cloud-sync config key is in docs/cloud-sync.md, every admin API route in
+docs/admin-api.md.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from tests.cloud_sync.conftest import RunningCloudSync
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 FLEETCTL_DOC = (DOCS / "fleetctl.md").read_text()
 CLOUD_SYNC_DOC = (DOCS / "cloud-sync.md").read_text()
+ADMIN_API_DOC = (DOCS / "admin-api.md").read_text()
 
 
 def _fleetctl_commands(command: Any = None, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
@@ -70,7 +72,10 @@ def test_every_fleetctl_command_has_help_and_a_section(path: tuple[str, ...]) ->
     assert (command.help or "").split("\n")[0].strip() in " ".join(result.output.split())
 
     text = section(FLEETCTL_DOC, f"fleetctl {' '.join(path)}")
+    assert "--json" in result.output  # every command takes it after its name too (documented under Connecting)
     for param in command.params:
+        if param.name == "json_after_command":
+            continue
         assert getattr(param, "help", None), f"{param.name} of {path} has no help text"
         name = param.opts[0] if param.param_type_name == "option" else param.name.upper()
         assert name in text, f"{name} of fleetctl {' '.join(path)} is not in its section"
@@ -84,6 +89,7 @@ def test_fleetctl_global_options_and_exit_codes_are_documented() -> None:
         assert getattr(param, "help", None), param.name
         for envvar in [param.envvar] if isinstance(param.envvar, str) else param.envvar or []:
             assert envvar in FLEETCTL_DOC
+    assert "`fleetctl devices list --json` are the same" in section(FLEETCTL_DOC, "Connecting")
     codes = section(FLEETCTL_DOC, "Exit codes")
     for code in range(5):
         assert re.search(rf"^\| {code} \|", codes, re.MULTILINE), f"exit code {code} is not in the table"
@@ -122,9 +128,17 @@ def test_every_admin_api_route_is_documented(cloud_sync: RunningCloudSync) -> No
     # The running process's schema: routes added by other modules (registry, policies, enrollment, state)
     # through ApiContext.extra_routes are in it, as create_app alone would not have them.
     schema = cloud_sync.api.get("/openapi.json").json()
-    endpoints = section(CLOUD_SYNC_DOC, "Admin API")
+    endpoints = section(ADMIN_API_DOC, "Routes")
     routes = [(method.upper(), path) for path, item in schema["paths"].items() for method in item]
     assert ("PUT", "/v1/policies/{name}") in routes and ("POST", "/v1/models") in routes
     for method, path in routes:
         if method != "HEAD":
             assert f"`{method} {path}`" in endpoints, f"{method} {path} is not documented"
+
+
+def test_every_error_status_the_schema_documents_is_in_the_error_table(cloud_sync: RunningCloudSync) -> None:
+    schema = cloud_sync.api.get("/openapi.json").json()
+    codes = {code for item in schema["paths"].values() for op in item.values() for code in op["responses"]}
+    table = section(ADMIN_API_DOC, "Errors")
+    for code in sorted(c for c in codes if int(c) >= 400):
+        assert re.search(rf"^\| {code} \|", table, re.MULTILINE), f"status {code} is not in the error table"

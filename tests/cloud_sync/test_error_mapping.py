@@ -237,7 +237,7 @@ def test_each_error_arrives_as_its_http_code_with_its_message(api: httpx.Client,
     error = _error(cls)
     response = api.get(f"/test/raise/{_name(cls)}")
     assert response.status_code == HTTP_CODES.get(cls, http_code(error))
-    assert response.json() == {"detail": error.message}
+    assert response.json() == {"detail": error.message, "errors": []}
     if issubclass(cls, Unauthenticated):
         assert response.headers["www-authenticate"] == "Bearer"
 
@@ -246,7 +246,7 @@ def test_an_unknown_exception_is_a_500_with_the_generic_message_only(api: httpx.
     with capture_logs() as logs:
         response = api.get("/test/raise/unknown")
     assert response.status_code == 500
-    assert response.json() == {"detail": INTERNAL_MESSAGE}
+    assert response.json() == {"detail": INTERNAL_MESSAGE, "errors": []}
     assert SECRET not in response.text
     (logged,) = [e for e in logs if e["event"] == "api.internal_error"]
     assert logged["error"] == "RuntimeError"

@@ -403,3 +403,90 @@ def test_cloud_sync_unreachable_exits_1_naming_the_url_option(cloud_sync: Runnin
 @pytest.mark.parametrize("url", ["localhost:8080", "http://[::1"])
 def test_a_url_that_is_not_http_exits_2(cloud_sync: RunningCloudSync, url: str) -> None:
     assert "--url" in failed(fleetctl(cloud_sync, "--url", url, "devices", "list"), 2)
+
+
+# -- output and shell --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "command", [["devices", "list"], ["devices", "token", "list"], ["policies", "list"], ["models", "assignments"]]
+)
+def test_json_is_accepted_after_the_command_as_before_it(cloud_sync: RunningCloudSync, command: list[str]) -> None:
+    cloud_sync.new_device("ctl-json")
+    before = json.loads(ok(fleetctl(cloud_sync, "--json", *command)))
+    after = json.loads(ok(fleetctl(cloud_sync, *command, "--json")))
+    assert isinstance(after, list)
+    if command == ["devices", "list"]:  # another test may add a device between the two runs
+        assert {d["device_id"] for d in before} <= {d["device_id"] for d in after}
+    else:
+        assert after == before
+
+
+def test_json_after_a_command_with_arguments_and_options(cloud_sync: RunningCloudSync) -> None:
+    device_id, _ = cloud_sync.new_device("ctl-json")
+    shown = json.loads(ok(fleetctl(cloud_sync, "devices", "show", device_id, "--json")))
+    assert shown["device_id"] == device_id
+    created = json.loads(ok(fleetctl(cloud_sync, "devices", "add", "ctl-json-add", "--json", "--labels", "a=b")))
+    assert created["labels"] == {"a": "b"} and created["token"].startswith("efd_")
+    # Without --json anywhere, the same command prints text.
+    assert not ok(fleetctl(cloud_sync, "devices", "show", device_id)).lstrip().startswith("{")
+
+
+def _numbers(value: Any, key: str = "") -> Iterator[tuple[str, Any]]:
+    """(key, value) of every field whose name says it is a count, an id or a time."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _numbers(v, k)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _numbers(v, key)
+    elif key.endswith(("_ms", "_seq", "_total", "generation", "_bytes")) or key in ("seq", "version", "attempts"):
+        yield key, value
+
+
+def test_json_numbers_are_numbers(cloud_sync: RunningCloudSync) -> None:
+    # The desired and reported states are protobuf messages: the JSON mapping writes 64-bit integers as strings,
+    # and `"generation": "1"` once reached scripts that compared it with a number.
+    from edgefleet.proto.edgefleet.v1.state_pb2 import ReportedState
+    from tests.cloud_sync.desired.test_api_state import push_model, report
+
+    device_id, token = cloud_sync.new_device("ctl-num", {"numbers": "yes"})
+    push_model(cloud_sync, "ctlnum", 1)
+    ok(fleetctl(cloud_sync, "models", "assign", "ctlnum", "1", "--selector", "numbers=yes"))
+    shown = json.loads(ok(fleetctl(cloud_sync, "--json", "devices", "show", device_id)))
+    generation = shown["state"]["desired"]["generation"]
+    assert isinstance(generation, int) and generation >= 1
+    report(cloud_sync, token, ReportedState(device_id=device_id, generation=generation, reported_at_ms=1))
+
+    shown = json.loads(ok(fleetctl(cloud_sync, "devices", "show", device_id, "--json")))
+    assert shown["state"]["reported"]["generation"] == generation and shown["state"]["in_sync"] is True
+    found = dict(_numbers(shown))
+    assert {"generation", "issued_at_ms", "reported_at_ms", "created_at_ms", "acked_seq"} <= set(found)
+    for key, value in _numbers(shown):
+        assert value is None or (isinstance(value, int) and not isinstance(value, bool)), (key, value)
+    listed = next(
+        d for d in json.loads(ok(fleetctl(cloud_sync, "devices", "list", "--json"))) if d["device_id"] == device_id
+    )
+    assert listed["desired_generation"] == generation and isinstance(listed["created_at_ms"], int)
+
+
+def test_show_completion_prints_a_bash_script_for_fleetctl(cloud_sync: RunningCloudSync) -> None:
+    script = ok(fleetctl(cloud_sync, "--show-completion", "bash"))
+    assert "_FLEETCTL_COMPLETE=complete_bash" in script
+    assert script.rstrip().endswith("complete -o default -F _fleetctl_completion fleetctl")
+
+
+@pytest.mark.parametrize(
+    "words, cword, expected",
+    [
+        ("fleetctl devices li", 2, "list"),
+        ("fleetctl rollouts ab", 2, "abort"),
+        ("fleetctl devices list --j", 3, "--json"),
+    ],
+)
+def test_completion_completes_commands_and_options(
+    cloud_sync: RunningCloudSync, words: str, cword: int, expected: str
+) -> None:
+    # What bash's completion function (the script above) runs on <TAB>.
+    env = environment(cloud_sync, _FLEETCTL_COMPLETE="complete_bash", COMP_WORDS=words, COMP_CWORD=str(cword))
+    assert ok(fleetctl(cloud_sync, env=env)).split() == [expected]

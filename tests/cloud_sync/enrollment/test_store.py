@@ -91,7 +91,7 @@ def test_a_pre_chosen_id_registered_already_is_refused_at_mint(
     tokens: EnrollmentTokens, devices: DeviceRegistry
 ) -> None:
     devices.add_device("cam-1")
-    with pytest.raises(InvalidArgument, match="registered already"):
+    with pytest.raises(AlreadyExists, match="registered already"):
         tokens.mint({}, ttl_s=3600, device_id="cam-1")
     assert tokens.list() == []
 

@@ -91,6 +91,8 @@ def test_a_version_without_telemetry_compares_as_zeros_with_no_ratio(
         ({"a": "digits:1", "b": "digits:0"}, "b: model version"),
         ({"a": "digits:1", "b": "digits:-2"}, "b: 'digits:-2' is not name:version"),
         ({"a": "digits:1", "b": "digits:2", "selector": "site"}, "selector: selector term 'site' is not key=value"),
+        # The schema's form (format_selector's): what parse_selector would strip is refused, not guessed.
+        ({"a": "digits:1", "b": "digits:2", "selector": "site = lab"}, "selector: write it as 'site=lab'"),
         ({"a": "digits:1", "b": "digits:2", "since_s": 0}, "since_s"),
         ({"a": "digits:1", "b": "digits:2", "since_s": 10**9}, "since_s"),
         ({"a": "digits:1", "b": "digits:2", "since_s": "1h"}, "since_s"),

@@ -1,0 +1,152 @@
+"""The admin API's bearer auth and its one error body, as the OpenAPI schema declares them.
+
+Auth goes through FastAPI's own `HTTPBearer` (scheme `bearerAuth`), so /docs has its Authorize button and
+generated clients send the token. `BearerAuth.require(role)` is the dependency every /v1 route takes: today
+one admin token holds every role; issue 14 gives each token a role and the same call answers 403 below it.
+Not the routes (api.py, api_*.py) nor the error mapping (status.py).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Iterable, Mapping
+from typing import Annotated, Any, Literal
+
+from fastapi import Depends, HTTPException, Security
+from fastapi.encoders import jsonable_encoder
+from fastapi.responses import Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, Field
+
+from cloud_sync.errors import Unauthenticated
+
+__all__ = [
+    "ERROR_MEANINGS",
+    "ROLES",
+    "BearerAuth",
+    "ErrorBody",
+    "FieldProblem",
+    "Role",
+    "as_auth",
+    "error_response",
+    "errors",
+    "validation_error_response",
+]
+
+Role = Literal["viewer", "operator", "admin"]
+# Each role may do what the ones before it may.
+ROLES: tuple[Role, ...] = ("viewer", "operator", "admin")
+
+UNAUTHENTICATED_MESSAGE = "send 'Authorization: Bearer <admin token>' (cloud-sync admin-token prints it)"
+
+# auto_error off: a missing or non-bearer header reaches `require`, which answers 401 with the message above
+# and `WWW-Authenticate: Bearer` (FastAPI's own answer says only "Not authenticated").
+_bearer = HTTPBearer(
+    scheme_name="bearerAuth",
+    description="The admin token: `cloud-sync admin-token` prints it.",
+    auto_error=False,
+)
+
+
+class FieldProblem(BaseModel):
+    """One invalid input of a 422: where it is and what is wrong with it."""
+
+    loc: list[str | int] = Field(description='Where: ["body", "device_id"], ["query", "limit"]...')
+    msg: str = Field(description="What is wrong, for a person.")
+    type: str = Field(description="Pydantic's error type, for a program (string_too_short, missing...).")
+
+
+class ErrorBody(BaseModel):
+    """Every error the API answers has this body: `detail` says what was wrong and what to do."""
+
+    detail: str = Field(description="The reason, for a person; names the field of a bad input.")
+    errors: list[FieldProblem] = Field(
+        default_factory=list, description="Each invalid input of a 422 from request validation; else empty."
+    )
+
+
+# What each status means on this API, for the schema.
+ERROR_MEANINGS = {
+    400: "The body could not be read: not UTF-8 JSON, or an upload cut off; nothing was changed.",
+    401: "No bearer token, or not the admin token (`WWW-Authenticate: Bearer`).",
+    403: "The token's role may not do this.",
+    404: "No such object (the message names it).",
+    409: "The object exists already, or its state forbids the call (the message says what holds it).",
+    413: "The request body is past its limit (http.max_body_bytes; registry.max_blob_bytes for blobs).",
+    422: "An input is invalid; `detail` names the field, `errors` lists each problem of request validation.",
+    503: "The database cannot be reached or is busy; retry later.",
+}
+
+
+def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """The `responses=` of a route: each of `codes` with the error body and its meaning on this API.
+
+    A route that reads a body (413) also answers 400 for one FastAPI cannot parse."""
+    found = {*codes, 400} if 413 in codes else set(codes)
+    return {code: {"model": ErrorBody, "description": ERROR_MEANINGS[code]} for code in sorted(found)}
+
+
+def error_response(status: int, detail: str, headers: Mapping[str, str] | None = None) -> Response:
+    return _json(status, ErrorBody(detail=detail), headers)
+
+
+def validation_error_response(problems: Iterable[Mapping[str, Any]]) -> Response:
+    """422 naming each invalid input as `field: problem`, the loc leaving out where it came from (body...)."""
+    found = [
+        FieldProblem(loc=list(p.get("loc", ())), msg=str(p.get("msg", "")), type=str(p.get("type", "")))
+        for p in problems
+    ]
+    detail = "; ".join(f"{_field(p.loc)}: {p.msg}" for p in found)
+    return _json(422, ErrorBody(detail=detail or "invalid request", errors=found))
+
+
+def _field(loc: list[str | int]) -> str:
+    """`["body", "labels", "site"]` -> "labels.site"; the body itself -> "body"."""
+    return ".".join(str(part) for part in loc[1:]) or (str(loc[0]) if loc else "body")
+
+
+def _json(status: int, body: ErrorBody, headers: Mapping[str, str] | None = None) -> Response:
+    # ASCII JSON: a message may quote the input, and an input holding a lone surrogate (valid JSON, not valid
+    # UTF-8) made rendering the answer fail with a 500.
+    text = json.dumps(jsonable_encoder(body))
+    return Response(text, status_code=status, media_type="application/json", headers=dict(headers or {}))
+
+
+class BearerAuth:
+    """Bearer tokens and the role each holds; `require(role)` is a route's dependency.
+
+    Every token is compared in constant time, and all of them every time (which one matched must not show
+    in the answer's timing). An empty token never matches.
+    """
+
+    def __init__(self, tokens: str | Mapping[str, Role]) -> None:
+        given: dict[str, Role] = {tokens: "admin"} if isinstance(tokens, str) else dict(tokens)
+        self._tokens = [(token.encode(), role) for token, role in given.items() if token]
+
+    def role_of(self, token: str) -> Role | None:
+        found: Role | None = None
+        presented = token.encode()
+        for known, role in self._tokens:
+            if hmac.compare_digest(presented, known):
+                found = role
+        return found
+
+    def require(self, role: Role) -> list[Any]:
+        """The `dependencies=` of a route that needs `role` (or a higher one)."""
+        needed = ROLES.index(role)
+
+        def check(credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)]) -> None:
+            token = credentials.credentials.strip() if credentials is not None else ""
+            held = self.role_of(token) if token else None
+            if held is None:
+                raise Unauthenticated(UNAUTHENTICATED_MESSAGE)
+            if ROLES.index(held) < needed:
+                raise HTTPException(status_code=403, detail=f"this call needs the {role} role; the token is {held}")
+
+        return [Depends(check)]
+
+
+def as_auth(tokens: str | BearerAuth) -> BearerAuth:
+    """What the route factories take: the admin token (cloud-sync's process passes it), or a BearerAuth."""
+    return tokens if isinstance(tokens, BearerAuth) else BearerAuth(tokens)
