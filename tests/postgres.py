@@ -2,14 +2,23 @@
 
 PostgreSQL comes from $EDGEFLEET_TEST_POSTGRES (a SQLAlchemy URL), by default the local server on
 127.0.0.1:5432, database `test`. Tests that need it are skipped, saying why, only when it cannot be reached.
+
+`make test` runs the suite in several processes (pytest-xdist), and two fault tests restart the server under
+everyone. So every schema is used under a shared flock on one file, and a restart takes it exclusively: it
+waits for the schemas other processes use to be dropped, and no schema is made while it runs. (A process's
+own lock is converted, and flock releases it before it waits for the exclusive one, so two restarts never
+deadlock.)
 """
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import os
 import shutil
 import subprocess
+import tempfile
+import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -53,23 +62,65 @@ def postgres_unreachable() -> str | None:
     return None
 
 
+class _ServerLock:
+    """This process's share of the server: a shared flock while any schema is in use, exclusive to restart."""
+
+    def __init__(self) -> None:
+        self._path = Path(tempfile.gettempdir()) / f"edgefleet-tests-postgres-{os.getuid()}.lock"
+        self._mutex = threading.Lock()
+        self._fd: int | None = None
+        self._users = 0
+
+    def _file(self) -> int:
+        if self._fd is None:
+            self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+        return self._fd
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._mutex:
+            if self._users == 0:
+                fcntl.flock(self._file(), fcntl.LOCK_SH)
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._mutex:
+                self._users -= 1
+                if self._users == 0:
+                    fcntl.flock(self._file(), fcntl.LOCK_UN)
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._mutex:
+            fcntl.flock(self._file(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(self._file(), fcntl.LOCK_SH if self._users else fcntl.LOCK_UN)
+
+
+_SERVER = _ServerLock()
+
+
 @contextmanager
 def postgres_schema_url() -> Iterator[str]:
     """A URL whose connections see only a fresh schema of their own; the schema is dropped afterwards."""
-    reason = postgres_unreachable()
-    if reason:
-        pytest.skip(reason)
-    schema = f"test_store_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(POSTGRES_CONNINFO, autocommit=True) as conn:
-        conn.execute(f'CREATE SCHEMA "{schema}"')
-    try:
-        url = sa.make_url(POSTGRES_URL).update_query_dict({"options": f"-csearch_path={schema}"})
-        yield url.render_as_string(hide_password=False)
-    finally:
+    with _SERVER.shared():
+        reason = postgres_unreachable()
+        if reason:
+            pytest.skip(reason)
+        schema = f"test_store_{uuid.uuid4().hex[:12]}"
         with psycopg.connect(POSTGRES_CONNINFO, autocommit=True) as conn:
-            # Fail, rather than hang the session, if a test left a transaction open in the schema.
-            conn.execute("SET lock_timeout = '10s'")
-            conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+            conn.execute(f'CREATE SCHEMA "{schema}"')
+        try:
+            url = sa.make_url(POSTGRES_URL).update_query_dict({"options": f"-csearch_path={schema}"})
+            yield url.render_as_string(hide_password=False)
+        finally:
+            with psycopg.connect(POSTGRES_CONNINFO, autocommit=True) as conn:
+                # Fail, rather than hang the session, if a test left a transaction open in the schema.
+                conn.execute("SET lock_timeout = '10s'")
+                conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
 
 
 def local_cluster() -> tuple[str, str] | None:
@@ -93,10 +144,12 @@ def accepting() -> bool:
 
 
 def restart_postgres(version: str, name: str) -> None:
-    subprocess.run(
-        ["pg_ctlcluster", "--skip-systemctl-redirect", "--mode", "fast", version, name, "restart"],
-        check=True,
-        timeout=60,
-        capture_output=True,
-    )
-    wait_for(accepting, timeout=60, what="PostgreSQL to accept connections after its restart", poll=0.1)
+    """Restart the server once no other test process has a schema on it (see the module's docstring)."""
+    with _SERVER.exclusive():
+        subprocess.run(
+            ["pg_ctlcluster", "--skip-systemctl-redirect", "--mode", "fast", version, name, "restart"],
+            check=True,
+            timeout=60,
+            capture_output=True,
+        )
+        wait_for(accepting, timeout=60, what="PostgreSQL to accept connections after its restart", poll=0.1)
