@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from cloud_sync.api_auth import BearerAuth, as_auth, error_response, errors, validation_error_response
+from cloud_sync.api_auth import BearerAuth, actor_of, as_auth, error_response, errors, validation_error_response
 from cloud_sync.api_schemas import (
     DEVICE_ID_PATTERN,
     LABELS_SCHEMA,
@@ -39,7 +39,8 @@ from cloud_sync.api_schemas import (
 )
 from cloud_sync.errors import CloudSyncError, InvalidArgument, Unauthenticated
 from cloud_sync.status import INTERNAL_MESSAGE, http_code, unexpected_error_fields
-from cloud_sync.store import DeviceRegistry, ResultStore, TelemetryStore
+from cloud_sync.store import AuditLog, DeviceRegistry, ResultStore, TelemetryStore
+from cloud_sync.store.audit import AuditDraft
 from cloud_sync.store.batches import MAX_SEQ
 from cloud_sync.store.results import MAX_PAGE, QuarantineEntry
 
@@ -77,6 +78,7 @@ class ApiContext:
         telemetry: TelemetryStore | None = None,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         device_states: DeviceStateView | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
         self.devices = devices
         self.results = results
@@ -86,6 +88,13 @@ class ApiContext:
         self.telemetry = telemetry
         self.max_body_bytes = max_body_bytes
         self.device_states = device_states
+        # Where the device routes record their changes (None: not recorded, as in a test of routes alone).
+        self.audit = audit
+
+    def record(self, draft: AuditDraft) -> None:
+        """Write the audit record of a change that has committed (DeviceRegistry writes have no hook for it)."""
+        if self.audit is not None:
+            self.audit.record(draft)
 
 
 class NewDevice(BaseModel):
@@ -318,9 +327,11 @@ def create_app(ctx: ApiContext) -> FastAPI:
         status_code=201,
         responses=errors(*AUTH_ERRORS, 409, 413, 422),
     )
-    def add_device(body: NewDevice) -> CreatedDevice:
+    def add_device(body: NewDevice, request: Request) -> CreatedDevice:
         """Register a device; its token is in this answer only."""
         token = ctx.devices.add_device(body.device_id, body.labels)
+        after = {"device_id": body.device_id, "labels": body.labels}
+        ctx.record(AuditDraft(actor_of(request), "device.add", f"device/{body.device_id}", None, after))
         return CreatedDevice(device_id=body.device_id, labels=body.labels, token=token)
 
     @app.get(
@@ -356,10 +367,15 @@ def create_app(ctx: ApiContext) -> FastAPI:
         dependencies=admin,
         responses=errors(*AUTH_ERRORS, 404, 422),
     )
-    def revoke_device(device_id: DeviceIdPath) -> Device:
+    def revoke_device(device_id: DeviceIdPath, request: Request) -> Device:
         """Cut a device off: its token stops working on every channel (idempotent)."""
+        was = ctx.devices.get_device(device_id)
         ctx.devices.revoke(device_id)
-        return Device.model_validate(_device_json(ctx.devices.get_device(device_id)))
+        now = _device_json(ctx.devices.get_device(device_id))
+        if not was.revoked:  # a second revoke changes nothing: no record
+            draft = AuditDraft(actor_of(request), "device.revoke", f"device/{device_id}", _device_json(was), now)
+            ctx.record(draft)
+        return Device.model_validate(now)
 
     @app.get(
         "/v1/devices/{device_id}/quarantine",

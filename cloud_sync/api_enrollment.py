@@ -6,14 +6,17 @@ Enrollment service (cloud_sync/enrollment.py).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import asdict
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from cloud_sync.api_auth import BearerAuth, as_auth, errors
+from cloud_sync.api_audit import recorder
+from cloud_sync.api_auth import BearerAuth, actor_of, as_auth, errors
 from cloud_sync.api_schemas import DEVICE_ID_PATTERN, LABELS_SCHEMA, EnrollmentTokenList, MintedToken
+from cloud_sync.store.audit import AuditDraft, AuditLog
 from cloud_sync.store.database import now_ms
 from cloud_sync.store.enrollment import MAX_TTL_S, MIN_TTL_S, EnrollmentTokens
 
@@ -58,9 +61,12 @@ class NewEnrollmentToken(BaseModel):
         return labels
 
 
-def enrollment_routes(tokens: EnrollmentTokens, admin_token: str | BearerAuth) -> Callable[[FastAPI], None]:
+def enrollment_routes(
+    tokens: EnrollmentTokens, admin_token: str | BearerAuth, audit: AuditLog | None = None
+) -> Callable[[FastAPI], None]:
     auth = as_auth(admin_token)
     admin = auth.require("admin")
+    record = recorder(audit)
     read = errors(401, 403, 503)
 
     def add(app: FastAPI) -> None:
@@ -71,9 +77,14 @@ def enrollment_routes(tokens: EnrollmentTokens, admin_token: str | BearerAuth) -
             status_code=201,
             responses=errors(401, 403, 409, 413, 422, 503),
         )
-        def mint_token(body: NewEnrollmentToken) -> MintedToken:
+        def mint_token(body: NewEnrollmentToken, request: Request) -> MintedToken:
             """A one-time enrollment token: shown only in this answer; `edge-agent enroll --token` redeems it."""
             token, expires_at_ms = tokens.mint(body.labels, body.expires_in_s, body.device_id)
+            # The token's id as `GET /v1/enrollment-tokens` lists it (a sha256 prefix), never the token.
+            token_id = hashlib.sha256(token.encode()).hexdigest()[:12]
+            after = {"id": token_id, "labels": body.labels, "device_id": body.device_id, "expires_at_ms": expires_at_ms}
+            target = f"enrollment_token/{token_id}"
+            record(AuditDraft(actor_of(request), "enrollment_token.create", target, None, after))
             return MintedToken(token=token, expires_at_ms=expires_at_ms, labels=body.labels, device_id=body.device_id)
 
         @app.get("/v1/enrollment-tokens", tags=["enrollment"], dependencies=admin, responses=read)

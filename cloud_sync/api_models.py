@@ -17,12 +17,14 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import ClientDisconnect
 
-from cloud_sync.api_auth import ERROR_MEANINGS, BearerAuth, as_auth, errors
+from cloud_sync.api_audit import recorder
+from cloud_sync.api_auth import ERROR_MEANINGS, BearerAuth, actor_of, as_auth, errors
 from cloud_sync.api_schemas import MODEL_NAME_PATTERN, SHA256_PATTERN, Blob, ModelList, ModelVersion, SigningKey
 from cloud_sync.errors import InvalidArgument, TooLarge
 from cloud_sync.registry.blobs import check_sha256
 from cloud_sync.registry.store import ModelRegistry, check_model_ref
 from cloud_sync.registry.store import ModelVersion as StoredVersion
+from cloud_sync.store.audit import AuditDraft, AuditLog
 from cloud_sync.store.database import now_ms
 
 __all__ = ["DEFAULT_EXPIRES_S", "MAX_EXPIRES_S", "MIN_EXPIRES_S", "model_json", "model_routes"]
@@ -144,14 +146,27 @@ def _chunks(stream: AsyncIterator[bytes], loop: asyncio.AbstractEventLoop) -> It
             yield chunk
 
 
+def _target(shown: dict[str, Any]) -> str:
+    return f"model/{shown['name']}:{shown['version']}"
+
+
+def _summary(shown: dict[str, Any]) -> dict[str, Any]:
+    """What an audit record keeps of a version: its identity and signature, not its whole manifest."""
+    keep = ("name", "version", "sha256", "size", "serial", "key_id", "signed_at_ms", "expires_at_ms")
+    return {key: shown[key] for key in keep if key in shown}
+
+
 def model_routes(
     registry: ModelRegistry,
     admin_token: str | BearerAuth,
     in_use: Callable[[str, int], list[str]],
     max_blob_bytes: int,
+    audit: AuditLog | None = None,
 ) -> Callable[[FastAPI], None]:
     auth = as_auth(admin_token)
     viewer, operator, admin = auth.require("viewer"), auth.require("operator"), auth.require("admin")
+    # Registering, signing and deleting a version are recorded; a blob alone changes nothing devices see.
+    record = recorder(audit)
 
     def add(app: FastAPI) -> None:
         @app.put(
@@ -214,11 +229,14 @@ def model_routes(
                 **errors(401, 403, 409, 413, 422, 503),
             },
         )
-        def register_model(body: NewModel, response: Response) -> dict[str, Any]:
+        def register_model(body: NewModel, response: Response, request: Request) -> dict[str, Any]:
             """Register and sign a version (201); the same manifest again: 200 with the version as it is."""
             found, created = registry.register_new(_integers(body.manifest), now_ms() + body.expires_in_s * 1000)
             response.status_code = 201 if created else 200
-            return model_json(found)
+            shown = model_json(found)
+            if created:
+                record(AuditDraft(actor_of(request), "model.register", _target(shown), None, _summary(shown)))
+            return shown
 
         @app.get("/v1/models", tags=["models"], dependencies=viewer, responses=errors(401, 403, 422, 503))
         def list_models(
@@ -243,9 +261,11 @@ def model_routes(
             dependencies=admin,
             responses=errors(401, 403, 404, 409, 422, 503),
         )
-        def delete_model(name: NamePath, version: VersionPath) -> ModelVersion:
+        def delete_model(name: NamePath, version: VersionPath, request: Request) -> ModelVersion:
             """Delete a version no device is assigned or runs (409 naming them otherwise), and its unshared blobs."""
-            return ModelVersion.model_validate(model_json(registry.delete(*check_model_ref(name, version), in_use)))
+            shown = model_json(registry.delete(*check_model_ref(name, version), in_use))
+            record(AuditDraft(actor_of(request), "model.delete", _target(shown), _summary(shown), None))
+            return ModelVersion.model_validate(shown)
 
         @app.post(
             "/v1/models/{name}/{version}/sign",
@@ -253,12 +273,13 @@ def model_routes(
             dependencies=operator,
             responses=errors(401, 403, 404, 413, 422, 503),
         )
-        def sign_model(name: NamePath, version: VersionPath, body: SignAgain) -> ModelVersion:
+        def sign_model(name: NamePath, version: VersionPath, body: SignAgain, request: Request) -> ModelVersion:
             """Sign the version again with a new expiry under a new serial."""
             name, version = check_model_ref(name, version)
-            return ModelVersion.model_validate(
-                model_json(registry.sign_again(name, version, now_ms() + body.expires_in_s * 1000))
-            )
+            before = _summary(model_json(registry.get(name, version)))
+            shown = model_json(registry.sign_again(name, version, now_ms() + body.expires_in_s * 1000))
+            record(AuditDraft(actor_of(request), "model.sign", _target(shown), before, _summary(shown)))
+            return ModelVersion.model_validate(shown)
 
         @app.get("/v1/fleet/signing-key", tags=["models"], dependencies=viewer, responses=errors(401, 403, 503))
         def signing_key() -> SigningKey:

@@ -13,10 +13,11 @@ from dataclasses import asdict
 from typing import Annotated, Any
 
 import structlog
-from fastapi import FastAPI, Path
+from fastapi import FastAPI, Path, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from cloud_sync.api_auth import BearerAuth, as_auth, errors
+from cloud_sync.api_audit import recorder
+from cloud_sync.api_auth import BearerAuth, actor_of, as_auth, errors
 from cloud_sync.api_schemas import (
     DEVICE_ID_PATTERN,
     POLICY_NAME_PATTERN,
@@ -39,6 +40,7 @@ from cloud_sync.policies import (
 )
 from cloud_sync.selectors import check_selector
 from cloud_sync.store import DeviceRegistry, PolicyStore
+from cloud_sync.store.audit import AuditDraft, AuditLog
 from cloud_sync.store.database import now_ms
 
 __all__ = ["policy_routes"]
@@ -114,11 +116,17 @@ def _check_fleet(policies: list[Policy], devices: DeviceRegistry) -> None:
 
 
 def policy_routes(
-    store: PolicyStore, devices: DeviceRegistry, admin_token: str | BearerAuth, on_change: Callable[[], None]
+    store: PolicyStore,
+    devices: DeviceRegistry,
+    admin_token: str | BearerAuth,
+    on_change: Callable[[], None],
+    audit: AuditLog | None = None,
 ) -> Callable[[FastAPI], None]:
-    """The routes as an ApiContext.extra_routes entry; `on_change()` runs after every stored change."""
+    """The routes as an ApiContext.extra_routes entry; `on_change()` runs after every stored change, and each
+    change is recorded in `audit`. Changing policies is the admin role's (they reach every device)."""
     auth = as_auth(admin_token)
-    viewer, operator = auth.require("viewer"), auth.require("operator")
+    viewer, admin = auth.require("viewer"), auth.require("admin")
+    record = recorder(audit)
 
     def changed(event: str, policy: Policy) -> None:
         log.info(event, policy=policy.name, version=policy.version)
@@ -131,17 +139,21 @@ def policy_routes(
         @app.put(
             "/v1/policies/{name}",
             tags=["policies"],
-            dependencies=operator,
+            dependencies=admin,
             responses=errors(401, 403, 413, 422, 503),
         )
-        def set_policy(name: NamePath, body: PolicyBody) -> PolicyView:
+        def set_policy(name: NamePath, body: PolicyBody, request: Request) -> PolicyView:
             """Create or replace a policy; 422 names the field of a bad input (nothing is stored then)."""
             candidate = _checked(name, body)
-            others = [p for p in store.list() if p.name != name]
+            current = store.list()
+            others = [p for p in current if p.name != name]
             _check_fleet([*others, candidate], devices)
+            before = next((policy_json(p).model_dump() for p in current if p.name == name), None)
             policy = store.set(name, candidate.selector, candidate.priority, candidate.document)
+            shown = policy_json(policy)
+            record(AuditDraft(actor_of(request), "policy.set", f"policy/{name}", before, shown.model_dump()))
             changed("policy.set", policy)
-            return policy_json(policy)
+            return shown
 
         @app.get("/v1/policies", tags=["policies"], dependencies=viewer, responses=errors(401, 403, 503))
         def list_policies() -> PolicyList:
@@ -156,15 +168,17 @@ def policy_routes(
             return policy_json(store.get(name))
 
         @app.delete(
-            "/v1/policies/{name}", tags=["policies"], dependencies=operator, responses=errors(401, 403, 404, 422, 503)
+            "/v1/policies/{name}", tags=["policies"], dependencies=admin, responses=errors(401, 403, 404, 422, 503)
         )
-        def delete_policy(name: NamePath) -> PolicyView:
+        def delete_policy(name: NamePath, request: Request) -> PolicyView:
             """Remove a policy; devices it matched go back to what the remaining policies give them."""
             store.get(name)
             _check_fleet([p for p in store.list() if p.name != name], devices)
             policy = store.delete(name)
+            shown = policy_json(policy)
+            record(AuditDraft(actor_of(request), "policy.delete", f"policy/{name}", shown.model_dump(), None))
             changed("policy.deleted", policy)
-            return policy_json(policy)
+            return shown
 
         @app.get(
             "/v1/devices/{device_id}/effective-policy",

@@ -11,10 +11,10 @@ import re
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI, Path, Query
+from fastapi import FastAPI, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from cloud_sync.api_auth import BearerAuth, as_auth, errors
+from cloud_sync.api_auth import BearerAuth, actor_of, as_auth, errors
 from cloud_sync.api_schemas import MODEL_NAME_PATTERN, SELECTOR_SCHEMA, Rollout, RolloutEventPage, RolloutList
 from cloud_sync.errors import InvalidArgument
 from cloud_sync.rollouts.plan import MAX_REASON_CHARS, Gates, Stage, parse_gates, parse_stages
@@ -114,7 +114,7 @@ def rollout_routes(service: RolloutService, admin_token: str | BearerAuth) -> Ca
             status_code=201,
             responses=errors(401, 403, 409, 413, 422, 503),
         )
-        def create_rollout(body: NewRollout) -> Rollout:
+        def create_rollout(body: NewRollout, request: Request) -> Rollout:
             """Start a staged rollout of `to_version` to the devices `selector` matches (422 names a bad field)."""
             check_model_name(body.model)
             try:
@@ -122,7 +122,9 @@ def rollout_routes(service: RolloutService, admin_token: str | BearerAuth) -> Ca
             except InvalidArgument as exc:
                 raise InvalidArgument(f"selector: {exc.message}") from None
             stages, gates = _stages(body.stages), _gates(body.gates)
-            rollout = service.create(body.model, body.to_version, selector, stages, gates, body.shadow_sample_rate)
+            rollout = service.create(
+                body.model, body.to_version, selector, stages, gates, body.shadow_sample_rate, by=actor_of(request)
+            )
             return shown(rollout.id)
 
         @app.get("/v1/rollouts", tags=["rollouts"], dependencies=viewer, responses=errors(401, 403, 422, 503))
@@ -158,27 +160,27 @@ def rollout_routes(service: RolloutService, admin_token: str | BearerAuth) -> Ca
             )
 
         @app.post("/v1/rollouts/{rollout_id}/pause", tags=["rollouts"], dependencies=operator, responses=transition)
-        def pause_rollout(rollout_id: RolloutIdPath, body: Transition | None = None) -> Rollout:
+        def pause_rollout(rollout_id: RolloutIdPath, request: Request, body: Transition | None = None) -> Rollout:
             """Hold a running rollout at its stage (devices keep what they run); 409 unless it is running."""
-            service.pause(check_rollout_id(rollout_id), "operator", _reason(body))
+            service.pause(check_rollout_id(rollout_id), "operator", _reason(body), by=actor_of(request))
             return shown(rollout_id)
 
         @app.post("/v1/rollouts/{rollout_id}/resume", tags=["rollouts"], dependencies=operator, responses=transition)
-        def resume_rollout(rollout_id: RolloutIdPath, body: Transition | None = None) -> Rollout:
+        def resume_rollout(rollout_id: RolloutIdPath, request: Request, body: Transition | None = None) -> Rollout:
             """Let a paused rollout go on (its stage's bake time starts again); 409 unless it is paused."""
-            service.resume(check_rollout_id(rollout_id), "operator", _reason(body))
+            service.resume(check_rollout_id(rollout_id), "operator", _reason(body), by=actor_of(request))
             return shown(rollout_id)
 
         @app.post("/v1/rollouts/{rollout_id}/abort", tags=["rollouts"], dependencies=operator, responses=transition)
-        def abort_rollout(rollout_id: RolloutIdPath, body: Transition | None = None) -> Rollout:
+        def abort_rollout(rollout_id: RolloutIdPath, request: Request, body: Transition | None = None) -> Rollout:
             """Stop the rollout and put every device back on the version it came from; 409 once it has ended."""
-            service.abort(check_rollout_id(rollout_id), "operator", _reason(body))
+            service.abort(check_rollout_id(rollout_id), "operator", _reason(body), by=actor_of(request))
             return shown(rollout_id)
 
         @app.post("/v1/rollouts/{rollout_id}/promote", tags=["rollouts"], dependencies=operator, responses=transition)
-        def promote_rollout(rollout_id: RolloutIdPath, body: Transition | None = None) -> Rollout:
+        def promote_rollout(rollout_id: RolloutIdPath, request: Request, body: Transition | None = None) -> Rollout:
             """Advance one stage now, skipping the gates (after the last: complete); 409 once it has ended."""
-            service.promote(check_rollout_id(rollout_id), "operator", _reason(body))
+            service.promote(check_rollout_id(rollout_id), "operator", _reason(body), by=actor_of(request))
             return shown(rollout_id)
 
     return add

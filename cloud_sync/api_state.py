@@ -10,11 +10,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Path, Query
+from fastapi import FastAPI, Path, Query, Request
 from google.protobuf.message import Message
 from pydantic import BaseModel, ConfigDict, Field
 
-from cloud_sync.api_auth import BearerAuth, as_auth, errors
+from cloud_sync.api_audit import recorder
+from cloud_sync.api_auth import BearerAuth, actor_of, as_auth, errors
 from cloud_sync.api_schemas import (
     DEVICE_ID_PATTERN,
     MODEL_NAME_PATTERN,
@@ -26,8 +27,9 @@ from cloud_sync.api_schemas import (
     message_json,
 )
 from cloud_sync.errors import InvalidArgument
-from cloud_sync.selectors import check_selector
+from cloud_sync.selectors import check_selector, format_selector
 from cloud_sync.store.assignments import AssignmentStore, check_model_name
+from cloud_sync.store.audit import AuditDraft, AuditLog
 from cloud_sync.store.control import ControlStore, StoredReport
 from cloud_sync.store.devices import DeviceRegistry
 from edgefleet.proto.edgefleet.v1.state_pb2 import DesiredState, ModelRole, ModelState, ModelStatus
@@ -151,6 +153,13 @@ def _checked_version(versions: VersionLookup, model: str, version: int) -> None:
         raise InvalidArgument(f"model {model}:{version} is not in the registry: push it first (fleetctl models push)")
 
 
+def _assignment_of(assignments: AssignmentStore, model: str, selector: dict[str, str]) -> dict[str, Any] | None:
+    """The assignment of (model, selector) as it is now, for the audit record's `before`."""
+    key = format_selector(selector)
+    found = [a for a in assignments.list(model) if format_selector(a.selector) == key]
+    return found[0].to_json() if found else None
+
+
 def state_routes(
     assignments: AssignmentStore,
     devices: DeviceRegistry,
@@ -158,19 +167,24 @@ def state_routes(
     admin_token: str | BearerAuth,
     versions: VersionLookup,
     on_change: Callable[[], None],
+    audit: AuditLog | None = None,
 ) -> Callable[[FastAPI], None]:
-    """The routes, for ApiContext.extra_routes."""
+    """The routes, for ApiContext.extra_routes; each change is recorded in `audit`."""
     auth = as_auth(admin_token)
     viewer, operator = auth.require("viewer"), auth.require("operator")
+    record = recorder(audit)
     changes = errors(401, 403, 413, 422, 503)
 
     def add(app: FastAPI) -> None:
         @app.put("/v1/assignments", tags=["assignments"], dependencies=operator, responses=changes)
-        def assign(body: AssignmentBody) -> Assignment:
+        def assign(body: AssignmentBody, request: Request) -> Assignment:
             """Assign a model version to the devices a selector matches (replaces that model+selector's one)."""
             selector = check_selector(body.selector)
             _checked_version(versions, body.model, body.version)
+            before = _assignment_of(assignments, body.model, selector)
             assignment = assignments.assign(body.model, body.version, selector, body.priority)
+            target = f"assignment/{body.model}/{format_selector(selector)}"
+            record(AuditDraft(actor_of(request), "assignment.set", target, before, assignment.to_json()))
             on_change()
             return Assignment.model_validate(assignment.to_json())
 
@@ -180,9 +194,13 @@ def state_routes(
             dependencies=operator,
             responses=errors(401, 403, 404, 413, 422, 503),
         )
-        def unassign(body: UnassignBody) -> Unassigned:
+        def unassign(body: UnassignBody, request: Request) -> Unassigned:
             """Remove a model's assignment to a selector; devices keep what they run unless another applies."""
-            assignments.unassign(body.model, check_selector(body.selector))
+            selector = check_selector(body.selector)
+            before = _assignment_of(assignments, body.model, selector)
+            assignments.unassign(body.model, selector)
+            target = f"assignment/{body.model}/{format_selector(selector)}"
+            record(AuditDraft(actor_of(request), "assignment.delete", target, before, None))
             on_change()
             return Unassigned(model=body.model, selector=body.selector, removed=True)
 

@@ -14,6 +14,7 @@ __all__ = [
     "InvalidArgument",
     "InvalidBatch",
     "NotFound",
+    "PermissionDenied",
     "SchemaMismatch",
     "StoreUnavailable",
     "TooLarge",
@@ -51,6 +52,10 @@ class FailedPrecondition(CloudSyncError):
 
 class Unauthenticated(CloudSyncError):
     """The caller presented no credential, or one that matches no device."""
+
+
+class PermissionDenied(CloudSyncError):
+    """The caller is authenticated but its role may not make this call; the message names the role needed."""
 
 
 class DeviceRevoked(CloudSyncError):

@@ -22,6 +22,7 @@ from rich.text import Text
 
 from cloud_sync.cli import parse_labels
 from cloud_sync.errors import InvalidArgument
+from cloud_sync.fleetctl_audit import audit
 from cloud_sync.fleetctl_enrollment import token_app
 from cloud_sync.fleetctl_models import models_app
 from cloud_sync.fleetctl_policies import policies_app
@@ -39,6 +40,7 @@ from cloud_sync.fleetctl_session import (
     when,
 )
 from cloud_sync.fleetctl_state import add_state_commands, print_device_state, state_cell
+from cloud_sync.fleetctl_tokens import tokens_app, whoami
 from edgefleet.proto.edgefleet.v1 import results_pb2
 
 __all__ = ["app", "main"]
@@ -62,6 +64,9 @@ app.add_typer(policies_app, name="policies")
 app.add_typer(models_app, name="models")
 add_state_commands(models_app)
 app.add_typer(rollouts_app, name="rollouts")
+app.add_typer(tokens_app, name="tokens")
+app.command("whoami")(whoami)
+app.command("audit")(audit)
 
 
 @app.callback()

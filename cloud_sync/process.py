@@ -24,17 +24,21 @@ import structlog
 import uvicorn
 
 from cloud_sync.api import ApiContext, create_app
+from cloud_sync.api_audit import audit_routes
+from cloud_sync.api_auth import BearerAuth
 from cloud_sync.api_compare import compare_routes
 from cloud_sync.api_enrollment import enrollment_routes
 from cloud_sync.api_models import model_routes
 from cloud_sync.api_policies import policy_routes
 from cloud_sync.api_rollouts import rollout_routes
 from cloud_sync.api_state import DeviceStates, state_routes
+from cloud_sync.api_tokens import token_routes
 from cloud_sync.broker_accounts import DynsecAccounts
 from cloud_sync.certificates import FleetCA, ServerTls
 from cloud_sync.config import CloudSyncConfig, ConfigProblem
 from cloud_sync.control import ControlServicer, DesiredChanges
 from cloud_sync.control_mqtt import CHECK_EVERY_S, MqttControl
+from cloud_sync.dashboard import dashboard_routes
 from cloud_sync.enrollment import EnrollmentServicer
 from cloud_sync.errors import CloudSyncError
 from cloud_sync.health import add_health
@@ -47,7 +51,16 @@ from cloud_sync.rollouts.controller import RolloutController
 from cloud_sync.rollouts.metrics import RolloutMetrics
 from cloud_sync.rollouts.service import RolloutService
 from cloud_sync.rollouts.store import RolloutStore
-from cloud_sync.store import Database, DeviceRegistry, PolicyStore, ResultStore, TelemetryStore, open_database
+from cloud_sync.store import (
+    ApiTokens,
+    AuditLog,
+    Database,
+    DeviceRegistry,
+    PolicyStore,
+    ResultStore,
+    TelemetryStore,
+    open_database,
+)
 from cloud_sync.store.assignments import AssignmentStore
 from cloud_sync.store.control import ControlStore
 from cloud_sync.store.enrollment import EnrollmentTokens
@@ -507,13 +520,17 @@ class CloudSync:
         # The first start writes the token file (and fsyncs it and its directory); building the app costs
         # 0.1-0.15 s of CPU (FastAPI's routes and models, measured): both off the loop.
         token = await asyncio.to_thread(admin_token, self.config.data_dir)
+        # One BearerAuth (one token cache) for every route: a revoke through this replica drops its entries.
+        tokens = ApiTokens(db)
+        auth = BearerAuth(token, tokens)
+        audit = AuditLog(db)
         assert self.policy_store is not None, "the database is open before the admin API starts"
-        routes = [policy_routes(self.policy_store, devices, token, self.on_policy_change)]
+        routes = [policy_routes(self.policy_store, devices, auth, self.on_policy_change, audit)]
         assert self.model_registry is not None
         max_blob = self.config.registry.max_blob_bytes
-        routes.append(model_routes(self.model_registry, token, self.model_in_use, max_blob))
+        routes.append(model_routes(self.model_registry, auth, self.model_in_use, max_blob, audit))
         assert self.enrollment_tokens is not None
-        routes.append(enrollment_routes(self.enrollment_tokens, token))
+        routes.append(enrollment_routes(self.enrollment_tokens, auth, audit))
         assert self.assignment_store is not None and self.reconciler is not None and self.control_store is not None
         states = DeviceStates(self.control_store, self.reconciler.problems)
         digests = self.model_registry.digests
@@ -522,23 +539,28 @@ class CloudSync:
                 self.assignment_store,
                 devices,
                 states,
-                token,
+                auth,
                 lambda name, version: digests().get((name, version)),
                 self.reconciler.on_change,
+                audit,
             )
         )
-        routes.append(compare_routes(db, telemetry, devices, token))
+        routes.append(compare_routes(db, telemetry, devices, auth))
         assert self.rollout_service is not None, "made with the stores, before the admin API starts"
-        routes.append(rollout_routes(self.rollout_service, token))
+        routes.append(rollout_routes(self.rollout_service, auth))
+        routes.append(token_routes(tokens, auth))
+        routes.append(audit_routes(audit, auth))
+        routes.append(dashboard_routes(db, telemetry, devices, auth))
         context = ApiContext(
             devices,
             results,
-            token,
+            auth,
             self.registry,
             extra_routes=routes,
             telemetry=telemetry,
             max_body_bytes=self.config.http.max_body_bytes,
             device_states=states,
+            audit=audit,
         )
         app = await asyncio.to_thread(create_app, context)
         tls = self._certificates.server

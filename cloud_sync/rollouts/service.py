@@ -32,6 +32,7 @@ from cloud_sync.rollouts.plan import (
 from cloud_sync.rollouts.store import EventDraft, RolloutStore, completion_assignment
 from cloud_sync.selectors import check_selector, format_selector, matches
 from cloud_sync.store.assignments import AssignmentStore, check_model_name
+from cloud_sync.store.audit import AuditDraft
 from cloud_sync.store.database import Database, now_ms
 from cloud_sync.store.devices import DeviceRegistry
 
@@ -156,12 +157,14 @@ class RolloutService:
         stages: str | Sequence[object],
         gates: str | Mapping[str, object] | Gates | None = None,
         shadow_sample_rate: float = 0.1,
+        by: str | None = None,
     ) -> Rollout:
         """Start a rollout of `model` to `to_version` on the devices `selector` picks, at its first stage.
 
         from_version is what those devices' assignments name now. InvalidArgument for a malformed field or an
         unknown version; FailedPrecondition when the devices run no single version of the model, run
-        `to_version` already, or another rollout of the model is in progress on some of them.
+        `to_version` already, or another rollout of the model is in progress on some of them. `by`: who
+        asks (a token's name), for the audit log.
         """
         check_model_name(model)
         if isinstance(to_version, bool) or not isinstance(to_version, int) or not 0 < to_version < 2**31:
@@ -199,8 +202,18 @@ class RolloutService:
             updated_at_ms=stamp,
         )
         reason = f"{model} {from_version} -> {to_version} on {format_selector(checked)}"
+        after = {
+            "state": "running",
+            "stage_index": 0,
+            "model": model,
+            "from_version": from_version,
+            "to_version": to_version,
+            "selector": checked,
+            "stages": rollout.to_json()["stages_text"],
+        }
+        audit = AuditDraft(by or "cloud-sync", "rollout.create", f"rollout/{rollout.id}", None, after, reason)
         self.store.insert(
-            rollout, EventDraft("created", "operator", reason, {"stages": rollout.to_json()["stages_text"]})
+            rollout, EventDraft("created", "operator", reason, {"stages": rollout.to_json()["stages_text"]}), audit
         )
         log.info("rollout.created", rollout=rollout.id, model=model, from_version=from_version, to_version=to_version)
         self._reconciler.on_change()
@@ -231,23 +244,31 @@ class RolloutService:
 
     # -- transitions --------------------------------------------------------------------------------------
 
-    def pause(self, rollout_id: str, actor: str = "operator", reason: str = "") -> Rollout:
-        """Stop the gates from moving the rollout; its devices stay as they are."""
+    def pause(self, rollout_id: str, actor: str = "operator", reason: str = "", by: str | None = None) -> Rollout:
+        """Stop the gates from moving the rollout; its devices stay as they are. `by`: who (audit log)."""
         seen = self._expect(rollout_id, ("running",), "paused")
-        return self._move(seen, {"state": "paused", "reason": _check_reason(reason)}, [_draft("paused", actor, reason)])
+        changes = {"state": "paused", "reason": _check_reason(reason)}
+        audit = _audit(seen, "rollout.pause", by, changes, reason)
+        return self._move(seen, changes, [_draft("paused", actor, reason)], audit)
 
-    def resume(self, rollout_id: str, actor: str = "operator", reason: str = "") -> Rollout:
+    def resume(self, rollout_id: str, actor: str = "operator", reason: str = "", by: str | None = None) -> Rollout:
         """Let the gates move a paused rollout again; the bake time of the stage starts over."""
         seen = self._expect(rollout_id, ("paused",), "resumed")
         changes = {"state": "running", "reason": _check_reason(reason), "stage_started_at_ms": now_ms()}
-        return self._move(seen, changes, [_draft("resumed", actor, reason)])
+        audit = _audit(seen, "rollout.resume", by, changes, reason)
+        return self._move(seen, changes, [_draft("resumed", actor, reason)], audit)
 
     def abort(
-        self, rollout_id: str, actor: str = "operator", reason: str = "", values: dict[str, Any] | None = None
+        self,
+        rollout_id: str,
+        actor: str = "operator",
+        reason: str = "",
+        values: dict[str, Any] | None = None,
+        by: str | None = None,
     ) -> Rollout:
         """End the rollout: every device it touched goes back to A (what the assignment says)."""
         seen = self._expect(rollout_id, ("running", "paused"), "aborted")
-        return self.abort_seen(seen, actor, reason, values)
+        return self.abort_seen(seen, actor, reason, values, by=by)
 
     def abort_seen(
         self,
@@ -256,31 +277,56 @@ class RolloutService:
         reason: str,
         values: dict[str, Any] | None = None,
         failed_gate: str | None = None,
+        by: str | None = None,
     ) -> Rollout:
-        """Abort `seen` if it is still where it was seen (the controller's abort after a failed gate)."""
+        """Abort `seen` if it is still where it was seen (the controller's abort after a failed gate).
+
+        The audit record's actor is `by`, else `gate:<failed_gate>` (with the gate's value and threshold in
+        its `after`), else the controller for a gate's abort."""
         events = [_draft("aborted", actor, reason, values)]
+        changes = {"state": "aborted", "reason": _check_reason(reason)}
+        extra: dict[str, Any] = {}
         if failed_gate is not None:
             events.insert(0, _draft("gate_failed", actor, reason, {"gate": failed_gate, **(values or {})}))
-        return self._move(seen, {"state": "aborted", "reason": _check_reason(reason)}, events)
+            measured = ((values or {}).get("gates") or {}).get(failed_gate) or {}
+            extra = {"gate": failed_gate, "value": measured.get("value"), "threshold": measured.get("threshold")}
+            by = by or f"gate:{failed_gate}"
+        audit = _audit(seen, "rollout.abort", by or _automatic(actor), changes, reason, extra)
+        return self._move(seen, changes, events, audit)
 
-    def promote(self, rollout_id: str, actor: str = "operator", reason: str = "") -> Rollout:
+    def promote(self, rollout_id: str, actor: str = "operator", reason: str = "", by: str | None = None) -> Rollout:
         """Move to the next stage now, skipping the gates (complete after the last); running or paused."""
         seen = self._expect(rollout_id, ("running", "paused"), "promoted")
-        return self.advance_seen(seen, actor, reason or "promoted by hand", kind="promoted")
+        return self.advance_seen(seen, actor, reason or "promoted by hand", kind="promoted", by=by)
 
     def advance_seen(
-        self, seen: Rollout, actor: str, reason: str, values: dict[str, Any] | None = None, kind: str = "advanced"
+        self,
+        seen: Rollout,
+        actor: str,
+        reason: str,
+        values: dict[str, Any] | None = None,
+        kind: str = "advanced",
+        by: str | None = None,
     ) -> Rollout:
-        """Move `seen` to its next stage, or complete it after the last, if it is still where it was seen."""
+        """Move `seen` to its next stage, or complete it after the last, if it is still where it was seen.
+
+        The audit record: rollout.promote by `by` for a promotion, else rollout.advance (rollout.complete after
+        the last stage) by the controller."""
         _check_reason(reason)
+        action = "rollout.complete" if seen.last_stage else "rollout.advance"
+        action = "rollout.promote" if kind == "promoted" else action
+        who = by or _automatic(actor)
         if seen.last_stage:
             priority = self._winning_priority(seen)
             assign = completion_assignment(seen.model, seen.to_version, seen.selector, priority)
             events = [_draft(kind, actor, reason, values), _draft("completed", actor, reason, values)]
-            moved = self.store.transition(seen, {"state": "completed", "reason": reason}, events, assign)
+            changes: dict[str, Any] = {"state": "completed", "reason": reason}
+            audit = _audit(seen, action, who, changes, reason)
+            moved = self.store.transition(seen, changes, events, assign, audit)
         else:
             changes = {"stage_index": seen.stage_index + 1, "stage_started_at_ms": now_ms(), "reason": reason}
-            moved = self.store.transition(seen, changes, [_draft(kind, actor, reason, values)])
+            audit = _audit(seen, action, who, changes, reason)
+            moved = self.store.transition(seen, changes, [_draft(kind, actor, reason, values)], audit=audit)
         log.info("rollout.moved", rollout=seen.id, kind=kind, actor=actor, state=moved.state, stage=moved.stage_index)
         self._reconciler.on_change()
         return moved
@@ -306,14 +352,39 @@ class RolloutService:
             )
         return rollout
 
-    def _move(self, seen: Rollout, changes: dict[str, Any], events: builtins.list[EventDraft]) -> Rollout:
-        moved = self.store.transition(seen, changes, events)
+    def _move(
+        self, seen: Rollout, changes: dict[str, Any], events: builtins.list[EventDraft], audit: AuditDraft
+    ) -> Rollout:
+        moved = self.store.transition(seen, changes, events, audit=audit)
         log.info("rollout.moved", rollout=seen.id, kind=events[-1].kind, actor=events[-1].actor, state=moved.state)
         self._reconciler.on_change()
         return moved
 
     def record_evaluation(self, seen: Rollout, evaluation: dict[str, Any]) -> bool:
         return self.store.record_evaluation(seen, evaluation)
+
+
+def _automatic(actor: str) -> str:
+    """The audit actor of a transition no person asked for: the controller's (its gates), else cloud-sync."""
+    return "controller" if actor in ("gate", "controller") else "cloud-sync"
+
+
+def _audit(
+    seen: Rollout,
+    action: str,
+    by: str | None,
+    changes: dict[str, Any],
+    reason: str,
+    extra: dict[str, Any] | None = None,
+) -> AuditDraft:
+    """The audit record of a transition of `seen`: its state and stage before and after."""
+    before = {"state": seen.state, "stage_index": seen.stage_index}
+    after = {
+        "state": changes.get("state", seen.state),
+        "stage_index": changes.get("stage_index", seen.stage_index),
+        **(extra or {}),
+    }
+    return AuditDraft(by or "cloud-sync", action, f"rollout/{seen.id}", before, after, reason)
 
 
 def _draft(kind: str, actor: str, reason: str, values: dict[str, Any] | None = None) -> EventDraft:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import builtins
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import sqlalchemy as sa
@@ -18,6 +18,7 @@ from cloud_sync.errors import FailedPrecondition, NotFound
 from cloud_sync.rollouts.plan import ACTIVE_STATES, Gates, Rollout, RolloutEvent, Stage, State, check_rollout_id
 from cloud_sync.selectors import format_selector
 from cloud_sync.store.assignments import model_assignments
+from cloud_sync.store.audit import AuditDraft, insert_audit
 from cloud_sync.store.database import Database, now_ms
 from cloud_sync.store.schema import metadata
 
@@ -115,23 +116,30 @@ def overlaps(a: dict[str, str], b: dict[str, str]) -> bool:
 
 def _insert_events(
     conn: sa.Connection, rollout_id: str, stage_index: int, at: int, events: Sequence[EventDraft]
-) -> None:
-    if events:
-        conn.execute(
-            rollout_events.insert(),
-            [
-                {
-                    "rollout_id": rollout_id,
-                    "at_ms": at,
-                    "kind": e.kind,
-                    "actor": e.actor,
-                    "reason": e.reason,
-                    "stage_index": stage_index,
-                    "values": e.values,
-                }
-                for e in events
-            ],
-        )
+) -> list[int]:
+    """Append `events` (one insert each: a transition has one to three); their ids."""
+    ids = []
+    for e in events:
+        values = {
+            "rollout_id": rollout_id,
+            "at_ms": at,
+            "kind": e.kind,
+            "actor": e.actor,
+            "reason": e.reason,
+            "stage_index": stage_index,
+            "values": e.values,
+        }
+        key = conn.execute(rollout_events.insert().values(**values)).inserted_primary_key
+        assert key is not None
+        ids.append(int(key[0]))
+    return ids
+
+
+def _audit(conn: sa.Connection, audit: AuditDraft | None, event_ids: list[int], at: int) -> None:
+    """The transition's audit record, in its transaction: it points at the events, which hold the values that
+    decided it (a gate's figures), rather than copying them."""
+    if audit is not None:
+        insert_audit(conn, replace(audit, after={**(audit.after or {}), "event_ids": event_ids}), at)
 
 
 def _upsert_assignment(conn: sa.Connection, model: str, version: int, selector: dict[str, str], priority: int) -> None:
@@ -149,9 +157,9 @@ class RolloutStore:
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    def insert(self, rollout: Rollout, event: EventDraft) -> Rollout:
-        """Store a new rollout and its "created" event; FailedPrecondition if a rollout of the same model in
-        progress has an overlapping selector (checked in the same transaction)."""
+    def insert(self, rollout: Rollout, event: EventDraft, audit: AuditDraft | None = None) -> Rollout:
+        """Store a new rollout, its "created" event and `audit`; FailedPrecondition if a rollout of the same
+        model in progress has an overlapping selector (checked in the same transaction)."""
 
         def write(conn: sa.Connection) -> None:
             if conn.dialect.name == "postgresql":
@@ -167,7 +175,8 @@ class RolloutStore:
                     )
             data = rollout.to_json()
             conn.execute(rollouts.insert().values(**{c.name: data[c.name] for c in rollouts.columns}))
-            _insert_events(conn, rollout.id, 0, rollout.created_at_ms, [event])
+            ids = _insert_events(conn, rollout.id, 0, rollout.created_at_ms, [event])
+            _audit(conn, audit, ids, rollout.created_at_ms)
 
         self.db.write(write)
         return rollout
@@ -209,10 +218,12 @@ class RolloutStore:
         changes: dict[str, Any],
         events: Sequence[EventDraft],
         assign: Callable[[sa.Connection], None] | None = None,
+        audit: AuditDraft | None = None,
     ) -> Rollout:
         """Apply `changes` if the rollout is still in `seen`'s state and stage; FailedPrecondition if not.
 
-        `events` are appended and `assign` (the completion's assignment) runs in the same transaction.
+        `events` and `audit` are appended and `assign` (the completion's assignment) runs in the same
+        transaction; a refused transition writes none of them.
         """
         stamp = now_ms()
 
@@ -231,7 +242,8 @@ class RolloutStore:
                     f"rollout {seen.id} is {found.state} at stage {found.stage_index + 1}, no longer {seen.state} "
                     f"at stage {seen.stage_index + 1}: someone else moved it; look again"
                 )
-            _insert_events(conn, seen.id, int(changes.get("stage_index", seen.stage_index)), stamp, events)
+            ids = _insert_events(conn, seen.id, int(changes.get("stage_index", seen.stage_index)), stamp, events)
+            _audit(conn, audit, ids, stamp)
             if assign is not None:
                 assign(conn)
             return conn.execute(sa.select(rollouts).where(rollouts.c.id == seen.id)).one()

@@ -15,6 +15,7 @@ from cloud_sync.rollouts import store as _rollouts_store  # noqa: F401  (rollout
 # control and telemetry are imported here also so that their tables are on the schema's metadata before
 # open_database creates the schema.
 from cloud_sync.store import assignments as _assignments  # noqa: F401  (model_assignments on the metadata)
+from cloud_sync.store.audit import AuditLog
 from cloud_sync.store.batches import IngestLimits
 from cloud_sync.store.control import ControlStore
 from cloud_sync.store.database import Database, open_database
@@ -23,8 +24,11 @@ from cloud_sync.store.enrollment import EnrollmentTokens  # noqa: F401  (its tab
 from cloud_sync.store.policies import PolicyStore
 from cloud_sync.store.results import IngestOutcome, QuarantineEntry, Reconciliation, ResultStore, StoredResult
 from cloud_sync.store.telemetry import TelemetryStore
+from cloud_sync.store.tokens import ApiTokens
 
 __all__ = [
+    "ApiTokens",
+    "AuditLog",
     "ControlStore",
     "Database",
     "Device",
