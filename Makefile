@@ -28,8 +28,9 @@ install: $(STAMP)
 models: $(STAMP)
 	$(BIN)/python -m models.build --out $(MODELS)
 
+# To watch and steer the demo's rollouts in the dashboard: make demo DEMO_ARGS="--bake-s 30 --stay-s 600"
 demo: models
-	$(BIN)/python -m examples.demo --models $(MODELS)
+	$(BIN)/python -m examples.demo --models $(MODELS) $(DEMO_ARGS)
 
 test: lint pytest pytest-py310
 

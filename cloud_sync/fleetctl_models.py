@@ -330,3 +330,53 @@ def models_compare(
             f"{ratio[key]:.2f}x" if ratio.get(key) is not None else "-",
         )
     out.print(table)
+
+
+def _step(text: str) -> int:
+    match = _DURATION.match(text)
+    seconds = int(match.group(1)) * _UNIT_S[match.group(2)] if match else 0
+    if not 10 <= seconds <= 3600:
+        fail(2, f"--step {text!r} is not a duration in 10s..1h, such as 1m or 30s")
+    return seconds
+
+
+@models_app.command("series")
+def models_series(
+    ctx: typer.Context,
+    name: NameArgument,
+    selector: Annotated[str, typer.Option(help="only devices it matches: key=value,...; '*' or '' for all")] = "",
+    since: Annotated[str, typer.Option(help="how far back: 15m, 1h, 1d (at most 7d)")] = "15m",
+    step: Annotated[str, typer.Option(help="one point per step: 10s..1h")] = "1m",
+) -> None:
+    """A model's versions over time, a point per step: latency p50/p99, throughput, error rate (the dashboard's
+    charts, as a table)."""
+    since_s = _since(since)
+    if not 60 <= since_s <= 7 * 86400:
+        fail(2, f"--since {since!r} is not a duration in 1m..7d")
+    try:
+        selector = format_selector(parse_selector(selector))
+    except InvalidArgument as exc:
+        fail(2, f"--selector: {exc.message}")
+    params: dict[str, Any] = {"model": name, "since_s": since_s, "step_s": _step(step)}
+    if selector not in ("", "*"):
+        params["selector"] = selector
+    s = session(ctx)
+    found = s.call("GET", "/v1/models/series", params=params)
+    if s.as_json:
+        out.print_json(data=found)
+        return
+    if not any(v["points"] for v in found["versions"]):
+        out.print(Text(f"no telemetry of {name} in the last {since_s} s"))
+        return
+    table = Table("version", "from", "p50 ms", "p99 ms", "requests/s", "error rate")
+    for entry in found["versions"]:
+        for point in entry["points"]:
+            table.add_row(
+                f"{name}:{entry['version']}",
+                when(point["t_ms"]),
+                "-" if point["p50_ms"] is None else f"{point['p50_ms']:.3g}",
+                "-" if point["p99_ms"] is None else f"{point['p99_ms']:.3g}",
+                f"{point['requests_per_s']:.4g}",
+                "-" if point["error_rate"] is None else f"{point['error_rate']:.2%}",
+            )
+    out.print(table)

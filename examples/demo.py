@@ -10,7 +10,9 @@ disagrees with v2) is rolled out the same way; its shadow stage's agreement gate
 every device stays on v2. Last, `fleetctl models compare` puts v1's and v2's figures side by side. The agents
 download, verify, load and activate (or shadow) what is desired of them, apply the policy live, and report
 it; apps classify the held-out digits on every device and keep the results, which upload exactly once with
-the ledger reconciled.
+the ledger reconciled. It prints the dashboard's address and the admin token to sign in with there;
+`--bake-s 30` makes the rollouts slow enough to watch and steer in it, `--stay-s 600` keeps the fleet running
+at the end.
 
 Not a test (tests/ has those) and not a benchmark: it prints what each step shows and exits 0 when every
 program stopped cleanly.
@@ -54,7 +56,8 @@ STEPS = 10
 # fall below 0.7 about once in 4,000). The p99 gate catches a model many times slower (models/build.py's v4 is
 # ~40x) but not a loaded 2-core machine's noise: in a shadow stage B's p99 is that of ~50 mirrored runs queued
 # at the lowest priority, seen from 0.3x to 3x of A's in this demo.
-STAGES = "shadow:100%:3s,active:33%:3s,active:100%"
+STAGES = "shadow:100%:{bake}s,active:33%:{bake}s,active:100%"
+BAKE_S = 3
 GATES = "max_error_rate=0.01,max_p99_ratio=10,min_shadow_agreement=0.7,min_devices=3,min_requests=50"
 
 
@@ -310,7 +313,24 @@ def main() -> int:
     parser.add_argument(
         "--no-broker", action="store_true", help="no Mosquitto even where installed: control over the gRPC stream"
     )
+    parser.add_argument(
+        "--bake-s",
+        type=int,
+        default=BAKE_S,
+        help="each rollout stage's bake time: longer to watch and steer the rollouts in the dashboard",
+    )
+    parser.add_argument(
+        "--stay-s",
+        type=float,
+        default=0.0,
+        help="at the end, keep the fleet running this long (Ctrl-C ends it sooner) to look around the dashboard",
+    )
     args = parser.parse_args()
+    if not 1 <= args.bake_s <= 3600:
+        parser.error(f"--bake-s: {args.bake_s} is not 1..3600 seconds")
+    if not 0 <= args.stay_s <= 86400:
+        parser.error(f"--stay-s: {args.stay_s} is not 0..86400 seconds")
+    stages = STAGES.format(bake=args.bake_s)
     models = args.models.resolve()
     for package in ("digits/1", "digits/2", "digits/3"):
         if not (models / package / "manifest.json").is_file():
@@ -353,14 +373,14 @@ def main() -> int:
         def create_rollout(version: int) -> str:
             """Start a rollout of digits `version` on the demo's devices; its id."""
             argv = ["rollouts", "create", "--model", "digits", "--to", str(version), "--selector", SELECTOR]
-            said = fleetctl(*argv, "--stages", STAGES, "--gates", GATES, "--shadow-sample", "0.2")
+            said = fleetctl(*argv, "--stages", stages, "--gates", GATES, "--shadow-sample", "0.2")
             print(said, end="")
             found = re.search(r"\bro-[0-9a-f]{10}\b", said)
             if found is None:
                 raise SystemExit(f"no rollout id in what `fleetctl rollouts create` said: {said}")
             return found.group(0)
 
-        def watch(rollout_id: str, timeout: float = 90) -> int:
+        def watch(rollout_id: str, timeout: float = 90 + 3 * args.bake_s) -> int:
             """`fleetctl rollouts watch`, its output shown as it comes; its exit code (0 completed, 1 aborted)."""
             argv = [py, "-m", "cloud_sync.fleetctl", "rollouts", "watch", rollout_id, "--interval", "1"]
             print(f"$ fleetctl rollouts watch {rollout_id} --interval 1", flush=True)
@@ -379,6 +399,10 @@ def main() -> int:
 
         control = f"MQTT via {mqtt_url}" if mqtt_url else "the gRPC Control stream"
         print(f"cloud-sync: devices on {ready['grpc']}, admin API on {ready['http']}; control plane over {control}")
+        dashboard = f"{str(ready['http']).rstrip('/')}/dashboard/"
+        print(f"dashboard: {dashboard}  (sign in with the admin token {admin})", flush=True)
+        if args.bake_s < 10:
+            print(f"   (rollout stages bake {args.bake_s} s here: run with --bake-s 30 to watch and steer them there)")
 
         step(
             f"enroll {len(DEVICES)} devices with one-time tokens",
@@ -501,7 +525,7 @@ def main() -> int:
 
         step(
             "digits v2: a staged rollout with a shadow stage, under load",
-            f"{STAGES}: every device runs v2 beside v1 on a sampled share of live requests (v1 answers), then one"
+            f"{stages}: every device runs v2 beside v1 on a sampled share of live requests (v1 answers), then one"
             " device, then all switch to v2, each stage once its bake time passed and its gates held; apps call"
             " every device throughout and no call fails",
         )
@@ -511,7 +535,9 @@ def main() -> int:
         code = watch(good)
         failed += stop_busy(busy, "during the rollout")
         if code != 0:
-            raise SystemExit(f"the v2 rollout did not complete: `fleetctl rollouts watch` exited {code}")
+            raise SystemExit(
+                f"the v2 rollout did not complete: `fleetctl rollouts watch` exited {code} (steered elsewhere?)"
+            )
         for device, agent in agents.items():
             print(f"   {device}: {shadow_summary(agent, 2)} (its log)")
         wait_fleet(api, "digits 2 ACTIVE", runs("digits", 2))
@@ -567,6 +593,12 @@ def main() -> int:
         step("the fleet as the operator sees it", "desired vs reported generation, state, presence, per-model lines")
         print(fleetctl("devices", "list"), end="")
         print(fleetctl("devices", "show", DEVICES[0]), end="")
+        if args.stay_s:
+            print(f"\n== the fleet keeps running {args.stay_s:.0f} s: look around {dashboard} (Ctrl-C stops it sooner)")
+            try:
+                threading.Event().wait(args.stay_s)
+            except KeyboardInterrupt:
+                print("   (Ctrl-C)", flush=True)
     finally:
         print("\n== stopping (SIGTERM: each program drains and exits)", flush=True)
         codes = [p.stop() for p in reversed(procs)]

@@ -150,3 +150,31 @@ def test_fleetctl_models_compare_prints_b_relative_to_a(cloud_sync: RunningCloud
 )
 def test_fleetctl_models_compare_bad_input_exits_2(cloud_sync: RunningCloudSync, args: list[str], says: str) -> None:
     assert says in failed(fleetctl(cloud_sync, "models", "compare", *args), 2)
+
+
+def test_fleetctl_models_series_prints_each_version_over_time(cloud_sync: RunningCloudSync, cloud_db: Database) -> None:
+    group, name = _fleet(cloud_sync, cloud_db)
+    printed = ok(fleetctl(cloud_sync, "models", "series", name, "--selector", f"cmp={group}", "--step", "1h"))
+    rows = [[c.strip() for c in line.split("│")[1:-1]] for line in printed.splitlines() if f"│ {name}:" in line]
+    # One step holds both windows of each version; the device outside the selector is left out.
+    assert [(r[0], r[2], r[3], r[5]) for r in rows] == [
+        (f"{name}:1", "1", "4", "1.00%"),
+        (f"{name}:2", "2", "8", "4.00%"),
+    ]
+    shown = json.loads(ok(fleetctl(cloud_sync, "models", "series", name, "--selector", f"cmp={group}", "--json")))
+    assert [v["version"] for v in shown["versions"]] == [1, 2] and shown["step_s"] == 60
+    assert "no telemetry of nothing-here" in ok(fleetctl(cloud_sync, "models", "series", "nothing-here"))
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["digits", "--step", "5s"], "--step '5s'"),
+        (["digits", "--since", "30s"], "--since '30s'"),
+        (["digits", "--since", "8d"], "--since '8d'"),
+        (["digits", "--selector", "site"], "selector term 'site' is not key=value"),
+        (["BAD"], "model"),
+    ],
+)
+def test_fleetctl_models_series_bad_input_exits_2(cloud_sync: RunningCloudSync, args: list[str], says: str) -> None:
+    assert says in failed(fleetctl(cloud_sync, "models", "series", *args), 2)
