@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from bench.bench_rollout import LABELS, MODEL
-from tests.dashboard.browser import DESKTOP, PHONE, Fleet, open_page, shot
+from tests.dashboard.browser import DESKTOP, PHONE, Console, Fleet, open_page, shot
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slow
@@ -53,6 +53,12 @@ def _end(fleet: Fleet, rollout_id: str) -> None:
     """Abort it if it still runs, and wait for the fleet to be back on v1 (the next test starts from there)."""
     fleet.api("POST", f"/v1/rollouts/{rollout_id}/abort", {"reason": "test cleanup"})
     fleet.rig.wait_on_version(1, 60)
+
+
+# Every form that changes something: none of them is shown to a viewer.
+CHANGING_FORMS = ", ".join(
+    f"form#{f}" for f in ("create", "policy-set", "token-new", "enroll", "device-add", "assign-set", "sign-again")
+)
 
 
 def _rollout_ids(fleet: Fleet) -> set[str]:
@@ -172,19 +178,24 @@ def test_a_viewer_is_offered_no_action_and_the_api_refuses_one(
         _expect_text(page, "#who-name", "viewer")
         _expect_text(page, "#rollout-state-badge", "running")
         shot(page, "rollout-viewer-1280")
+        assert not page.locator("#nav a[href='#/tokens']").is_visible()  # the admin's page is not offered
         for name in (
             "#/rollout/" + running["id"],
             "#/rollouts",
             "#/policies",
             "#/models",
+            "#/devices",
             f"#/device/{fleet.rig.ids[0]}",
+            "#/results",
+            "#/tokens",
         ):
             page.goto(f"{fleet.url}/dashboard/{name}")
             page.locator(f"main[data-page={name[2:].split('/')[0]}][aria-busy=false] h1").wait_for()
             buttons = [b.inner_text() for b in page.locator("main button").all()]
             # A viewer may filter and look things up; nothing that changes anything is offered.
-            assert set(buttons) <= {"Compare", "Show effective policy", "Filter"}, (name, buttons)
-            assert page.locator("main form#create, main form#policy-set").count() == 0
+            assert set(buttons) <= {"Compare", "Show effective policy", "Filter", "Show"}, (name, buttons)
+            assert page.locator(f"main :is({CHANGING_FORMS})").count() == 0, name
+        _expect_text(page, "main", "Tokens need the admin role; this token is viewer")
         refused = fleet.api("POST", f"/v1/rollouts/{running['id']}/abort", {"reason": "a viewer tries"}, viewer_token)
         assert refused.status_code == 403 and "operator" in refused.json()["detail"], refused.text
         assert fleet.api("GET", f"/v1/rollouts/{running['id']}").json()["state"] == "running"
@@ -254,8 +265,8 @@ def test_bad_input_in_every_form_gets_a_clear_message_and_changes_nothing(browse
         shot(page, "models-compare-1280")
 
         page.goto(f"{fleet.url}/dashboard/#/devices")
-        page.get_by_label("Labels").fill("bench")
-        _expect_text(page, "main [role=alert]", 'selector: "bench" is not key=value')
+        page.locator("#filter-labels").fill("bench")
+        _expect_text(page, "#filter-error", 'selector: "bench" is not key=value')
     finally:
         context.close()
 
@@ -292,7 +303,7 @@ def test_tab_reaches_every_action_of_the_rollout_page_with_a_visible_focus(
         context.close()
 
 
-PAGES = ("overview", "devices", "device", "models", "rollouts", "rollout", "policies", "audit")
+PAGES = ("overview", "devices", "device", "models", "rollouts", "rollout", "policies", "results", "audit", "tokens")
 
 
 @pytest.mark.parametrize("viewport", [DESKTOP, PHONE], ids=["1280", "375"])
@@ -321,5 +332,233 @@ def test_every_page_loads_with_no_console_error(
             width = page.evaluate("document.documentElement.scrollWidth")
             assert width <= viewport["width"], f"{name} is {width} px wide at {viewport['width']}"
         assert console.errors == [], console.errors
+    finally:
+        context.close()
+
+
+# What fleetctl can do the dashboard offers too, each to the role the API allows: API tokens and enrollment
+# (admin), assignments and signing again (operator), results and quarantine (viewer).
+
+
+def _submit(page: Page, form: str, button: str, fill: dict[str, str], error: str, message: str) -> None:
+    """Fill the fields of `form` by label, press `button`, and wait for `message` in `error`."""
+    located = page.locator(form)
+    for label, value in fill.items():
+        located.get_by_label(label).fill(value)
+    located.get_by_role("button", name=button).click()
+    try:
+        _expect_text(page, error, message)
+    except AssertionError:
+        raise AssertionError(f"{error} says {page.locator(error).inner_text()!r}, not {message!r}") from None
+
+
+def _token_for(fleet: Fleet, role: str) -> str:
+    if role not in fleet.tokens:
+        made = fleet.api("POST", "/v1/tokens", {"name": f"dash-{role}", "role": role})
+        assert made.status_code == 201, made.text
+        fleet.tokens[role] = made.json()["token"]
+    return fleet.tokens[role]
+
+
+def _unexpected(console: Console) -> list[str]:
+    """The console's errors but the 4xx answers the bad inputs got on purpose (Chromium logs each one)."""
+    return [e for e in console.errors if not re.search(r"Failed to load resource: .* status of 4\d\d", e)]
+
+
+def _page_shown(page: Page, name: str) -> None:
+    page.locator(f"main[data-page={name}][aria-busy=false] h1").wait_for()
+
+
+def test_an_admin_makes_a_token_shown_once_and_revokes_it(browser: Browser, fleet: Fleet) -> None:
+    context, page, console = open_page(browser, fleet, fleet.token)
+    try:
+        page.goto(f"{fleet.url}/dashboard/#/tokens")
+        _page_shown(page, "tokens")
+        assert page.locator("#nav a[href='#/tokens']").is_visible()
+        before = fleet.api("GET", "/v1/tokens").json()
+        for name, message in (
+            ("", "name: a name for the token's holder"),
+            ("Bad Name!", "name: String should match pattern"),  # the API's 422
+            ("admin-token", "the bootstrap admin token's"),
+        ):
+            _submit(page, "form#token-new", "Create token", {"Name": name}, "#token-error", message)
+        assert fleet.api("GET", "/v1/tokens").json() == before
+        assert page.locator("#token-secret").count() == 0
+
+        page.locator("form#token-new").get_by_label("Name").fill("dash-ops")
+        page.locator("form#token-new").get_by_label("Role").select_option("operator")
+        page.get_by_role("button", name="Create token").click()
+        secret = page.locator("#token-secret")
+        secret.wait_for()
+        made = secret.input_value()
+        assert re.fullmatch(r"efa_[A-Za-z0-9_-]{43}", made), made
+        _expect_text(page, "#token-made", "copy it now")
+        assert fleet.api("GET", "/v1/whoami", token=made).json() == {"name": "dash-ops", "role": "operator"}
+        _expect_text(page, "main table", r"dash-ops\s+operator")
+        shot(page, "tokens-created-1280")
+        # The same name again: the API's 409, and the first token still works.
+        _submit(page, "form#token-new", "Create token", {"Name": "dash-ops"}, "#token-error", "exists: revoke it first")
+
+        page.get_by_role("button", name="Revoke token dash-ops").click()  # the confirm() is accepted
+        _expect_text(page, "main table", r"dash-ops\s+operator.*\s+revoked")
+        listed = {t["name"]: t for t in fleet.api("GET", "/v1/tokens").json()["tokens"]}
+        assert listed["dash-ops"]["revoked_at_ms"] is not None
+        assert fleet.api("GET", "/v1/whoami", token=made).status_code == 401
+        assert _unexpected(console) == [], console.errors
+    finally:
+        context.close()
+
+
+def test_an_admin_mints_an_enrollment_token_and_adds_a_device(browser: Browser, fleet: Fleet) -> None:
+    context, page, console = open_page(browser, fleet, fleet.token)
+    try:
+        page.goto(f"{fleet.url}/dashboard/#/devices")
+        _page_shown(page, "devices")
+        minted = fleet.api("GET", "/v1/enrollment-tokens").json()["tokens"]
+        for fill, message in (
+            ({"Labels": "bench"}, 'labels: "bench" is not key=value'),
+            ({"Labels": "site=dash", "Expires in": "soon"}, "expires: a number with s, m, h or d"),
+            ({"Expires in": "10s"}, "expires_in_s"),  # the API's 422: 60 s at least
+            ({"Expires in": "1h", "Device id": "Bad Id!"}, "Bad Id!"),  # the API's 422 names the id
+        ):
+            _submit(page, "form#enroll", "Mint enrollment token", fill, "#enroll-error", message)
+        assert fleet.api("GET", "/v1/enrollment-tokens").json()["tokens"] == minted
+
+        _submit(
+            page, "form#enroll", "Mint enrollment token", {"Device id": "dash-enrolled"}, "#enroll-made", "copy it now"
+        )
+        token = page.locator("#enroll-secret").input_value()
+        assert token.startswith("efe_"), token
+        _expect_text(page, "#enroll-command", rf"edge-agent enroll --url HOST:PORT --token {re.escape(token)}")
+        now = fleet.api("GET", "/v1/enrollment-tokens").json()["tokens"]
+        assert len(now) == len(minted) + 1
+        assert (now[0]["device_id"], now[0]["labels"], now[0]["state"]) == ("dash-enrolled", {"site": "dash"}, "unused")
+        _expect_text(page, "#enrollment-list", rf"{now[0]['token_id']}\s+unused\s+dash-enrolled")
+        shot(page, "devices-enroll-1280")
+
+        devices = {d["device_id"] for d in fleet.api("GET", "/v1/devices").json()["devices"]}
+        for fill, message in (
+            ({"Device id": ""}, "device_id: the new device's id"),
+            ({"Device id": "dash added"}, "dash added"),  # the API's 422
+            ({"Device id": fleet.rig.ids[0]}, fleet.rig.ids[0]),  # the API's 409: the id is taken
+        ):
+            _submit(page, "form#device-add", "Add device", fill, "#add-device-error", message)
+        assert {d["device_id"] for d in fleet.api("GET", "/v1/devices").json()["devices"]} == devices
+        add = page.locator("form#device-add")
+        add.get_by_label("Labels").fill("site=dash")
+        _submit(page, "form#device-add", "Add device", {"Device id": "dash-added"}, "#add-device-made", "copy it now")
+        device_token = page.locator("#device-secret").input_value()
+        added = fleet.api("GET", "/v1/devices/dash-added")
+        assert added.status_code == 200 and added.json()["labels"] == {"site": "dash"}, added.text
+        fleet.tokens["device:dash-added"] = device_token
+        assert _unexpected(console) == [], console.errors
+    finally:
+        context.close()
+
+
+def test_an_operator_assigns_unassigns_and_signs_again_but_is_offered_no_admin_page(
+    browser: Browser, fleet: Fleet
+) -> None:
+    operator = _token_for(fleet, "operator")
+    context, page, console = open_page(browser, fleet, operator)
+    try:
+        page.goto(f"{fleet.url}/dashboard/#/devices")
+        _page_shown(page, "devices")
+        _expect_text(page, "#who-name", "operator")
+        assert not page.locator("#nav a[href='#/tokens']").is_visible()
+        assert page.locator("main form#enroll, main form#device-add").count() == 0
+        page.goto(f"{fleet.url}/dashboard/#/tokens")
+        _page_shown(page, "tokens")
+        _expect_text(page, "main", "Tokens need the admin role; this token is operator")
+
+        page.goto(f"{fleet.url}/dashboard/#/models")
+        _page_shown(page, "models")
+        assignments = fleet.api("GET", "/v1/assignments").json()
+        for fill, message in (
+            ({"Version": ""}, "version: a version number"),
+            ({"Version": "2", "Devices": "nowhere"}, 'selector: "nowhere" is not key=value'),
+            ({"Devices": "site=nowhere", "Priority": "1.5"}, "priority: a whole number"),
+            ({"Priority": "3", "Version": "99"}, "99"),  # the API's 422: not in the registry
+        ):
+            _submit(page, "form#assign-set", "Assign", fill, "#assign-error", message)
+        assert fleet.api("GET", "/v1/assignments").json() == assignments
+        _submit(
+            page, "form#assign-set", "Assign", {"Version": "2"}, "#assign-saved", "Assigned digits v2 to site=nowhere"
+        )
+        made = [
+            a for a in fleet.api("GET", "/v1/assignments").json()["assignments"] if a["selector"] == {"site": "nowhere"}
+        ]
+        assert [(a["model"], a["version"], a["priority"]) for a in made] == [(MODEL, 2, 3)]
+        _expect_text(page, "#assignment-list", r"digits\s+v2\s+site=nowhere\s+3")
+        shot(page, "models-operator-1280")
+        page.get_by_role("button", name="Unassign digits from site=nowhere").click()
+        wait_for(lambda: fleet.api("GET", "/v1/assignments").json() == assignments, 10, "the assignment removed", 0.1)
+        _expect_text(page, "#assignment-list", r"^(?![\s\S]*site=nowhere)")
+
+        def serial() -> int:
+            return int(fleet.api("GET", f"/v1/models/{MODEL}/2").json()["serial"])
+
+        first = serial()
+        page.locator("form#sign-again").get_by_label("Version").select_option(f"{MODEL}:2")
+        for expires, message in (("soon", "expires: a number with s, m, h or d"), ("10s", "expires_in_s")):
+            _submit(page, "form#sign-again", "Sign again", {"Expires in": expires}, "#sign-error", message)
+        assert serial() == first
+        _submit(page, "form#sign-again", "Sign again", {"Expires in": "60d"}, "#sign-saved", rf"Signed {MODEL}:2 again")
+        assert serial() > first
+        _expect_text(page, "#sign-saved", rf"serial {serial()}")
+        assert _unexpected(console) == [], console.errors
+    finally:
+        context.close()
+
+
+def test_a_viewer_reads_the_results_and_a_device_s_quarantine(
+    browser: Browser, fleet: Fleet, viewer_token: str
+) -> None:
+    import grpc
+
+    from edgefleet.proto.edgefleet.v1 import services_pb2_grpc
+    from tests.cloud_sync.conftest import batch, digits_payload, record
+
+    device_id = "dash-results"
+    added = fleet.api("POST", "/v1/devices", {"device_id": device_id, "labels": {"site": "dash"}})
+    assert added.status_code == 201, added.text
+    good = [record(seq, payload=digits_payload([0.05, 0.05, 0.7, 0.2], f"req-{seq}")) for seq in (1, 2)]
+    unknown = record(3, kind=99)  # a kind cloud-sync does not know: quarantined, not stored
+    target = fleet.rig.cloud.find("cloud_sync.ready")["grpc"]
+    with grpc.insecure_channel(target) as channel:
+        stub = services_pb2_grpc.UplinkStub(channel)
+        metadata = [("authorization", f"Bearer {added.json()['token']}")]
+        ack = stub.Upload(iter([batch(0, 3, records=[*good, unknown])]), metadata=metadata, timeout=10)
+    assert ack.acked_seq == 3, ack
+
+    context, page, console = open_page(browser, fleet, viewer_token)
+    try:
+        page.goto(f"{fleet.url}/dashboard/#/results")
+        _page_shown(page, "results")
+        for fill, message in (
+            ({"Device": "no-such-device"}, "no-such-device"),
+            ({"Device": "", "Start with the newest": "-1"}, "last:"),
+        ):
+            _submit(page, "form#results-filter", "Show", fill, "#results-error", message)
+        _submit(
+            page,
+            "form#results-filter",
+            "Show",
+            {"Device": device_id, "Start with the newest": "20"},
+            "#results-rows",
+            "#2",
+        )
+        rows = page.locator("#results-rows tr")
+        assert rows.count() == 2
+        first = rows.nth(0).inner_text()
+        assert re.search(rf"{device_id}\s+#1\s+digits:1\s+result\s+probabilities: argmax 2 \(0\.700\)", first), first
+        _expect_text(page, "main", f"2 results of {device_id}")
+        shot(page, "results-device-1280")
+
+        page.goto(f"{fleet.url}/dashboard/#/device/{device_id}")
+        _page_shown(page, "device")
+        _expect_text(page, "#quarantine", r"#3\s+cloud\s+.*\d+ B\s+\S")
+        shot(page, "device-quarantine-1280")
+        assert _unexpected(console) == [], console.errors
     finally:
         context.close()

@@ -8,6 +8,8 @@ import { models } from "./pages/models.js";
 import { rollouts, rollout } from "./pages/rollouts.js";
 import { policies } from "./pages/policies.js";
 import { audit } from "./pages/audit.js";
+import { results } from "./pages/results.js";
+import { tokens } from "./pages/tokens.js";
 
 const ROLES = ["viewer", "operator", "admin"];
 const PAGES = {
@@ -18,7 +20,9 @@ const PAGES = {
   rollouts: [rollouts, "Rollouts"],
   rollout: [rollout, "Rollout"],
   policies: [policies, "Policies"],
+  results: [results, "Results"],
   audit: [audit, "Audit log"],
+  tokens: [tokens, "API tokens"],
 };
 // The page a detail page belongs to, for the navigation's current link.
 const SECTION = { device: "devices", rollout: "rollouts" };
@@ -85,6 +89,8 @@ function start(who) {
   document.getElementById("nav").hidden = false;
   document.getElementById("who").hidden = false;
   replace(document.getElementById("who-name"), `${who.name} · ${who.role}`);
+  // Pages a role may not use are not offered (the API refuses them too).
+  for (const link of document.querySelectorAll("#nav a[data-role]")) link.hidden = !can(link.dataset.role);
   if (!location.hash || location.hash === "#" || location.hash === "#/") location.hash = "#/overview";
   else route();
 }

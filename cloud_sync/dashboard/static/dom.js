@@ -85,3 +85,28 @@ export function badge(text, tone) {
 export function field(labelText, input, hint) {
   return h("label", {}, labelText, hint ? h("span", { class: "hint" }, hint) : null, input);
 }
+
+// "24h" -> 86400 (a number with s, m, h or d; a bare number is seconds), as fleetctl's --expires; null if not one.
+export function parseDuration(text) {
+  const m = /^(\d+(?:\.\d+)?)\s*([smhd]?)$/.exec(text.trim());
+  return m ? Math.round(Number(m[1]) * { "": 1, s: 1, m: 60, h: 3600, d: 86400 }[m[2]]) : null;
+}
+
+// A secret the API shows only once (a token): selectable text, a Copy button, and the "copy it now" warning.
+export function shownOnce(id, label, value, extra) {
+  const text = h("input", { id, class: "secret", readonly: true, value, spellcheck: "false", "aria-label": label, onfocus: (e) => e.target.select() });
+  const said = h("span", { class: "muted" });
+  const copy = h("button", { type: "button", class: "quiet", onclick: async () => {
+    text.select();
+    try {
+      await navigator.clipboard.writeText(value);
+      replace(said, "Copied.");
+    } catch {
+      // No clipboard API off a secure origin (plain http to another host): the text is selected instead.
+      replace(said, "Selected: press Ctrl+C (⌘C) to copy.");
+    }
+  } }, "Copy");
+  return h("div", { class: "note once", role: "status" },
+    h("strong", {}, `${label}: copy it now. `), "It is shown only this once (cloud-sync keeps only its sha256).",
+    h("div", { class: "row" }, text, copy, said), extra || null);
+}

@@ -3,6 +3,7 @@
 import { api, get } from "../api.js";
 import { h, replace, table, num, pct, ago, when, labelsText, parseSelector, badge, field } from "../dom.js";
 import { fleetStates, shortState, stateTone, MAX_STATES } from "./fleet.js";
+import { enrollmentSections } from "./enrollment.js";
 
 const SEEN = [["", "any time"], ["60", "in the last minute"], ["3600", "in the last hour"], ["86400", "in the last day"], ["-3600", "not in the last hour"]];
 
@@ -11,11 +12,12 @@ export async function devices(main, ctx) {
   const presence = h("select", { id: "filter-presence", name: "presence" },
     ["any", "online", "offline", "never seen", "revoked"].map((p) => h("option", { value: p }, p)));
   const seen = h("select", { id: "filter-seen", name: "seen" }, SEEN.map(([v, t]) => h("option", { value: v }, t)));
-  const problem = h("div", { class: "alert", role: "alert" });
+  const problem = h("div", { class: "alert", role: "alert", id: "filter-error" });
   const list = h("div");
   const form = h("form", { class: "grid panel", onsubmit: (e) => e.preventDefault(), "aria-label": "Filter devices" },
     field("Labels", labels, "key=value, comma-separated"), field("Presence", presence), field("Last seen", seen));
-  replace(main, h("h1", {}, "Devices"), form, problem, list);
+  const joining = ctx.session.can("admin") ? enrollmentSections(ctx, () => refresh()) : null;
+  replace(main, h("h1", {}, "Devices"), form, problem, list, joining ? joining.element : null);
   let shown = { devices: [], states: new Map() };
 
   function render() {
@@ -52,6 +54,7 @@ export async function devices(main, ctx) {
     render();
   }
   await refresh();
+  if (joining) await joining.refresh();
   ctx.every(5000, refresh);
 }
 
@@ -62,6 +65,13 @@ function modelsCell(state) {
     badge(shortState(m.state), stateTone(m.state)), m.reason ? h("span", { class: "muted" }, ` ${m.reason}`) : null)));
 }
 
+// As fleetctl devices quarantine prints it: a record the device declared was never sent, so none of it is kept.
+const QUARANTINE_SHOWN = 100;
+function quarantineSize(q) {
+  if (q.record === null) return "not sent";
+  return q.record_bytes < q.record_size ? `${num(q.record_size)} B (first ${num(q.record_bytes)} kept)` : `${num(q.record_size)} B`;
+}
+
 export async function device(main, ctx) {
   const id = ctx.args[0] || "";
   const body = h("div");
@@ -69,7 +79,8 @@ export async function device(main, ctx) {
   replace(main, h("p", {}, h("a", { href: "#/devices" }, "← Devices")), h("h1", {}, "Device ", h("code", {}, id)), problem, body);
 
   async function refresh() {
-    const d = await get(`/v1/devices/${encodeURIComponent(id)}`);
+    const [d, { quarantine }] = await Promise.all([get(`/v1/devices/${encodeURIComponent(id)}`),
+      get(`/v1/devices/${encodeURIComponent(id)}/quarantine?limit=${QUARANTINE_SHOWN}`)]);
     const up = d.uplink;
     const t = d.telemetry;
     const outbox = t ? t.outbox || {} : {};
@@ -99,7 +110,12 @@ export async function device(main, ctx) {
       h("h2", {}, "Recent figures"),
       table(["Version", "Requests", "p99 ms", "Requests/s", "Error rate"],
         (d.recent_models || []).map((w) => [`${w.model}:${w.version}`, ...[num(w.requests), num(w.p99_ms, 2), num(w.requests_per_s, 1), pct(w.error_rate)].map((v) => h("td", { class: "num" }, v))]),
-        { empty: "No telemetry windows recently." }));
+        { empty: "No telemetry windows recently." }),
+      h("h2", {}, "Quarantined records"),
+      h("div", { id: "quarantine" }, table(["Seq", "Source", "Received", "Size", "Reason"],
+        quarantine.map((q) => [`#${q.seq}`, q.source, when(q.received_at_ms), quarantineSize(q), q.reason]),
+        { empty: "None: every record this device sent was stored." }),
+      quarantine.length === QUARANTINE_SHOWN ? h("p", { class: "muted" }, `The oldest ${QUARANTINE_SHOWN}; fleetctl devices quarantine ${id} --after ${quarantine[quarantine.length - 1].seq} lists the rest.`) : null));
   }
   await refresh();
   ctx.every(5000, refresh);

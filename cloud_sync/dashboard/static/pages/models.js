@@ -1,8 +1,9 @@
 // Models: every registered version (size, sha256, signature), the devices running it, and compare A vs B.
 
 import { api, get, query } from "../api.js";
-import { h, replace, table, num, pct, when, field } from "../dom.js";
+import { h, replace, table, num, pct, when, field, parseDuration } from "../dom.js";
 import { fleetStates } from "./fleet.js";
+import { assignmentsSection } from "./assignments.js";
 
 const FIGURES = [
   ["devices", "Devices", 0], ["requests", "Requests", 0], ["p50_ms", "p50 ms", 2], ["p95_ms", "p95 ms", 2],
@@ -36,7 +37,12 @@ export async function models(main, ctx) {
   } },
   field("Version A", a), field("Version B", b), field("Devices", selector, "key=value,…"), field("Window (s)", since),
   h("div", {}, h("button", { type: "submit" }, "Compare")));
-  replace(main, h("h1", {}, "Models"), problem, list, h("h2", {}, "Compare two versions on the five figures"), h("div", { class: "panel" }, form, compareError, compared));
+  const { models: registered } = await get("/v1/models");
+  const assignments = assignmentsSection(ctx, [...new Set(registered.map((m) => m.name))]);
+  const signing = ctx.session.can("operator") ? signForm(() => refresh()) : null;
+  replace(main, h("h1", {}, "Models"), problem, list, signing ? signing.element : null,
+    assignments.element,
+    h("h2", {}, "Compare two versions on the five figures"), h("div", { class: "panel" }, form, compareError, compared));
 
   async function refresh() {
     const [{ models: found }, { devices }] = await Promise.all([get("/v1/models"), get("/v1/devices")]);
@@ -51,7 +57,7 @@ export async function models(main, ctx) {
       }
     }
     const refs = found.map((m) => `${m.name}:${m.version}`);
-    for (const select of [a, b]) {
+    for (const select of signing ? [a, b, signing.version] : [a, b]) {
       const was = select.value;
       replace(select, refs.map((r) => h("option", { value: r }, r)));
       if (refs.includes(was)) select.value = was;
@@ -73,6 +79,40 @@ export async function models(main, ctx) {
         return cells;
       }), { empty: "No model registered yet: `fleetctl models push DIR`." }));
   }
-  await refresh();
+  await Promise.all([refresh(), assignments.refresh()]);
   ctx.every(10000, refresh);
+}
+
+// Sign a version again with a new expiry (fleetctl models sign): a new, higher serial, and devices that see it
+// refuse the older envelope from then on.
+function signForm(done) {
+  const version = h("select", { id: "sign-version", name: "version" });
+  const expires = h("input", { id: "sign-expires", name: "expires", value: "30d", spellcheck: "false" });
+  const alert = h("div", { class: "alert", role: "alert", id: "sign-error" });
+  const note = h("div", { class: "note", role: "status", id: "sign-saved" });
+  const button = h("button", { type: "submit", id: "sign" }, "Sign again");
+  const form = h("form", { class: "grid", id: "sign-again", novalidate: true, onsubmit: async (event) => {
+    event.preventDefault();
+    replace(alert);
+    replace(note);
+    const seconds = parseDuration(expires.value);
+    const at = version.value.lastIndexOf(":");
+    const problem = at <= 0 ? "version: register a model first (`fleetctl models push`)"
+      : seconds === null ? "expires: a number with s, m, h or d, e.g. 30d (60 s to 5 years)" : "";
+    if (problem) {
+      replace(alert, problem);
+      return;
+    }
+    button.disabled = true;
+    try {
+      const m = await api("POST", `/v1/models/${encodeURIComponent(version.value.slice(0, at))}/${encodeURIComponent(version.value.slice(at + 1))}/sign`, { expires_in_s: seconds });
+      replace(note, `Signed ${m.name}:${m.version} again: serial ${m.serial}, expires ${when(m.expires_at_ms)}.`);
+      await done();
+    } catch (exc) {
+      replace(alert, exc.message);
+    } finally {
+      button.disabled = false;
+    }
+  } }, field("Version", version), field("Expires in", expires, "s, m, h or d: 60 s to 5 years"), h("div", {}, button));
+  return { version, element: h("section", { class: "panel", "aria-labelledby": "sign-title" }, h("h2", { id: "sign-title" }, "Sign a version again"), form, alert, note) };
 }
