@@ -17,8 +17,9 @@ blocking repeats (per request, per tick) or is long, so a loop fails on REPEATED
 loop.slow_callback_duration, SLOW_CALLBACK_S by default), or on one of BLOCKED_S or more. Since `make test`
 runs the suite in 3 processes on the 2 cores (pytest-xdist), a healthy loop's single report reached 0.613 s
 once in a clean CI run (cloud-sync's start, in the step that builds the admin API's routes): BLOCKED_S is
-1.0 s, above that; blocking that repeats still fails at SLOW_CALLBACK_S, and blocking calls fail at once. Reports are counted
-per loop (each LoopThread judges its own thread), so two loops in one test do not add up each other's noise.
+1.0 s, above that; blocking that repeats still fails at SLOW_CALLBACK_S, and blocking calls fail at once.
+Reports are counted per loop (each LoopThread judges its own thread), so two loops in one test do not add up
+each other's noise.
 """
 
 from __future__ import annotations
