@@ -149,3 +149,18 @@ def test_other_asyncio_warnings_are_not_reports() -> None:
 
         assert asyncio.run(fast(), debug=True) == 1
     assert slow.reports == []
+
+
+def test_a_callback_that_blocks_is_judged_in_full_though_cpu_waits_are_discounted() -> None:
+    # A callback that sleeps is not runnable: none of its time is a wait for a CPU, so all of it counts.
+    looped = LoopThread("sleeping-loop")
+    try:
+        looped.run(_sleeps(0.7))
+        assert [round(seconds, 1) for seconds, _ in looped.slow.reports] == [0.7], looped.slow.reports
+        assert len(looped.slow.blocking()) == 1
+    finally:
+        looped.close()
+
+
+async def _sleeps(seconds: float) -> None:
+    time.sleep(seconds)  # noqa: ASYNC251 -- blocks the loop on purpose
