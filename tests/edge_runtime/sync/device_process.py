@@ -110,9 +110,15 @@ class DeviceProcess:
                         return
                     if not line:
                         break
-        self.kill()
+        # Its stderr says why; read before kill() closes the pipes (reading after hid the reason behind a
+        # "closed file" error).
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(10)
         err = self.process.stderr.read() if self.process.stderr else ""
-        raise AssertionError(f"the device process did not connect within {timeout}s: {err[-2000:]}")
+        code = self.process.returncode
+        self.kill()
+        raise AssertionError(f"the device process did not connect within {timeout}s (exit {code}): {err[-2000:]}")
 
     def kill(self) -> None:
         """SIGKILL: no clean close, no offline message; the broker's last will says offline."""
