@@ -279,12 +279,17 @@ _COMPARED = (
 )
 
 
-def _since(text: str) -> int:
+def _seconds(option: str, text: str, low_s: int, high_s: int, bounds: str, examples: str) -> int:
+    """The seconds of a duration option ("90m"), or exit 2 naming the option, its bounds and examples."""
     match = _DURATION.match(text)
     seconds = int(match.group(1)) * _UNIT_S[match.group(2)] if match else 0
-    if not 1 <= seconds <= 30 * 86400:
-        fail(2, f"--since {text!r} is not a duration in 1s..30d, such as 1h, 90m or 3600s")
+    if not low_s <= seconds <= high_s:
+        fail(2, f"{option} {text!r} is not a duration in {bounds}, such as {examples}")
     return seconds
+
+
+def _since(text: str) -> int:
+    return _seconds("--since", text, 1, 30 * 86400, "1s..30d", "1h, 90m or 3600s")
 
 
 @models_app.command("compare")
@@ -332,14 +337,6 @@ def models_compare(
     out.print(table)
 
 
-def _step(text: str) -> int:
-    match = _DURATION.match(text)
-    seconds = int(match.group(1)) * _UNIT_S[match.group(2)] if match else 0
-    if not 10 <= seconds <= 3600:
-        fail(2, f"--step {text!r} is not a duration in 10s..1h, such as 1m or 30s")
-    return seconds
-
-
 @models_app.command("series")
 def models_series(
     ctx: typer.Context,
@@ -350,14 +347,13 @@ def models_series(
 ) -> None:
     """A model's versions over time, a point per step: latency p50/p99, throughput, error rate (the dashboard's
     charts, as a table)."""
-    since_s = _since(since)
-    if not 60 <= since_s <= 7 * 86400:
-        fail(2, f"--since {since!r} is not a duration in 1m..7d")
+    since_s = _seconds("--since", since, 60, 7 * 86400, "1m..7d", "15m, 1h or 1d")
+    step_s = _seconds("--step", step, 10, 3600, "10s..1h", "1m or 30s")
     try:
         selector = format_selector(parse_selector(selector))
     except InvalidArgument as exc:
         fail(2, f"--selector: {exc.message}")
-    params: dict[str, Any] = {"model": name, "since_s": since_s, "step_s": _step(step)}
+    params: dict[str, Any] = {"model": name, "since_s": since_s, "step_s": step_s}
     if selector not in ("", "*"):
         params["selector"] = selector
     s = session(ctx)
