@@ -26,10 +26,12 @@ from edge_runtime.errors import PackageError, VerificationFailed
 from edge_runtime.inference.tensors import DATATYPES, TensorSpec
 
 __all__ = [
+    "COMPRESSION_METHODS",
     "MANIFEST_FILE",
     "MODEL_FILE",
     "PACKAGE_FILES",
     "WARMUP_FILE",
+    "Lineage",
     "ModelManifest",
     "ModelPackage",
     "Warmup",
@@ -73,6 +75,43 @@ class Warmup:
         return data
 
 
+# How a variant was made from its parent (cloud_sync/compress.py) and the precision each method computes in.
+COMPRESSION_METHODS = {"fp16": "fp16", "int8-static": "int8", "int8-dynamic": "int8"}
+PRECISIONS = ("fp32", "fp16", "int8")
+_CALIBRATION_SOURCES = ("fleet-samples", "upload", "warmup")
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """The manifest's `lineage`: a variant's parent version, how it was made and from what calibration data.
+
+    A variant is a version of the same model (so rollouts and assignments treat it like any version); the
+    parent's sha256 pins which bytes it was made from. `calibration` ({"source", "samples", "sha256"}) is
+    present for static quantization only.
+    """
+
+    parent_version: int
+    parent_sha256: str
+    method: str
+    tool: str = ""
+    calibration: dict[str, Any] | None = field(default=None, compare=False)
+
+    @property
+    def precision(self) -> str:
+        return COMPRESSION_METHODS[self.method]
+
+    def to_dict(self, name: str) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "parent": {"name": name, "version": self.parent_version, "sha256": self.parent_sha256},
+            "method": self.method,
+            "precision": self.precision,
+            "tool": self.tool,
+        }
+        if self.calibration is not None:
+            data["calibration"] = dict(self.calibration)
+        return data
+
+
 @dataclass(frozen=True)
 class ModelManifest:
     name: str
@@ -88,6 +127,7 @@ class ModelManifest:
     description: str = ""
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
     warmup: Warmup | None = None
+    lineage: Lineage | None = None
 
     @property
     def ref(self) -> str:
@@ -113,6 +153,7 @@ class ModelManifest:
             "description": self.description,
             **({"extra": self.extra} if self.extra else {}),
             **({"warmup": self.warmup.to_dict()} if self.warmup is not None else {}),
+            **({"lineage": self.lineage.to_dict(self.name)} if self.lineage is not None else {}),
         }
 
     def to_json(self) -> bytes:
@@ -198,6 +239,59 @@ def _warmup(value: Any, inputs: tuple[TensorSpec, ...]) -> Warmup:
     return Warmup(parsed, file, sha, size)
 
 
+def _lineage(value: Any, name: str, version: int) -> Lineage:
+    _require(isinstance(value, dict), "lineage must be an object")
+    unknown = set(value) - {"parent", "method", "precision", "tool", "calibration"}
+    _require(not unknown, f"lineage has unknown keys {sorted(unknown)}")
+    parent = value.get("parent")
+    _require(
+        isinstance(parent, dict) and set(parent) == {"name", "version", "sha256"},
+        'lineage.parent must be {"name", "version", "sha256"}',
+    )
+    _require(
+        parent["name"] == name, f"lineage.parent.name must be the model's own name {name!r}: a variant is a version"
+    )
+    pv = parent["version"]
+    _require(
+        isinstance(pv, int) and not isinstance(pv, bool) and 0 < pv < 2**31 and pv != version,
+        "lineage.parent.version must be a positive integer other than the variant's own version",
+    )
+    sha = parent["sha256"]
+    _require(
+        isinstance(sha, str) and bool(_SHA256.match(sha)), "lineage.parent.sha256 must be 64 lower-case hex digits"
+    )
+    method = value.get("method")
+    _require(method in COMPRESSION_METHODS, f"lineage.method must be one of {', '.join(COMPRESSION_METHODS)}")
+    precision = value.get("precision", COMPRESSION_METHODS[method])
+    _require(
+        precision == COMPRESSION_METHODS[method], f"lineage.precision of {method} is {COMPRESSION_METHODS[method]}"
+    )
+    tool = value.get("tool", "")
+    _require(isinstance(tool, str) and len(tool) <= 200, "lineage.tool must be a string of at most 200 characters")
+    calibration = value.get("calibration")
+    if calibration is not None:
+        _require(
+            isinstance(calibration, dict) and set(calibration) <= {"source", "samples", "sha256", "query"},
+            'lineage.calibration must be an object of "source", "samples", "sha256" and "query"',
+        )
+        _require(
+            calibration.get("source") in _CALIBRATION_SOURCES,
+            f"lineage.calibration.source must be one of {', '.join(_CALIBRATION_SOURCES)}",
+        )
+        samples = calibration.get("samples")
+        _require(
+            isinstance(samples, int) and not isinstance(samples, bool) and samples > 0,
+            "lineage.calibration.samples must be a positive integer",
+        )
+        csha = calibration.get("sha256", "")
+        _require(
+            isinstance(csha, str) and (csha == "" or bool(_SHA256.match(csha))),
+            "lineage.calibration.sha256 must be 64 lower-case hex digits",
+        )
+        _require(isinstance(calibration.get("query", {}), dict), "lineage.calibration.query must be an object")
+    return Lineage(pv, sha, method, tool, calibration)
+
+
 def parse_manifest(raw: bytes) -> ModelManifest:
     """Validate manifest.json bytes; PackageError names the first thing wrong."""
     _require(len(raw) <= MAX_MANIFEST_BYTES, f"larger than {MAX_MANIFEST_BYTES} bytes")
@@ -220,6 +314,7 @@ def parse_manifest(raw: bytes) -> ModelManifest:
         "description",
         "extra",
         "warmup",
+        "lineage",
     }
     unknown = set(data) - known
     _require(not unknown, f"unknown keys {sorted(unknown)}")
@@ -248,6 +343,7 @@ def parse_manifest(raw: bytes) -> ModelManifest:
     extra = data.get("extra", {})
     _require(isinstance(extra, dict), "extra must be an object")
     warmup = _warmup(data["warmup"], inputs) if "warmup" in data else None
+    lineage = _lineage(data["lineage"], name, version) if "lineage" in data else None
     return ModelManifest(
         name=name,
         version=version,
@@ -261,6 +357,7 @@ def parse_manifest(raw: bytes) -> ModelManifest:
         description=data.get("description", ""),
         extra=extra,
         warmup=warmup,
+        lineage=lineage,
     )
 
 

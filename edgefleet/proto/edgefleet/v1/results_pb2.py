@@ -25,17 +25,17 @@ _sym_db = _symbol_database.Default()
 from edgefleet.proto.inference import grpc_service_pb2 as inference_dot_grpc__service__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x65\x64gefleet/v1/results.proto\x12\x0c\x65\x64gefleet.v1\x1a\x1cinference/grpc_service.proto\"\xd9\x01\n\x0cResultRecord\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x15\n\rcreated_at_ms\x18\x02 \x01(\x03\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\r\x12\x10\n\x08priority\x18\x05 \x01(\r\x12&\n\x04kind\x18\x06 \x01(\x0e\x32\x18.edgefleet.v1.RecordKind\x12\x14\n\x0cpayload_type\x18\x07 \x01(\t\x12\x0f\n\x07payload\x18\x08 \x01(\x0c\x12\x12\n\nrequest_id\x18\t \x01(\t\x12\x10\n\x08\x63hecksum\x18\n \x01(\r\"(\n\tRejection\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x8b\x02\n\x0bResultBatch\x12+\n\x07records\x18\x01 \x03(\x0b\x32\x1a.edgefleet.v1.ResultRecord\x12\x16\n\x0eproduced_total\x18\x02 \x01(\x04\x12\x15\n\revicted_total\x18\x03 \x01(\x04\x12\x11\n\tafter_seq\x18\x04 \x01(\x04\x12\x13\n\x0bthrough_seq\x18\x05 \x01(\x04\x12)\n\x08rejected\x18\x06 \x03(\x0b\x32\x17.edgefleet.v1.Rejection\x12\x16\n\x0erejected_total\x18\x07 \x01(\x04\x12\x35\n\x0frecord_checksum\x18\x08 \x01(\x0e\x32\x1c.edgefleet.v1.RecordChecksum\"|\n\tUploadAck\x12\x11\n\tacked_seq\x18\x01 \x01(\x04\x12\x0e\n\x06stored\x18\x02 \x01(\x04\x12\x12\n\nduplicates\x18\x03 \x01(\x04\x12\x0f\n\x07\x65victed\x18\x04 \x01(\x04\x12\x10\n\x08rejected\x18\x05 \x01(\x04\x12\x15\n\rrejected_seqs\x18\x06 \x03(\x04\"r\n\x10SampledInference\x12-\n\x07request\x18\x01 \x01(\x0b\x32\x1c.inference.ModelInferRequest\x12/\n\x08response\x18\x02 \x01(\x0b\x32\x1d.inference.ModelInferResponse\"Q\n\x0b\x44\x65viceEvent\x12\r\n\x05\x65vent\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\r\x12\x13\n\x0b\x64\x65tail_json\x18\x04 \x01(\t*w\n\nRecordKind\x12\x1b\n\x17RECORD_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12RECORD_KIND_RESULT\x10\x01\x12\x15\n\x11RECORD_KIND_EVENT\x10\x02\x12\x1d\n\x19RECORD_KIND_SAMPLED_INPUT\x10\x03*E\n\x0eRecordChecksum\x12\x18\n\x14RECORD_CHECKSUM_NONE\x10\x00\x12\x19\n\x15RECORD_CHECKSUM_CRC32\x10\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x65\x64gefleet/v1/results.proto\x12\x0c\x65\x64gefleet.v1\x1a\x1cinference/grpc_service.proto\"\xd9\x01\n\x0cResultRecord\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x15\n\rcreated_at_ms\x18\x02 \x01(\x03\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\r\x12\x10\n\x08priority\x18\x05 \x01(\r\x12&\n\x04kind\x18\x06 \x01(\x0e\x32\x18.edgefleet.v1.RecordKind\x12\x14\n\x0cpayload_type\x18\x07 \x01(\t\x12\x0f\n\x07payload\x18\x08 \x01(\x0c\x12\x12\n\nrequest_id\x18\t \x01(\t\x12\x10\n\x08\x63hecksum\x18\n \x01(\r\"(\n\tRejection\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x8b\x02\n\x0bResultBatch\x12+\n\x07records\x18\x01 \x03(\x0b\x32\x1a.edgefleet.v1.ResultRecord\x12\x16\n\x0eproduced_total\x18\x02 \x01(\x04\x12\x15\n\revicted_total\x18\x03 \x01(\x04\x12\x11\n\tafter_seq\x18\x04 \x01(\x04\x12\x13\n\x0bthrough_seq\x18\x05 \x01(\x04\x12)\n\x08rejected\x18\x06 \x03(\x0b\x32\x17.edgefleet.v1.Rejection\x12\x16\n\x0erejected_total\x18\x07 \x01(\x04\x12\x35\n\x0frecord_checksum\x18\x08 \x01(\x0e\x32\x1c.edgefleet.v1.RecordChecksum\"|\n\tUploadAck\x12\x11\n\tacked_seq\x18\x01 \x01(\x04\x12\x0e\n\x06stored\x18\x02 \x01(\x04\x12\x12\n\nduplicates\x18\x03 \x01(\x04\x12\x0f\n\x07\x65victed\x18\x04 \x01(\x04\x12\x10\n\x08rejected\x18\x05 \x01(\x04\x12\x15\n\rrejected_seqs\x18\x06 \x03(\x04\"\x95\x02\n\x10SampledInference\x12-\n\x07request\x18\x01 \x01(\x0b\x32\x1c.inference.ModelInferRequest\x12/\n\x08response\x18\x02 \x01(\x0b\x32\x1d.inference.ModelInferResponse\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0f\n\x07measure\x18\x04 \x01(\t\x12\r\n\x05score\x18\x05 \x01(\x01\x12\x0e\n\x06\x65ngine\x18\x06 \x01(\t\x12\x11\n\tprecision\x18\x07 \x01(\t\x12\x16\n\x0eshadow_version\x18\x08 \x01(\r\x12\x36\n\x0fshadow_response\x18\t \x01(\x0b\x32\x1d.inference.ModelInferResponse\"Q\n\x0b\x44\x65viceEvent\x12\r\n\x05\x65vent\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\r\x12\x13\n\x0b\x64\x65tail_json\x18\x04 \x01(\t*w\n\nRecordKind\x12\x1b\n\x17RECORD_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12RECORD_KIND_RESULT\x10\x01\x12\x15\n\x11RECORD_KIND_EVENT\x10\x02\x12\x1d\n\x19RECORD_KIND_SAMPLED_INPUT\x10\x03*E\n\x0eRecordChecksum\x12\x18\n\x14RECORD_CHECKSUM_NONE\x10\x00\x12\x19\n\x15RECORD_CHECKSUM_CRC32\x10\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'edgefleet.v1.results_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RECORDKIND']._serialized_start=931
-  _globals['_RECORDKIND']._serialized_end=1050
-  _globals['_RECORDCHECKSUM']._serialized_start=1052
-  _globals['_RECORDCHECKSUM']._serialized_end=1121
+  _globals['_RECORDKIND']._serialized_start=1095
+  _globals['_RECORDKIND']._serialized_end=1214
+  _globals['_RECORDCHECKSUM']._serialized_start=1216
+  _globals['_RECORDCHECKSUM']._serialized_end=1285
   _globals['_RESULTRECORD']._serialized_start=75
   _globals['_RESULTRECORD']._serialized_end=292
   _globals['_REJECTION']._serialized_start=294
@@ -44,8 +44,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RESULTBATCH']._serialized_end=604
   _globals['_UPLOADACK']._serialized_start=606
   _globals['_UPLOADACK']._serialized_end=730
-  _globals['_SAMPLEDINFERENCE']._serialized_start=732
-  _globals['_SAMPLEDINFERENCE']._serialized_end=846
-  _globals['_DEVICEEVENT']._serialized_start=848
-  _globals['_DEVICEEVENT']._serialized_end=929
+  _globals['_SAMPLEDINFERENCE']._serialized_start=733
+  _globals['_SAMPLEDINFERENCE']._serialized_end=1010
+  _globals['_DEVICEEVENT']._serialized_start=1012
+  _globals['_DEVICEEVENT']._serialized_end=1093
 # @@protoc_insertion_point(module_scope)

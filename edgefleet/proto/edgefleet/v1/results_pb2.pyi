@@ -258,25 +258,60 @@ Global___UploadAck: _TypeAlias = UploadAck  # noqa: Y015
 
 @_typing.final
 class SampledInference(_message.Message):
-    """Payload of a RECORD_KIND_SAMPLED_INPUT record: what the app sent and what the model answered."""
+    """Payload of a RECORD_KIND_SAMPLED_INPUT record: what the app sent and what the model answered.
+    A hard example (issue 15) is a sampled input kept because the model was unsure of it or a shadow candidate
+    disagreed; a random sample leaves `reason` empty (read as "random").
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     REQUEST_FIELD_NUMBER: _builtins.int
     RESPONSE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    MEASURE_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
+    ENGINE_FIELD_NUMBER: _builtins.int
+    PRECISION_FIELD_NUMBER: _builtins.int
+    SHADOW_VERSION_FIELD_NUMBER: _builtins.int
+    SHADOW_RESPONSE_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    """Why it was kept: "" or "random" (upload.sample_rate), "uncertain" (the uncertainty measure passed its
+    threshold), "disagreement" (the shadow candidate answered differently).
+    """
+    measure: _builtins.str
+    """The measure that judged it ("margin", "top1", "entropy"; for a disagreement the comparator's rule) and its
+    value for this input (for a batch of rows: the row judged most uncertain).
+    """
+    score: _builtins.float
+    engine: _builtins.str
+    """The engine that answered ("onnxruntime/CPUExecutionProvider", "tensorrt/10.3.0") and the precision of the
+    version that answered ("fp32", "fp16", "int8").
+    """
+    precision: _builtins.str
+    shadow_version: _builtins.int
+    """For a disagreement: the shadow version and what it answered for the same inputs."""
     @_builtins.property
     def request(self) -> _grpc_service_pb2.ModelInferRequest: ...
     @_builtins.property
     def response(self) -> _grpc_service_pb2.ModelInferResponse: ...
+    @_builtins.property
+    def shadow_response(self) -> _grpc_service_pb2.ModelInferResponse: ...
     def __init__(
         self,
         *,
         request: _grpc_service_pb2.ModelInferRequest | None = ...,
         response: _grpc_service_pb2.ModelInferResponse | None = ...,
+        reason: _builtins.str = ...,
+        measure: _builtins.str = ...,
+        score: _builtins.float = ...,
+        engine: _builtins.str = ...,
+        precision: _builtins.str = ...,
+        shadow_version: _builtins.int = ...,
+        shadow_response: _grpc_service_pb2.ModelInferResponse | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request", "response", b"response"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request", "response", b"response", "shadow_response", b"shadow_response"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["request", b"request", "response", b"response"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["engine", b"engine", "measure", b"measure", "precision", b"precision", "reason", b"reason", "request", b"request", "response", b"response", "score", b"score", "shadow_response", b"shadow_response", "shadow_version", b"shadow_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -156,6 +156,7 @@ class ModelStatus(_message.Message):
     ATTEMPTS_FIELD_NUMBER: _builtins.int
     NEXT_ATTEMPT_AT_MS_FIELD_NUMBER: _builtins.int
     PACKAGE_FAULT_FIELD_NUMBER: _builtins.int
+    PRECISION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     version: _builtins.int
     role: Global___ModelRole.ValueType
@@ -176,6 +177,10 @@ class ModelStatus(_message.Message):
     the cloud (a download cut, the cloud away, a refusal of the credential): what a rollout's apply-failure gate
     counts.
     """
+    precision: _builtins.str
+    """The numeric precision the version computes in: the manifest's lineage (a compressed variant: "int8",
+    "fp16"), else what its ONNX holds ("fp32", "fp16", "int8" when it carries QDQ nodes); empty when unknown.
+    """
     def __init__(
         self,
         *,
@@ -190,10 +195,11 @@ class ModelStatus(_message.Message):
         attempts: _builtins.int = ...,
         next_attempt_at_ms: _builtins.int = ...,
         package_fault: _builtins.bool = ...,
+        precision: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "backend", b"backend", "name", b"name", "next_attempt_at_ms", b"next_attempt_at_ms", "package_fault", b"package_fault", "progress", b"progress", "reason", b"reason", "role", b"role", "sha256", b"sha256", "state", b"state", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "backend", b"backend", "name", b"name", "next_attempt_at_ms", b"next_attempt_at_ms", "package_fault", b"package_fault", "precision", b"precision", "progress", b"progress", "reason", b"reason", "role", b"role", "sha256", b"sha256", "state", b"state", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

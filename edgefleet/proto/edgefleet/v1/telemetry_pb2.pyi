@@ -65,6 +65,9 @@ class ModelVersionTelemetry(_message.Message):
     SHADOW_AGREED_FIELD_NUMBER: _builtins.int
     CPU_SECONDS_FIELD_NUMBER: _builtins.int
     ENERGY_JOULES_FIELD_NUMBER: _builtins.int
+    HARD_EXAMPLES_KEPT_FIELD_NUMBER: _builtins.int
+    HARD_EXAMPLES_BYTES_FIELD_NUMBER: _builtins.int
+    HARD_EXAMPLES_OVER_BUDGET_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     version: _builtins.int
     role: _state_pb2.ModelRole.ValueType
@@ -80,6 +83,12 @@ class ModelVersionTelemetry(_message.Message):
     cpu_seconds: _builtins.float
     """Cost: CPU seconds of inference in the window; energy where the board reports its power rails."""
     energy_joules: _builtins.float
+    hard_examples_kept: _builtins.int
+    """Hard examples (issue 15) kept in the window, their bytes, and those left out because the policy's byte
+    budget for the window was spent (never produced: not in the outbox's ledger).
+    """
+    hard_examples_bytes: _builtins.int
+    hard_examples_over_budget: _builtins.int
     @_builtins.property
     def latency(self) -> Global___LatencySummary: ...
     def __init__(
@@ -98,10 +107,13 @@ class ModelVersionTelemetry(_message.Message):
         shadow_agreed: _builtins.int = ...,
         cpu_seconds: _builtins.float = ...,
         energy_joules: _builtins.float = ...,
+        hard_examples_kept: _builtins.int = ...,
+        hard_examples_bytes: _builtins.int = ...,
+        hard_examples_over_budget: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["latency", b"latency"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu_seconds", b"cpu_seconds", "energy_joules", b"energy_joules", "errors", b"errors", "inferences", b"inferences", "latency", b"latency", "mean_batch_size", b"mean_batch_size", "name", b"name", "queue_depth", b"queue_depth", "requests", b"requests", "role", b"role", "shadow_agreed", b"shadow_agreed", "shadow_compared", b"shadow_compared", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu_seconds", b"cpu_seconds", "energy_joules", b"energy_joules", "errors", b"errors", "hard_examples_bytes", b"hard_examples_bytes", "hard_examples_kept", b"hard_examples_kept", "hard_examples_over_budget", b"hard_examples_over_budget", "inferences", b"inferences", "latency", b"latency", "mean_batch_size", b"mean_batch_size", "name", b"name", "queue_depth", b"queue_depth", "requests", b"requests", "role", b"role", "shadow_agreed", b"shadow_agreed", "shadow_compared", b"shadow_compared", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
