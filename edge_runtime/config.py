@@ -15,7 +15,7 @@ from typing import Any, Literal, TypeVar
 from edge_runtime._compat import tomllib
 from edge_runtime.errors import ConfigError
 from edgefleet import settings as _settings
-from edgefleet.policy import BufferPolicy, InferencePolicy, TelemetryPolicy, UploadPolicy
+from edgefleet.policy import BufferPolicy, InferencePolicy, SamplesPolicy, TelemetryPolicy, UploadPolicy
 from edgefleet.settings import option
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "EngineSection",
     "InferencePolicy",
     "MqttSection",
+    "SamplesPolicy",
     "ServerSection",
     "TelemetryPolicy",
     "UploadPolicy",
@@ -138,6 +139,7 @@ class AgentConfig:
     upload: UploadPolicy = field(default_factory=UploadPolicy)
     buffer: BufferPolicy = field(default_factory=BufferPolicy)
     telemetry: TelemetryPolicy = field(default_factory=TelemetryPolicy)
+    samples: SamplesPolicy = field(default_factory=SamplesPolicy)
     cloud: CloudSection = field(default_factory=CloudSection)
     mqtt: MqttSection = field(default_factory=MqttSection)
 

@@ -18,10 +18,12 @@ from edgefleet.settings import SettingsError, config_from_dict, option
 __all__ = [
     "MAX_POLICY_BYTES",
     "POLICY_SECTIONS",
+    "UNCERTAINTY_MEASURES",
     "BufferPolicy",
     "EffectivePolicy",
     "InferencePolicy",
     "PolicyChange",
+    "SamplesPolicy",
     "TelemetryPolicy",
     "UploadPolicy",
     "overlay_policy",
@@ -101,11 +103,62 @@ class TelemetryPolicy:
     interval_s: float = option(10.0, "How often the agent publishes telemetry.", min=0.1, max=86_400)
 
 
+# How a classifier's uncertainty is measured on its class probabilities (edge_runtime/inference/hard.py): the
+# top-1 probability and the margin p1 - p2 mark a row uncertain below the threshold, the entropy normalised to
+# 0..1 above it.
+UNCERTAINTY_MEASURES = ("margin", "top1", "entropy")
+
+
+@dataclass(frozen=True)
+class SamplesPolicy:
+    """Hard examples: inputs the model was unsure of, or where a shadow candidate disagreed, kept for retraining."""
+
+    hard_bytes_per_window: int = option(
+        0,
+        "Bytes of hard examples the device may keep per hard_window_s (the records' declared sizes); past it "
+        "they are left out and counted as over budget. 0: no hard examples (field inputs leave the device only "
+        "when the operator asks).",
+        min=0,
+        max=2**40,
+    )
+    hard_window_s: float = option(
+        3600.0, "The window the hard-example byte budget is counted over.", min=1, max=7 * 86_400
+    )
+    measure: str = option(
+        "",
+        'Uncertainty measure: "margin", "top1" or "entropy"; "" = the one the model declares in its manifest '
+        "(extra.uncertainty), else margin.",
+    )
+    threshold: float = option(
+        0.0,
+        "A row is uncertain when its top1 or margin is below this, or its entropy (0..1) above it; 0 = the "
+        "model's declared threshold, else the measure's default (margin 0.2, top1 0.5, entropy 0.5). Needs "
+        "measure: a threshold means something only for one measure.",
+        min=0,
+        max=1,
+    )
+    keep_disagreements: bool = option(
+        True, "Keep the inputs a shadow candidate answered differently from the active version (within the budget)."
+    )
+
+    def __post_init__(self) -> None:
+        if self.measure not in ("", *UNCERTAINTY_MEASURES):
+            raise SettingsError(
+                f'samples.measure must be one of {", ".join(UNCERTAINTY_MEASURES)} or "" (the model\'s own), '
+                f"not {self.measure!r}"
+            )
+        if self.threshold != 0.0 and not self.measure:
+            raise SettingsError(
+                "samples.threshold needs samples.measure: a threshold means something only for one measure "
+                "(models may declare different ones)"
+            )
+
+
 # A full policy document is about 700 bytes; anything far larger is not a policy.
 MAX_POLICY_BYTES = 64 * 1024
 # The config sections a policy may set: what the agent can change live. engine, server, cloud and mqtt need a
 # restart (a new listener, a rebuilt engine), so a policy naming them is refused rather than half-applied.
-POLICY_SECTIONS = ("inference", "upload", "buffer", "telemetry")
+POLICY_SECTIONS = ("inference", "upload", "buffer", "telemetry", "samples")
 
 
 class _HasPolicySections(Protocol):
@@ -119,6 +172,8 @@ class _HasPolicySections(Protocol):
     def buffer(self) -> BufferPolicy: ...
     @property
     def telemetry(self) -> TelemetryPolicy: ...
+    @property
+    def samples(self) -> SamplesPolicy: ...
 
 
 @dataclass(frozen=True)
@@ -129,11 +184,12 @@ class EffectivePolicy:
     upload: UploadPolicy = field(default_factory=UploadPolicy)
     buffer: BufferPolicy = field(default_factory=BufferPolicy)
     telemetry: TelemetryPolicy = field(default_factory=TelemetryPolicy)
+    samples: SamplesPolicy = field(default_factory=SamplesPolicy)
 
     @classmethod
     def from_config(cls, config: _HasPolicySections) -> EffectivePolicy:
         """The policy sections of a config (edge_runtime's AgentConfig): what runs before any cloud policy."""
-        return cls(config.inference, config.upload, config.buffer, config.telemetry)
+        return cls(config.inference, config.upload, config.buffer, config.telemetry, config.samples)
 
     def as_dict(self) -> dict[str, dict[str, Any]]:
         """The policy as the JSON document that would produce it (every key of every section)."""
@@ -148,6 +204,7 @@ class PolicyChange:
     upload: bool
     buffer: bool
     telemetry: bool
+    samples: bool
 
     @classmethod
     def between(cls, old: EffectivePolicy, new: EffectivePolicy) -> PolicyChange:

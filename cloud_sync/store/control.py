@@ -18,6 +18,10 @@ import sqlalchemy as sa
 from cloud_sync.errors import CloudSyncError, DeviceRevoked, InvalidArgument, NotFound
 from cloud_sync.store.database import Database, now_ms
 from cloud_sync.store.schema import devices, metadata
+
+# What a policy document may hold: the agent's live-applicable config sections (edge_runtime/policy.py checks
+# each key against its own types; the cloud checks the shape, so an operator's typo fails here first).
+from edgefleet.policy import POLICY_SECTIONS
 from edgefleet.proto.edgefleet.v1.state_pb2 import DesiredState, ModelRole, ModelState, ReportedState
 
 __all__ = [
@@ -39,9 +43,6 @@ MAX_MODELS = 256
 _MAX_NAME_CHARS = 256
 _MAX_TEXT_CHARS = 4096
 _MAX_GENERATION = 2**63 - 1  # BIGINT
-# What a policy document may hold: the agent's live-applicable config sections (edge_runtime/policy.py checks
-# each key against its own types; the cloud checks the shape, so an operator's typo fails here first).
-POLICY_SECTIONS = ("inference", "upload", "buffer", "telemetry")
 _ROLES = frozenset(ModelRole.values())
 _STATES = frozenset(ModelState.values())
 _IN_CHUNK = 1000

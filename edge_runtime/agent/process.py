@@ -31,6 +31,7 @@ from edge_runtime.control.converge import Converger
 from edge_runtime.control.desired_store import DesiredStore
 from edge_runtime.control.trust import TrustStore
 from edge_runtime.errors import ConfigError, EdgeRuntimeError
+from edge_runtime.inference.hard import HardExamples
 from edge_runtime.inference.keeping import Keeper
 from edge_runtime.kserve.health import AgentHealth
 from edge_runtime.kserve.server import InferenceServer, parse_tcp_address
@@ -93,7 +94,9 @@ class Agent:
         # The buffer bounds in force are read at scrape time (self.policy is assigned below).
         self.metrics.track_outbox(self.outbox.counters, lambda: self.policy.buffer)
         self.keeper = Keeper(self.outbox, config.upload.sample_rate)
-        self.repository = ModelRepository(config, self.metrics, self.keeper)
+        # Hard examples (uncertain answers, shadow disagreements) within the samples section's byte budget.
+        self.hard_examples = HardExamples(self.outbox, config.samples)
+        self.repository = ModelRepository(config, self.metrics, self.keeper, self.hard_examples)
         self.uploader = (
             Uploader(self.outbox, config.cloud, config.upload, token, channel=cloud) if cloud and token else None
         )
@@ -244,8 +247,9 @@ class Agent:
     async def apply_policy(self, policy: EffectivePolicy) -> PolicyChange:
         """Run with `policy` from now on, live: no restart, and no accepted request dropped.
 
-        Only the sections that changed are touched: upload (uploader pace and interval, keeper's sample rate)
-        and telemetry (the collector's interval) at once on the loop; buffer (outbox bounds, with the eviction
+        Only the sections that changed are touched: upload (uploader pace and interval, keeper's sample rate),
+        samples (the hard examples' measure and byte budget) and telemetry (the collector's interval) at once
+        on the loop; buffer (outbox bounds, with the eviction
         they call for) on the outbox's writer thread; inference last, on the model-loader thread, where it
         waits for a model load in progress (loading holds the repository's switch lock). Queued and running
         requests finish under the plan they were queued under; the next batch forms under the new one.
@@ -259,6 +263,8 @@ class Agent:
                 if self.uploader is not None:
                     self.uploader.apply_policy(policy.upload)
                     self.uploader.kick()  # it may be sleeping out the old interval
+            if change.samples:
+                self.hard_examples.apply(policy.samples)
             if change.telemetry and self.collector is not None:
                 self.collector.set_interval(policy.telemetry.interval_s)
             if change.buffer:

@@ -56,8 +56,15 @@ def collect(agent: Any, now_ms: int | None = None) -> admin_pb2.AgentStatus:
                 backend=status.backend,
                 queue_depth=served.batcher.pending() if served is not None else 0,
                 running_batch_s=round(running_batch_s(served.batcher, now), 3) if served is not None else 0.0,
+                precision=status.precision,
             )
         )
+    precision = {(s.name, s.version): s.precision for s in repo.status()}
+    converging = []
+    for p in agent.converger.progress():
+        progress = p.to_proto()
+        progress.precision = precision.get((p.name, p.version), "")
+        converging.append(progress)
     converger = agent.converger
     message = admin_pb2.AgentStatus(
         agent_version=__version__,
@@ -67,7 +74,7 @@ def collect(agent: Any, now_ms: int | None = None) -> admin_pb2.AgentStatus:
         unhealthy=agent.unhealthy,
         serving=serving,
         desired_generation=converger.generation,
-        converging=[p.to_proto() for p in converger.progress()],
+        converging=converging,
         desired_error=converger.error,
         outbox=_outbox(agent.outbox.counters(), config.buffer.max_bytes, now_ms),
         uplink=_uplink(agent.uploader, config),
@@ -199,22 +206,21 @@ def render(status: admin_pb2.AgentStatus) -> str:
     desired = f"generation {status.desired_generation}" if status.desired_generation else "none accepted"
     lines.append(f"desired    {desired}" + (f"; refused: {status.desired_error}" if status.desired_error else ""))
     lines.append("")
-    rows = [["MODEL", "VERSION", "STATE", "ACTIVE", "QUEUE", "BACKEND", "REASON"]]
+    rows = [["MODEL", "VERSION", "STATE", "ACTIVE", "QUEUE", "BACKEND", "PRECISION", "REASON"]]
     for m in status.serving:
-        rows.append(
-            [m.name, str(m.version), m.state, "yes" if m.active else "", str(m.queue_depth), m.backend, m.reason]
-        )
+        row = [m.name, str(m.version), m.state, "yes" if m.active else "", str(m.queue_depth), m.backend, m.precision]
+        rows.append([*row, m.reason])
     if len(rows) == 1:
         lines.append("no models loaded")
     else:
         lines.extend(_table(rows))
     if status.converging:
         lines.append("")
-        rows = [["ASSIGNED", "VERSION", "ROLE", "STATE", "PROGRESS", "REASON"]]
+        rows = [["ASSIGNED", "VERSION", "ROLE", "STATE", "PROGRESS", "PRECISION", "REASON"]]
         for p in status.converging:
             state = state_pb2.ModelState.Name(p.state).removeprefix(_MODEL_STATE_PREFIX)
             role = state_pb2.ModelRole.Name(p.role).removeprefix(_ROLE_PREFIX)
-            rows.append([p.name, str(p.version), role, state, f"{p.progress * 100:.0f}%", p.reason])
+            rows.append([p.name, str(p.version), role, state, f"{p.progress * 100:.0f}%", p.precision, p.reason])
         lines.extend(_table(rows))
     return "\n".join(lines)
 

@@ -158,7 +158,13 @@ def repository_status(status: ModelStatus) -> state_pb2.ModelStatus:
         state = state_pb2.MODEL_STATE_ACTIVE if status.active else state_pb2.MODEL_STATE_READY
     role = state_pb2.MODEL_ROLE_ACTIVE if status.active else state_pb2.MODEL_ROLE_UNSPECIFIED
     return state_pb2.ModelStatus(
-        name=status.name, version=status.version, role=role, state=state, reason=status.reason, backend=status.backend
+        name=status.name,
+        version=status.version,
+        role=role,
+        state=state,
+        reason=status.reason,
+        backend=status.backend,
+        precision=status.precision,
     )
 
 
@@ -557,8 +563,13 @@ class Converger:
         """The device's reported state now: each assignment's progress, and the other loaded models as they are."""
         progress = self.progress()
         assigned = {p.name for p in progress}
+        statuses = self.repository.status()
         models = [p.to_proto() for p in progress]
-        models += [repository_status(s) for s in self.repository.status() if s.name not in assigned]
+        # A loaded version's precision (from its manifest's lineage or its ONNX), whatever its progress says.
+        precision = {(s.name, s.version): s.precision for s in statuses}
+        for m in models:
+            m.precision = precision.get((m.name, m.version), "")
+        models += [repository_status(s) for s in statuses if s.name not in assigned]
         return state_pb2.ReportedState(
             device_id=self.device_id,
             generation=self.generation,

@@ -31,6 +31,7 @@ __all__ = [
     "Keeper",
     "RecordSink",
     "keep_decision",
+    "nbytes",
     "settle_kept",
 ]
 
@@ -112,14 +113,14 @@ class Keeper:
                 return message.SerializeToString()
 
             payload_type = "edgefleet.v1.SampledInference"
-            size = _nbytes(inputs.values()) + _nbytes(response.outputs.values())
+            size = nbytes(inputs.values()) + nbytes(response.outputs.values())
         else:
 
             def payload() -> bytes:
                 return encode_response(response).SerializeToString()
 
             payload_type = "inference.ModelInferResponse"
-            size = _nbytes(response.outputs.values())
+            size = nbytes(response.outputs.values())
         record = OutboxRecord(
             int(time.time() * 1000),
             response.model_name,
@@ -168,7 +169,7 @@ class Keeper:
             log.warning("outbox.append_refused", dropped_total=self.dropped, reason=str(exc))
 
 
-def _nbytes(arrays: Iterable[Any]) -> int:
+def nbytes(arrays: Iterable[Any]) -> int:
     """The bytes numpy arrays hold, the strings of a BYTES tensor (an object array) included."""
     total = 0
     for array in arrays:

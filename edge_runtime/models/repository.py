@@ -20,6 +20,7 @@ import structlog
 from edge_runtime.config import AgentConfig, InferencePolicy
 from edge_runtime.errors import EdgeRuntimeError, InvalidInput, ModelNotFound, ModelNotReady, ShuttingDown
 from edge_runtime.inference import keeping
+from edge_runtime.inference.hard import HardExamples
 from edge_runtime.inference.types import InferRequest, InferResponse
 from edge_runtime.models.package import ModelPackage
 from edge_runtime.models.served import LoadContext, ModelState, ServedModel
@@ -50,9 +51,11 @@ class ModelStatus:
         reason: str = "",
         active: bool = False,
         backend: str = "",
+        precision: str = "",
     ) -> None:
         self.name, self.version, self.state = name, version, state
         self.reason, self.active, self.backend = reason, active, backend
+        self.precision = precision  # "fp32", "fp16", "int8" of a loaded version; "" unknown
 
     def __repr__(self) -> str:
         return f"ModelStatus({self.name}:{self.version} {self.state.value}{' active' if self.active else ''})"
@@ -60,10 +63,15 @@ class ModelStatus:
 
 class ModelRepository:
     def __init__(
-        self, config: AgentConfig, metrics: AgentMetrics | None = None, keeper: keeping.Keeper | None = None
+        self,
+        config: AgentConfig,
+        metrics: AgentMetrics | None = None,
+        keeper: keeping.Keeper | None = None,
+        hard: HardExamples | None = None,
     ) -> None:
         self.config = config
         self.keeper = keeper
+        self.hard = hard  # hard examples (samples policy section), shared by every version
         self.metrics = metrics or AgentMetrics()
         self.store = ModelStore(config.data_dir / "models")
         self._policy = config.inference
@@ -261,13 +269,15 @@ class ModelRepository:
         """Run one request to completion on the caller's thread (or wait for an engine worker)."""
         served = self.model(request.model_name, request.model_version)
         try:
-            response = served.batcher.run(served.prepare(request))
+            prepared = served.prepare(request)
+            response = served.batcher.run(prepared)
         except ShuttingDown:
             served = self._replacement(served, request)
-            response = served.batcher.run(served.prepare(request))
+            prepared = served.prepare(request)
+            response = served.batcher.run(prepared)
         mirror = self._mirror_for(served)
         if mirror is not None:
-            mirror.offer(request, response)
+            mirror.offer(request, response, served.hard, prepared.keep == keeping.SAMPLE)
         if response.kept is None:
             return response
         try:
@@ -280,13 +290,16 @@ class ModelRepository:
         """Validate and queue; raises at once for a bad or unservable request. Await the future for the result."""
         served = self.model(request.model_name, request.model_version)
         try:
-            future = served.batcher.submit(served.prepare(request))
+            prepared = served.prepare(request)
+            future = served.batcher.submit(prepared)
         except ShuttingDown:
             served = self._replacement(served, request)
-            future = served.batcher.submit(served.prepare(request))
+            prepared = served.prepare(request)
+            future = served.batcher.submit(prepared)
         mirror = self._mirror_for(served)
         if mirror is not None:  # once answered, on the engine thread that answered it
-            future.add_done_callback(lambda f: mirror.offer_future(request, f))
+            source, kept = served.hard, prepared.keep == keeping.SAMPLE
+            future.add_done_callback(lambda f: mirror.offer_future(request, f, source, kept))
         return served, future
 
     def model(self, name: str, version: str = "") -> ServedModel:
@@ -355,6 +368,7 @@ class ModelRepository:
             cache_dir=self.config.data_dir / "cache",
             metrics=self.metrics,
             keeper=self.keeper,
+            hard=self.hard,
         )
 
     def _build(self, name: str, version: int, ctx: LoadContext) -> ServedModel:
@@ -456,5 +470,11 @@ def _ready_status(served: ServedModel, *, active: bool, why: str = "") -> ModelS
     info = served.engine.info
     reason = "; ".join(part for part in (why, info.fallback_reason, *served.notes) if part)
     return ModelStatus(
-        served.name, served.version, ModelState.READY, reason=reason, active=active, backend=info.description
+        served.name,
+        served.version,
+        ModelState.READY,
+        reason=reason,
+        active=active,
+        backend=info.description,
+        precision=served.precision,
     )

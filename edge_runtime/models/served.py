@@ -18,17 +18,25 @@ from edge_runtime.config import EngineSection, InferencePolicy
 from edge_runtime.engines import Engine, load_engine
 from edge_runtime.errors import InvalidInput, Overloaded
 from edge_runtime.inference import keeping
+from edge_runtime.inference.hard import HardCounter, HardExamples, HardModel, manifest_uncertainty
 from edge_runtime.inference.stats import ModelStats
 from edge_runtime.inference.types import InferRequest, InferResponse, PreparedRequest
 from edge_runtime.inference.validation import Signature
 from edge_runtime.models.checks import check_engine_matches, warm_up
 from edge_runtime.models.package import ModelManifest, ModelPackage
+from edge_runtime.models.shadow import classes_output
 from edge_runtime.models.warmup import WarmupInputs
 from edge_runtime.observability.metrics import AgentMetrics, ModelSample
 
-__all__ = ["LoadContext", "ModelState", "ServedModel"]
+__all__ = ["LoadContext", "ModelState", "ServedModel", "onnx_precision"]
 
 log = structlog.get_logger(__name__)
+
+# PreparedRequest.keep of a shadow's mirror: nothing of it is kept, not even as a hard example (the mirror
+# judges the shadow's answer against the active's itself).
+_MIRROR = -1
+# What may also be kept as a hard example: a request kept for nothing else, or only for its answer.
+_JUDGED = (keeping.NONE, keeping.RESULT)
 
 
 class ModelState(enum.Enum):
@@ -48,6 +56,8 @@ class LoadContext:
     metrics: AgentMetrics
     # Where kept results and samples go; None: nothing is kept (no outbox).
     keeper: keeping.Keeper | None = None
+    # Where hard examples go (uncertain answers, shadow disagreements); None: none are kept.
+    hard: HardExamples | None = None
 
 
 class ServedModel:
@@ -60,6 +70,7 @@ class ServedModel:
         ctx: LoadContext,
         profile: list[ProfilePoint],
         notes: tuple[str, ...] = (),
+        precision: str = "",
     ):
         m = package.manifest
         self.package = package
@@ -80,6 +91,20 @@ class ServedModel:
         self._keeper = ctx.keeper
         self.ready = True
         self.policy = ctx.policy
+        # The numeric precision it computes in ("fp32", "fp16", "int8"; "" unknown): reported per device.
+        self.precision = precision
+        self.hard_examples = ctx.hard
+        classes = classes_output(m)
+        self.hard = HardModel(
+            m.name,
+            m.version,
+            engine.info.description,
+            precision,
+            self._batched,
+            classes,
+            manifest_uncertainty(m.extra, classes, m.ref),
+            HardCounter(),
+        )
         self.batcher: DynamicBatcher[PreparedRequest, InferResponse] = DynamicBatcher(
             f"{m.name}:{m.version}",
             self._run_batch,
@@ -96,6 +121,8 @@ class ServedModel:
         m = package.manifest
         started = time.monotonic()
         cap = min(ctx.policy.max_batch_size, m.max_batch_size) if m.max_batch_size else 1
+        manifest_uncertainty(m.extra, classes_output(m), m.ref)  # a bad extra.uncertainty fails before the build
+        precision = m.lineage.precision if m.lineage is not None else onnx_precision(package.model_path)
         inputs = WarmupInputs.of(package)
         # Engines are built for the model's own limit, so a live policy can raise the batch without a rebuild.
         engine = load_engine(
@@ -121,12 +148,13 @@ class ServedModel:
                 + ("; batch size not profiled, inference.max_batch_size applies as configured" if adaptive else ""),
             )
             log.warning("model.warmup_guessed", model=m.name, version=m.version, note=notes[0])
-        served = cls(package, engine, ctx, profile, notes)
+        served = cls(package, engine, ctx, profile, notes, precision)
         log.info(
             "model.ready",
             model=m.name,
             version=m.version,
             backend=engine.info.description,
+            precision=precision or None,
             fallback=engine.info.fallback_reason or None,
             warmup=inputs.source,
             batch=served.batcher.plan.max_batch_size,
@@ -171,7 +199,10 @@ class ServedModel:
         if timeout is None and self.policy.default_timeout_ms > 0:
             timeout = self.policy.default_timeout_ms / 1e3
         deadline = None if timeout is None else time.monotonic() + timeout
-        keep = self._keeper.decide(request.parameters) if self._keeper is not None and not mirror_of else keeping.NONE
+        if mirror_of:
+            keep = _MIRROR
+        else:
+            keep = self._keeper.decide(request.parameters) if self._keeper is not None else keeping.NONE
         return PreparedRequest(
             arrays, rows, priority, deadline, group, request.outputs, request.id, keep, request.parameters
         )
@@ -192,7 +223,7 @@ class ServedModel:
 
     def _response(self, request: PreparedRequest, outputs: dict[str, Any]) -> InferResponse:
         response = InferResponse(self.name, self.version_str, outputs, id=request.id)
-        if request.keep and self._keeper is not None:
+        if request.keep > 0 and self._keeper is not None:
             kept = self._keeper.keep(request.keep, response, self.version, request.inputs, request.parameters)
             if request.keep == keeping.RESULT:  # a sample is the agent's business, not the app's
                 refused = kept.exception() if kept is not None and kept.done() else None
@@ -204,6 +235,10 @@ class ServedModel:
                     response.parameters[keeping.KEPT_PARAMETER] = True
                 else:
                     response.kept = kept
+        if request.keep in _JUDGED and self.hard_examples is not None and self.hard_examples.enabled:
+            # A random sample holds its inputs and answer already; a kept result holds only the answer, so an
+            # uncertain one is a hard example too (the people who retrain need its inputs).
+            self.hard_examples.judge(self.hard, request.inputs, outputs, request.id)
         if request.outputs is not None:
             response.outputs = {n: outputs[n] for n in request.outputs}
         return response
@@ -218,6 +253,7 @@ class ServedModel:
             plan_batch_size=self.batcher.plan.max_batch_size,
             profile=tuple((p.batch_size, p.throughput) for p in self.profile),
             ready=self.ready,
+            hard=self.hard.counter.snapshot(),
         )
 
     def close(self, timeout: float) -> None:
@@ -227,6 +263,32 @@ class ServedModel:
         self.engine.close()
         self._metrics.untrack(self.name, self.version)
         log.info("model.unloaded", model=self.name, version=self.version)
+
+
+def onnx_precision(path: Path) -> str:
+    """The precision an ONNX file computes in, read from its graph (not its external data): "int8" when it
+    carries quantization (QuantizeLinear/DequantizeLinear, QLinear*, *Integer ops), "fp16" when float16
+    initializers hold most of its weights, else "fp32"; "" when it cannot be read."""
+    try:
+        import onnx
+
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # a damaged or foreign file: the engine's load says what is wrong with it
+        log.warning("model.precision_unknown", path=str(path), error=f"{type(exc).__name__}: {exc}")
+        return ""
+    ops = {node.op_type for node in model.graph.node}  # subgraphs (If, Loop): rare in classifiers, not walked
+    if ops & {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"} or any(
+        op.startswith("QLinear") or op.endswith("Integer") for op in ops
+    ):
+        return "int8"
+    sizes: dict[int, int] = {}
+    for init in model.graph.initializer:
+        count = 1
+        for dim in init.dims:
+            count *= dim
+        sizes[init.data_type] = sizes.get(init.data_type, 0) + count
+    fp16, fp32 = sizes.get(onnx.TensorProto.FLOAT16, 0), sizes.get(onnx.TensorProto.FLOAT, 0)
+    return "fp16" if fp16 > fp32 else "fp32"
 
 
 def _profile(m: ModelManifest, engine: Engine, ctx: LoadContext, cap: int, inputs: WarmupInputs) -> list[ProfilePoint]:

@@ -6,7 +6,8 @@ copy of the inputs (gathered with other mirrors into one shadow run): the shadow
 batcher at the lowest priority, and a shadow that falls behind has mirrors dropped (counted), never the
 active request slowed or failed.
 Comparison: top-1 agreement for a classifier (an output as wide as the manifest's labels, or a single
-output whose last axis is classes), else elementwise within the manifest's `extra.shadow_tolerance`.
+output whose last axis is classes), else elementwise within the manifest's `extra.shadow_tolerance`. The
+rows that disagree go to the hard examples (inference/hard.py) when the policy keeps them.
 
 Not which version shadows which (the converger, from the desired state), nor whether the candidate is good
 enough (the cloud's rollout gates, over the figures this module counts).
@@ -27,6 +28,7 @@ import numpy as np
 import structlog
 
 from edge_runtime.errors import InvalidInput, Overloaded, PackageError
+from edge_runtime.inference.hard import HardModel
 from edge_runtime.inference.types import InferRequest, InferResponse
 from edge_runtime.models.package import ModelManifest
 
@@ -40,6 +42,7 @@ __all__ = [
     "ShadowMirror",
     "Tolerance",
     "check_sample_rate",
+    "classes_output",
     "tolerance_of",
 ]
 
@@ -108,7 +111,7 @@ class Comparator:
     def __init__(self, manifest: ModelManifest) -> None:
         self.tolerance = tolerance_of(manifest)
         self.batched = manifest.max_batch_size > 0
-        self.classes_output = _classes_output(manifest)
+        self.classes_output = classes_output(manifest)
 
     @property
     def rule(self) -> str:
@@ -119,6 +122,13 @@ class Comparator:
     def compare(self, active: Mapping[str, Array], shadow: Mapping[str, Array]) -> tuple[int, int]:
         """(compared, agreed): rows for a batched model, else 1 for the request. A missing output or a shape
         that differs disagrees on every row."""
+        agree = self.agreement(active, shadow)
+        if agree is None:
+            return 0, 0
+        return int(agree.size), int(agree.sum())
+
+    def agreement(self, active: Mapping[str, Array], shadow: Mapping[str, Array]) -> Array | None:
+        """Per row (one for a model without a batch axis): whether the shadow agreed; None: nothing to compare."""
         names = [self.classes_output] if self.classes_output is not None else sorted(active)
         agree: Array | None = None
         rows = 1
@@ -128,23 +138,21 @@ class Comparator:
                 continue  # the request did not ask for it
             rows = _rows(a, self.batched)
             if b is None or b.shape != a.shape:
-                return rows, 0
+                return np.zeros(rows, bool)
             if self.classes_output is not None:
                 same = np.argmax(a, axis=-1) == np.argmax(b, axis=-1)
             else:
                 same = np.isclose(b, a, rtol=self.tolerance.rtol, atol=self.tolerance.atol, equal_nan=True)
             per_row = same.reshape(rows, -1).all(axis=1) if same.size else np.ones(rows, bool)
             agree = per_row if agree is None else agree & per_row
-        if agree is None:
-            return 0, 0
-        return int(agree.size), int(agree.sum())
+        return agree
 
 
 def _rows(a: Array, batched: bool) -> int:
     return int(a.shape[0]) if batched and a.ndim > 0 and a.shape[0] > 0 else 1
 
 
-def _classes_output(manifest: ModelManifest) -> str | None:
+def classes_output(manifest: ModelManifest) -> str | None:
     """The output a classifier's top-1 is read from, or None for a model compared elementwise."""
 
     def width(shape: tuple[int, ...]) -> int:
@@ -159,6 +167,18 @@ def _classes_output(manifest: ModelManifest) -> str | None:
         if out.datatype.startswith("FP") and len(out.shape) >= 2 and width(out.shape) > 1:
             return out.name
     return None
+
+
+@dataclass(frozen=True)
+class _Mirror:
+    """One mirrored request: its inputs (a copy), the active's answer, and what a disagreement would keep."""
+
+    inputs: dict[str, Array]
+    outputs: dict[str, Array]
+    rows: int
+    request_id: str
+    source: HardModel | None
+    kept: bool
 
 
 class ShadowMirror:
@@ -182,8 +202,8 @@ class ShadowMirror:
         self._in_flight = 0
         self._mirrored = self._dropped = self._failed = self._compared = self._agreed = 0
         self._closed = False
-        # Gathered mirrors (inputs, the active's outputs) of one kind (`_kind`), not yet sent.
-        self._pending: list[tuple[dict[str, Array], dict[str, Array]]] = []
+        # Gathered mirrors of one kind (`_kind`), not yet sent.
+        self._pending: list[_Mirror] = []
         self._kind: Hashable = None
         self._pending_rows = 0
         self._pending_since = 0.0
@@ -210,12 +230,18 @@ class ShadowMirror:
             self._dropped += len(self._pending)
             self._pending, self._pending_rows = [], 0
 
-    def offer(self, request: InferRequest, response: InferResponse) -> None:
-        """Maybe mirror `request` (answered by the active version with `response`)."""
+    def offer(
+        self, request: InferRequest, response: InferResponse, source: HardModel | None = None, kept: bool = False
+    ) -> None:
+        """Maybe mirror `request` (answered by the active version with `response`).
+
+        `source`: the active version (whose answer a disagreement's hard example carries); `kept`: the request
+        went to the outbox with its inputs already (a random sample), so a disagreement does not keep it again.
+        """
         rate = self.sample_rate
         try:
             if rate > 0.0 and (rate >= 1.0 or self._random.random() < rate) and not self._closed:
-                self._gather(request, response)
+                self._gather(request, response, source, kept)
             elif self._pending and time.monotonic() - self._pending_since > MERGE_AGE_S:
                 self.flush()
         except Exception as exc:  # a mirror never fails the request it copies
@@ -223,11 +249,17 @@ class ShadowMirror:
                 self._failed += 1
             log.debug("shadow.mirror_failed", model=self.shadow.name, version=self.version, error=str(exc))
 
-    def offer_future(self, request: InferRequest, future: Future[InferResponse]) -> None:
+    def offer_future(
+        self,
+        request: InferRequest,
+        future: Future[InferResponse],
+        source: HardModel | None = None,
+        kept: bool = False,
+    ) -> None:
         """`offer` as a done-callback of an active request's future (failed or cancelled ones are not)."""
         if future.cancelled() or future.exception() is not None:
             return
-        self.offer(request, future.result())
+        self.offer(request, future.result(), source, kept)
 
     def flush(self) -> None:
         """Send the gathered mirrors now."""
@@ -236,15 +268,15 @@ class ShadowMirror:
         if batch:
             self._send(batch, outputs)
 
-    def _gather(self, request: InferRequest, response: InferResponse) -> None:
+    def _gather(self, request: InferRequest, response: InferResponse, source: HardModel | None, kept: bool) -> None:
         # A copy: an in-process caller may reuse its input buffers once its answer is back.
         inputs = {name: np.array(value, copy=True) for name, value in request.inputs.items()}
-        mirror = (inputs, dict(response.outputs))
+        rows = next((a.shape[0] for a in inputs.values() if a.ndim > 0), 1) if self.comparator.batched else 1
+        mirror = _Mirror(inputs, dict(response.outputs), rows, request.id, source, kept)
         if not self.comparator.batched:
             self._send([mirror], request.outputs)
             return
         kind = (request.outputs, tuple((n, a.dtype.str, a.shape[1:]) for n, a in sorted(inputs.items())))
-        rows = next((a.shape[0] for a in inputs.values() if a.ndim > 0), 1)
         now = time.monotonic()
         ready = []
         with self._lock:
@@ -259,13 +291,13 @@ class ShadowMirror:
         for batch, outputs in ready:
             self._send(batch, outputs)
 
-    def _take(self) -> tuple[list[tuple[dict[str, Array], dict[str, Array]]], tuple[str, ...] | None]:
+    def _take(self) -> tuple[list[_Mirror], tuple[str, ...] | None]:
         """The gathered mirrors and their output filter (holding the lock)."""
         batch, self._pending, self._pending_rows = self._pending, [], 0
         outputs = self._kind[0] if batch and isinstance(self._kind, tuple) else None
         return batch, outputs
 
-    def _send(self, batch: list[tuple[dict[str, Array], dict[str, Array]]], outputs: tuple[str, ...] | None) -> None:
+    def _send(self, batch: list[_Mirror], outputs: tuple[str, ...] | None) -> None:
         """Queue one shadow run of `batch` (rows concatenated); dropped when too many runs are in flight."""
         with self._lock:
             if self._in_flight >= self.max_in_flight:
@@ -274,10 +306,10 @@ class ShadowMirror:
             self._in_flight += 1
         try:
             if len(batch) == 1:
-                inputs, active = batch[0]
+                inputs, active = batch[0].inputs, batch[0].outputs
             else:
-                inputs = {n: np.concatenate([b[0][n] for b in batch]) for n in batch[0][0]}
-                active = {n: np.concatenate([b[1][n] for b in batch]) for n in batch[0][1]}
+                inputs = {n: np.concatenate([b.inputs[n] for b in batch]) for n in batch[0].inputs}
+                active = {n: np.concatenate([b.outputs[n] for b in batch]) for n in batch[0].outputs}
             shadow = self.shadow
             mirror = InferRequest(
                 shadow.name,
@@ -298,20 +330,62 @@ class ShadowMirror:
             return
         with self._lock:
             self._mirrored += len(batch)
-        future.add_done_callback(lambda f: self._done(active, len(batch), f))
+        future.add_done_callback(lambda f: self._done(batch, active, f))
 
-    def _done(self, active: dict[str, Array], requests: int, future: Future[InferResponse]) -> None:
+    def _done(self, batch: list[_Mirror], active: dict[str, Array], future: Future[InferResponse]) -> None:
         compared = agreed = failed = 0
+        requests = len(batch)
+        agree: Array | None = None
+        shadow: Mapping[str, Array] = {}
         try:
             if future.cancelled() or future.exception() is not None:
                 failed = requests
             else:
-                compared, agreed = self.comparator.compare(active, future.result().outputs)
+                shadow = future.result().outputs
+                agree = self.comparator.agreement(active, shadow)
+                if agree is not None:
+                    compared, agreed = int(agree.size), int(agree.sum())
         except Exception as exc:
             failed = requests
             log.warning("shadow.compare_failed", model=self.shadow.name, version=self.version, error=str(exc))
+        if agreed < compared and agree is not None:
+            # Before the counts move: whoever sees a row compared finds its hard example appended.
+            try:
+                self._keep_disagreements(batch, agree, shadow)
+            except Exception as exc:  # keeping never changes what is counted
+                log.warning("shadow.keep_failed", model=self.shadow.name, version=self.version, error=str(exc))
         with self._lock:
             self._in_flight -= 1
             self._failed += failed
             self._compared += compared
             self._agreed += agreed
+
+    def _keep_disagreements(self, batch: list[_Mirror], agree: Array, shadow: Mapping[str, Array]) -> None:
+        """Each mirrored request's disagreeing rows as a hard example (not those kept already with their inputs:
+        a random sample, or rows its active answer was uncertain of, which the engine thread kept)."""
+        hard = self.shadow.hard_examples
+        if hard is None or not (hard.enabled and hard.policy.keep_disagreements):
+            return
+        start = 0
+        for mirror in batch:
+            rows = mirror.rows  # 1 for a model without a batch axis, whose runs hold one mirror each
+            differ = ~agree[start : start + rows]
+            begin, start = start, start + rows
+            if mirror.kept or mirror.source is None or not differ.any():
+                continue
+            judged = hard.uncertain_rows(mirror.source, mirror.outputs)
+            if judged is not None:
+                differ = differ & ~judged[0]
+                if not differ.any():
+                    continue
+            own = {n: a[begin : begin + rows] for n, a in shadow.items()} if self.comparator.batched else shadow
+            hard.disagreement(
+                mirror.source,
+                self.version,
+                self.comparator.rule,
+                differ,
+                mirror.inputs,
+                mirror.outputs,
+                own,
+                mirror.request_id,
+            )

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from prometheus_client import GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR, CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from edge_runtime.inference.hard import HardCounts
 from edge_runtime.inference.stats import BATCH_BUCKETS, LATENCY_BUCKETS, StatsSnapshot
 from edge_runtime.observability.dataplane import (
     BufferLimits,
@@ -42,6 +43,8 @@ _LABELS = ["model", "version"]
 # Every reason the batcher and the served model count a failed request under (inference/stats.py callers):
 # each is exported at 0 as soon as a model version is tracked, so `rate()` and alerts see the series before
 # the first failure rather than a series that appears from nowhere.
+# The same for the reasons a hard example is kept (inference/hard.py).
+HARD_REASONS = ("disagreement", "uncertain")
 FAILURE_REASONS = ("cancelled", "engine", "invalid_input", "queue_full", "shutdown", "timeout")
 
 
@@ -56,6 +59,9 @@ class ModelSample:
     plan_batch_size: int
     profile: tuple[tuple[int, float], ...]  # (batch size, inferences/s)
     ready: bool
+    hard: HardCounts = field(
+        default_factory=HardCounts
+    )  # hard examples kept (by reason), their bytes, those over budget
 
 
 class AgentMetrics:
@@ -197,6 +203,25 @@ class _ModelCollector(Collector):
             lambda s: s.plan_batch_size,
         )
         yield gauge("edgefleet_model_ready", "1 when the model version is READY", lambda s: float(s.ready))
+        hard = CounterMetricFamily(
+            "edgefleet_hard_examples",
+            "Hard examples kept in the outbox (uncertain answers, shadow disagreements), by reason",
+            labels=[*_LABELS, "reason"],
+        )
+        for s in samples:
+            for reason, n in sorted((dict.fromkeys(HARD_REASONS, 0) | dict(s.hard.kept)).items()):
+                hard.add_metric([s.name, s.version, reason], n)
+        yield hard
+        yield counter(
+            "edgefleet_hard_example_bytes",
+            "Declared bytes of the hard examples kept (what the policy's byte budget counts)",
+            lambda s: s.hard.bytes,
+        )
+        yield counter(
+            "edgefleet_hard_examples_over_budget",
+            "Hard examples left out because the window's byte budget was spent (never in the outbox's ledger)",
+            lambda s: s.hard.over_budget,
+        )
         profile = GaugeMetricFamily(
             "edgefleet_batcher_profile_throughput",
             "Profiled inferences per second at each batch size",

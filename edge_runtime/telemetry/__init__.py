@@ -13,7 +13,13 @@ from edge_runtime.telemetry._collector import (
     outbox_telemetry,
 )
 from edge_runtime.telemetry._system import SystemProbe, deferred_probe
-from edge_runtime.telemetry._window import StatsWindow, latency_quantile, model_version_telemetry, stats_window
+from edge_runtime.telemetry._window import (
+    StatsWindow,
+    hard_window,
+    latency_quantile,
+    model_version_telemetry,
+    stats_window,
+)
 
 __all__ = [
     "CounterSource",
@@ -23,6 +29,7 @@ __all__ = [
     "SystemProbe",
     "TelemetryCollector",
     "deferred_probe",
+    "hard_window",
     "latency_quantile",
     "model_version_telemetry",
     "outbox_telemetry",

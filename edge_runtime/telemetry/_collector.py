@@ -14,9 +14,10 @@ from typing import Protocol
 
 import structlog
 
+from edge_runtime.inference.hard import HardCounts, HardModel
 from edge_runtime.inference.stats import StatsSnapshot
 from edge_runtime.outbox import OutboxCounters
-from edge_runtime.telemetry._window import model_version_telemetry, stats_window
+from edge_runtime.telemetry._window import hard_window, model_version_telemetry, stats_window
 from edgefleet.proto.edgefleet.v1.state_pb2 import ModelRole
 from edgefleet.proto.edgefleet.v1.telemetry_pb2 import OutboxTelemetry, SystemTelemetry, Telemetry
 
@@ -44,6 +45,8 @@ class ServedVersion(Protocol):
     def stats(self) -> _Snapshots: ...
     @property
     def batcher(self) -> _Pending: ...
+    @property
+    def hard(self) -> HardModel: ...
 
 
 class ShadowSource(Protocol):
@@ -121,6 +124,8 @@ class TelemetryCollector:
         self._previous: dict[tuple[str, int], tuple[object, StatsSnapshot]] = {}
         # (name, version) -> (the shadow mirror, its counts at the last message): a shadow set anew starts at 0.
         self._previous_shadow: dict[tuple[str, int], tuple[object, tuple[int, int]]] = {}
+        # (name, version) -> (the hard-example counter, its counts at the last message).
+        self._previous_hard: dict[tuple[str, int], tuple[object, HardCounts]] = {}
         self._last = time.monotonic()
         self._snapshot_all()
 
@@ -141,6 +146,7 @@ class TelemetryCollector:
             agent_start_ms=self.agent_start_ms,
         )
         current: dict[tuple[str, int], tuple[object, StatsSnapshot]] = {}
+        current_hard: dict[tuple[str, int], tuple[object, HardCounts]] = {}
         shadows = self._shadow_windows()
         for served in self._models.models():
             key = (served.name, served.version)
@@ -150,6 +156,10 @@ class TelemetryCollector:
             owner, previous = self._previous.get(key, (None, None))
             window = stats_window(previous if owner is stats else None, snapshot)
             compared, agreed = shadows.get(key, (0, 0))
+            counter = served.hard.counter
+            hard = current_hard[key] = (counter, counter.snapshot())
+            hard_owner, hard_before = self._previous_hard.get(key, (None, None))
+            kept, kept_bytes, over_budget = hard_window(hard_before if hard_owner is counter else None, hard[1])
             if self._models.active_version(served.name) == served.version:
                 role = ModelRole.MODEL_ROLE_ACTIVE
             elif key in shadows:
@@ -166,9 +176,11 @@ class TelemetryCollector:
                     power_w=system.power_w,
                     shadow_compared=compared,
                     shadow_agreed=agreed,
+                    hard_examples=(kept, kept_bytes, over_budget),
                 )
             )
         self._previous = current  # versions that went away are forgotten
+        self._previous_hard = current_hard
         if self._outbox is not None:
             message.outbox.CopyFrom(outbox_telemetry(self._outbox.counters(), now_ms))
         return message
@@ -228,4 +240,6 @@ class TelemetryCollector:
     def _snapshot_all(self) -> None:
         for served in self._models.models():
             self._previous[(served.name, served.version)] = (served.stats, served.stats.snapshot())
+            counter = served.hard.counter
+            self._previous_hard[(served.name, served.version)] = (counter, counter.snapshot())
         self._shadow_windows()

@@ -8,11 +8,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from edge_runtime.inference.hard import HardCounts
 from edge_runtime.inference.stats import LATENCY_BUCKETS, StatsSnapshot
 from edgefleet.proto.edgefleet.v1.state_pb2 import ModelRole
 from edgefleet.proto.edgefleet.v1.telemetry_pb2 import LatencySummary, ModelVersionTelemetry
 
-__all__ = ["StatsWindow", "latency_quantile", "model_version_telemetry", "stats_window"]
+__all__ = ["StatsWindow", "hard_window", "latency_quantile", "model_version_telemetry", "stats_window"]
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,25 @@ def stats_window(previous: StatsSnapshot | None, current: StatsSnapshot) -> Stat
     )
 
 
+def hard_window(previous: HardCounts | None, current: HardCounts) -> tuple[int, int, int]:
+    """(kept, bytes, over budget) hard examples from `previous` to `current` (from zero when `previous` is None
+    or a counter went back: a reloaded version has new counters)."""
+    if previous is None or any(
+        now < before
+        for before, now in (
+            (previous.kept_total, current.kept_total),
+            (previous.bytes, current.bytes),
+            (previous.over_budget, current.over_budget),
+        )
+    ):
+        previous = HardCounts()
+    return (
+        current.kept_total - previous.kept_total,
+        current.bytes - previous.bytes,
+        current.over_budget - previous.over_budget,
+    )
+
+
 def latency_quantile(counts: Sequence[int], bounds: Sequence[float] = LATENCY_BUCKETS, q: float = 0.99) -> float:
     """The q-quantile (0 < q <= 1) of a histogram: `counts` per bucket of `bounds` (upper bounds), then +Inf.
 
@@ -118,6 +138,7 @@ def model_version_telemetry(
     power_w: float = 0.0,
     shadow_compared: int = 0,
     shadow_agreed: int = 0,
+    hard_examples: tuple[int, int, int] = (0, 0, 0),
 ) -> ModelVersionTelemetry:
     """One version's figures for a Telemetry message.
 
@@ -126,6 +147,8 @@ def model_version_telemetry(
     at collection, times that busy time: an estimate that charges the version the board's whole draw while
     it ran, idle power included; 0 where the board reports no power rails. For a SHADOW version the requests
     and latency are its mirrored runs', and shadow_compared/agreed its answers judged against the active's.
+    `hard_examples` is (kept, bytes, over budget) in the window (a disagreement counts on the ACTIVE version,
+    whose answer its record carries).
     """
     buckets = window.latency_buckets
     return ModelVersionTelemetry(
@@ -146,4 +169,7 @@ def model_version_telemetry(
         energy_joules=power_w * window.engine_seconds if power_w > 0 else 0.0,
         shadow_compared=shadow_compared,
         shadow_agreed=shadow_agreed,
+        hard_examples_kept=hard_examples[0],
+        hard_examples_bytes=hard_examples[1],
+        hard_examples_over_budget=hard_examples[2],
     )

@@ -135,4 +135,4 @@ def test_render_shows_failed_assignments_with_their_reason() -> None:
     text = render(status)
     assert "up 2 h 1 min" in text and "UNHEALTHY: engine of m:1" in text
     assert "desired    generation 7" in text and "no models loaded" in text
-    assert "m         2        ACTIVE  FAILED  0%        bad" in text
+    assert "m         2        ACTIVE  FAILED  0%                   bad" in text  # PRECISION empty

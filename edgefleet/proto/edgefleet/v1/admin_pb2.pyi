@@ -50,6 +50,7 @@ class ServingModel(_message.Message):
     BACKEND_FIELD_NUMBER: _builtins.int
     QUEUE_DEPTH_FIELD_NUMBER: _builtins.int
     RUNNING_BATCH_S_FIELD_NUMBER: _builtins.int
+    PRECISION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     version: _builtins.int
     state: _builtins.str
@@ -63,6 +64,8 @@ class ServingModel(_message.Message):
     """Requests queued and not yet started."""
     running_batch_s: _builtins.float
     """Seconds the longest-running batch of this version has been executing (0: none running)."""
+    precision: _builtins.str
+    """The numeric precision the version computes in ("fp32", "fp16", "int8"; empty: unknown)."""
     def __init__(
         self,
         *,
@@ -74,10 +77,11 @@ class ServingModel(_message.Message):
         backend: _builtins.str = ...,
         queue_depth: _builtins.int = ...,
         running_batch_s: _builtins.float = ...,
+        precision: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "backend", b"backend", "name", b"name", "queue_depth", b"queue_depth", "reason", b"reason", "running_batch_s", b"running_batch_s", "state", b"state", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "backend", b"backend", "name", b"name", "precision", b"precision", "queue_depth", b"queue_depth", "reason", b"reason", "running_batch_s", b"running_batch_s", "state", b"state", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
