@@ -17,6 +17,7 @@ BENCHMARKS = (
     "download_resume",
     "shadow_overhead",
     "rollout",
+    "compression",
 )
 # Benchmarks whose module is not named like the benchmark (bench/<module>.py); the rest: bench/<name>.py.
 MODULES = {

@@ -27,6 +27,7 @@ from cloud_sync.api_schemas import (
     message_json,
 )
 from cloud_sync.errors import InvalidArgument
+from cloud_sync.rollouts.plan import Variant, variant_assignment_refusal
 from cloud_sync.selectors import check_selector, format_selector
 from cloud_sync.store.assignments import AssignmentStore, check_model_name
 from cloud_sync.store.audit import AuditDraft, AuditLog
@@ -38,6 +39,8 @@ __all__ = ["DeviceStates", "state_routes"]
 
 # (name, version) -> the registry's sha256, or None when the registry holds no such version.
 VersionLookup = Callable[[str, int], str | None]
+# (name, version) -> the registered version's lineage when it is a compressed variant, else None.
+VariantLookup = Callable[[str, int], Variant | None]
 
 
 class AssignmentBody(BaseModel):
@@ -58,6 +61,11 @@ class AssignmentBody(BaseModel):
     )
     priority: int = Field(
         0, ge=-1_000_000, le=1_000_000, description="Where assignments of a model overlap, the higher wins."
+    )
+    force: bool = Field(
+        False,
+        description="Assign a compressed variant (its manifest has a lineage) without proving it in a rollout's "
+        "shadow stage first; the audit log records it.",
     )
 
 
@@ -168,8 +176,10 @@ def state_routes(
     versions: VersionLookup,
     on_change: Callable[[], None],
     audit: AuditLog | None = None,
+    variants: VariantLookup | None = None,
 ) -> Callable[[FastAPI], None]:
-    """The routes, for ApiContext.extra_routes; each change is recorded in `audit`."""
+    """The routes, for ApiContext.extra_routes; each change is recorded in `audit`. `variants` tells a compressed
+    variant, which is assigned only with `force` (else a rollout through a shadow stage proves it first)."""
     auth = as_auth(admin_token)
     viewer, operator = auth.require("viewer"), auth.require("operator")
     record = recorder(audit)
@@ -181,10 +191,17 @@ def state_routes(
             """Assign a model version to the devices a selector matches (replaces that model+selector's one)."""
             selector = check_selector(body.selector)
             _checked_version(versions, body.model, body.version)
+            variant = variants(body.model, body.version) if variants is not None else None
+            if variant is not None and not body.force:
+                raise InvalidArgument(variant_assignment_refusal(body.model, body.version, variant))
             before = _assignment_of(assignments, body.model, selector)
             assignment = assignments.assign(body.model, body.version, selector, body.priority)
             target = f"assignment/{body.model}/{format_selector(selector)}"
-            record(AuditDraft(actor_of(request), "assignment.set", target, before, assignment.to_json()))
+            after, why = assignment.to_json(), ""
+            if variant is not None:
+                after = {**after, "forced": True, "variant": variant.to_json()}
+                why = "forced: a compressed variant assigned without a rollout's shadow stage"
+            record(AuditDraft(actor_of(request), "assignment.set", target, before, after, why))
             on_change()
             return Assignment.model_validate(assignment.to_json())
 

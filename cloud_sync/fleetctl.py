@@ -23,10 +23,12 @@ from rich.text import Text
 from cloud_sync.cli import parse_labels
 from cloud_sync.errors import InvalidArgument
 from cloud_sync.fleetctl_audit import audit
+from cloud_sync.fleetctl_compress import models_compress
 from cloud_sync.fleetctl_enrollment import token_app
 from cloud_sync.fleetctl_models import models_app
 from cloud_sync.fleetctl_policies import policies_app
 from cloud_sync.fleetctl_rollouts import rollouts_app
+from cloud_sync.fleetctl_samples import samples_app
 from cloud_sync.fleetctl_session import (
     Connection,
     JsonAfterCommands,
@@ -63,8 +65,10 @@ devices_app.add_typer(token_app, name="token")
 app.add_typer(policies_app, name="policies")
 app.add_typer(models_app, name="models")
 add_state_commands(models_app)
+models_app.command("compress")(models_compress)
 app.add_typer(rollouts_app, name="rollouts")
 app.add_typer(tokens_app, name="tokens")
+app.add_typer(samples_app, name="samples")
 app.command("whoami")(whoami)
 app.command("audit")(audit)
 

@@ -156,10 +156,26 @@ def _upload(s: Session, sha: str, path: Path) -> bool:
     return True
 
 
+def _lineage(manifest: dict[str, Any]) -> tuple[str, str, str]:
+    """(parent, method, precision) of a compressed variant's manifest, as printed; ("-", "-", "-") for a
+    version made as built. Read leniently: the registry checks only the fields it relies on."""
+    lineage = manifest.get("lineage")
+    if lineage is None:
+        return "-", "-", "-"
+    lineage = lineage if isinstance(lineage, dict) else {}
+    parent = lineage.get("parent")
+    version = parent.get("version") if isinstance(parent, dict) else None
+    shown = f"{manifest.get('name', '?')}:{version}" if isinstance(version, int) else "?"
+    return shown, str(lineage.get("method") or "?"), str(lineage.get("precision") or "?")
+
+
 def _print_version(version: dict[str, Any]) -> None:
     files = ", ".join(f"{name} {f['size']} bytes" for name, f in version["files"].items())
     out.print(Text(f"{version['name']}:{version['version']}", style="bold"))
     out.print(Text(f"  sha256 {version['sha256']}; {files}"))
+    if version["manifest"].get("lineage") is not None:
+        parent, method, precision = _lineage(version["manifest"])
+        out.print(Text(f"  variant of {parent}: {method}, computes in {precision}"))
     out.print(
         Text(
             f"  signed by {version['key_id']} serial {version['serial']} at {when(version['signed_at_ms'])}, "
@@ -215,13 +231,17 @@ def models_list(
     if s.as_json:
         out.print_json(data=versions)
         return
-    table = Table("model", "version", "size", "sha256", "serial", "expires")
+    table = Table("model", "version", "size", "sha256", "variant of", "method", "precision", "serial", "expires")
     for v in versions:
+        parent, method, precision = _lineage(v["manifest"])
         table.add_row(
             Text(v["name"]),
             str(v["version"]),
             str(v["size"]),
             v["sha256"][:16],
+            Text(parent),
+            Text(method),
+            Text(precision),
             str(v["serial"]),
             when(v["expires_at_ms"]),
         )
@@ -274,9 +294,21 @@ _COMPARED = (
     ("error_rate", "error rate", "{:.2%}"),
     ("cpu_seconds_per_inference", "CPU-seconds / inference", "{:.3g}"),
     ("joules_per_inference", "joules / inference", "{:.3g}"),
+    ("size_bytes", "model.onnx size (bytes)", "{}"),
+    ("shadow_role_agreement", "agreement as a shadow", "{:.2%}"),
+    ("shadow_role_compared", "rows compared as a shadow", "{}"),
     ("devices", "devices reporting", "{}"),
     ("requests", "requests", "{}"),
 )
+
+
+def _made(figures: dict[str, Any]) -> str:
+    """The compare table's precision cell: a variant's precision and lineage, else "as built"."""
+    lineage = figures.get("lineage")
+    if lineage is None:
+        return "as built" if figures.get("registered") else "not registered"
+    parent = lineage["parent"]
+    return f"{lineage['precision'] or '?'} ({lineage['method'] or '?'} of {parent['name']}:{parent['version']})"
 
 
 def _seconds(option: str, text: str, low_s: int, high_s: int, bounds: str, examples: str) -> int:
@@ -300,7 +332,8 @@ def models_compare(
     selector: Annotated[str, typer.Option(help="only devices it matches: key=value,...; '*' or '' for all")] = "",
     since: Annotated[str, typer.Option(help="the window: the last 1h, 90m, 3600s, 1d")] = "1h",
 ) -> None:
-    """The five figures of two versions on the same devices: latency, throughput, errors, cost per inference."""
+    """Two versions on the same devices: latency, throughput, errors, cost per inference, size, precision and
+    lineage, agreement as a shadow."""
     for what, ref in (("A", a), ("B", b)):
         name, sep, version = ref.partition(":")
         if not name or not sep or not version.isdigit():
@@ -326,6 +359,7 @@ def models_compare(
     table = Table("figure")
     for header in (Text(a), Text(b), Text("B / A")):
         table.add_column(header)
+    table.add_row("precision (lineage)", Text(_made(first)), Text(_made(second)), "")
     for key, label, shape in _COMPARED:
         x, y = first.get(key), second.get(key)
         table.add_row(

@@ -132,7 +132,10 @@ def rollouts_create(
         float, typer.Option(min=0.0, max=1.0, help="share of requests mirrored to the candidate in shadow stages")
     ] = 0.1,
 ) -> None:
-    """Start a staged rollout of a model version; each stage advances once its bake time passed and its gates hold."""
+    """Start a staged rollout of a model version; each stage advances once its bake time passed and its gates hold.
+
+    A compressed variant (its manifest has a lineage) must be proven first: a shadow stage first, judged by the
+    min_shadow_agreement gate (refused with exit 2 otherwise)."""
     body = {
         "model": model,
         "to_version": to,

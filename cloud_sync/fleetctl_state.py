@@ -1,7 +1,8 @@
 """fleetctl models assign | unassign | assignments, and the desired-vs-reported lines of `devices list/show`.
 
     fleetctl models assign digits 3 --selector site=lab --priority 10
-    fleetctl devices show cam-17          # per model: desired version, running version, state, reason
+    fleetctl models assign digits 6 --selector accel=none --force   # a compressed variant, unproven (audited)
+    fleetctl devices show cam-17          # per model: desired and running version, engine, precision, state
 
 Registered by cloud_sync/fleetctl.py (add_state_commands); exit codes as there (2: bad input, 4: not found).
 """
@@ -32,21 +33,34 @@ def models_assign(
     priority: Annotated[
         int, typer.Option(min=-1_000_000, max=1_000_000, help="where assignments of a model overlap, the higher wins")
     ] = 0,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="assign a compressed variant without proving it in a rollout's shadow stage first (audited)",
+        ),
+    ] = False,
 ) -> None:
-    """Assign a model version to the devices a selector matches (replaces that model+selector's assignment)."""
+    """Assign a model version to the devices a selector matches (replaces that model+selector's assignment).
+
+    A compressed variant (its manifest has a lineage) is refused unless --force: roll it out through a shadow
+    stage instead (fleetctl rollouts create)."""
 
     try:
         parsed = parse_selector(selector)
     except InvalidArgument as exc:
         fail(2, exc.message)
     s = session(ctx)
-    body = {"model": name, "version": version, "selector": parsed, "priority": priority}
+    body: dict[str, Any] = {"model": name, "version": version, "selector": parsed, "priority": priority}
+    if force:
+        body["force"] = True
     assignment = s.call("PUT", "/v1/assignments", json=body)
     if s.as_json:
         out.print_json(data=assignment)
     else:
         out.print(
-            f"{name}:{version} assigned to {assignment['selector_text']} (priority {priority})",
+            f"{name}:{version} assigned to {assignment['selector_text']} (priority {priority})"
+            + (", forced" if force else ""),
             markup=False,
             highlight=False,
         )
@@ -124,10 +138,14 @@ def print_device_state(out: Console, state: dict[str, Any] | None) -> None:
     )
     if reported.get("error"):
         out.print(Text(f"  device error: {reported['error']}"))
+    engines = _engines(reported)
     for m in state["models"]:
         want = m["desired_version"] if m["desired_version"] is not None else "-"
         runs = m["reported_version"] if m["reported_version"] is not None else "-"
-        line = f"  {m['name']}: desired {want}, running {runs}, {m['state']}"
+        line = f"  {m['name']}: desired {want}, running {runs}"
+        if (engine := engines.get((m["name"], m["reported_version"]))) is not None:
+            line += f" on {engine}"
+        line += f", {m['state']}"
         if m["state"] == "DOWNLOADING":
             line += f" {m['progress']:.0%}"
         if m["reason"]:
@@ -135,3 +153,15 @@ def print_device_state(out: Console, state: dict[str, Any] | None) -> None:
         out.print(Text(line))
     for problem in state.get("problems", []):
         out.print(Text(f"  problem: {problem}"))
+
+
+def _engines(reported: dict[str, Any]) -> dict[tuple[str, Any], str]:
+    """{(model, version): "backend, precision"} of the ACTIVE versions in a reported state (protobuf JSON);
+    "precision ?" where the device does not say (an older agent)."""
+    shown: dict[tuple[str, Any], str] = {}
+    for status in reported.get("models") or []:
+        if status.get("role") != "MODEL_ROLE_ACTIVE" or status.get("state") != "MODEL_STATE_ACTIVE":
+            continue
+        backend = status.get("backend") or "engine ?"
+        shown[(status.get("name"), status.get("version"))] = f"{backend}, precision {status.get('precision') or '?'}"
+    return shown

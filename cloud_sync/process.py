@@ -27,10 +27,12 @@ from cloud_sync.api import ApiContext, create_app
 from cloud_sync.api_audit import audit_routes
 from cloud_sync.api_auth import BearerAuth
 from cloud_sync.api_compare import compare_routes
+from cloud_sync.api_compress import compress_routes
 from cloud_sync.api_enrollment import enrollment_routes
 from cloud_sync.api_models import model_routes
 from cloud_sync.api_policies import policy_routes
 from cloud_sync.api_rollouts import rollout_routes
+from cloud_sync.api_samples import samples_routes
 from cloud_sync.api_state import DeviceStates, state_routes
 from cloud_sync.api_tokens import token_routes
 from cloud_sync.broker_accounts import DynsecAccounts
@@ -529,6 +531,7 @@ class CloudSync:
         assert self.model_registry is not None
         max_blob = self.config.registry.max_blob_bytes
         routes.append(model_routes(self.model_registry, auth, self.model_in_use, max_blob, audit))
+        routes.append(compress_routes(db, self.model_registry, auth, audit))
         assert self.enrollment_tokens is not None
         routes.append(enrollment_routes(self.enrollment_tokens, auth, audit))
         assert self.assignment_store is not None and self.reconciler is not None and self.control_store is not None
@@ -543,6 +546,7 @@ class CloudSync:
                 lambda name, version: digests().get((name, version)),
                 self.reconciler.on_change,
                 audit,
+                self.rollout_service.variant if self.rollout_service is not None else None,
             )
         )
         routes.append(compare_routes(db, telemetry, devices, auth))
@@ -550,6 +554,7 @@ class CloudSync:
         routes.append(rollout_routes(self.rollout_service, auth))
         routes.append(token_routes(tokens, auth))
         routes.append(audit_routes(audit, auth))
+        routes.append(samples_routes(db, auth, audit))
         routes.append(dashboard_routes(db, telemetry, devices, auth))
         context = ApiContext(
             devices,

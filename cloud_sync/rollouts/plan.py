@@ -28,6 +28,8 @@ __all__ = [
     "RolloutEvent",
     "RolloutTarget",
     "Stage",
+    "Variant",
+    "check_variant_plan",
     "format_gates",
     "format_stages",
     "new_rollout_id",
@@ -36,6 +38,8 @@ __all__ = [
     "rank",
     "rollout_targets",
     "stage_devices",
+    "variant_assignment_refusal",
+    "variant_of",
 ]
 
 Mode = Literal["shadow", "active"]
@@ -335,3 +339,69 @@ def rollout_targets(rollout: Rollout, fleet: Mapping[str, Mapping[str, str]]) ->
         shadow_sample_rate=rollout.shadow_sample_rate if stage.mode == "shadow" else 0.0,
     )
     return {device_id: target for device_id in stage_devices(rollout.id, matched, stage.percent)}
+
+
+# A plan offered in a refusal's message: the variant shadows beside what runs before it answers anyone.
+VARIANT_PLAN_EXAMPLE = "shadow:100%:10m,active:10%:10m,active:100%"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A registered version's manifest `lineage`: made from `parent_version` of the same model by `method`."""
+
+    parent_version: int | None
+    method: str
+    precision: str
+
+    def describe(self, model: str) -> str:
+        """e.g. "int8 of digits:2", or "int8-static of an unknown parent"."""
+        made = self.precision or self.method or "compressed"
+        parent = f"{model}:{self.parent_version}" if self.parent_version is not None else "an unknown parent"
+        return f"{made} of {parent}"
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def variant_of(manifest: Mapping[str, Any]) -> Variant | None:
+    """The lineage of a registered manifest, or None when it is no variant.
+
+    Read leniently: the registry checks only the fields it relies on, so a lineage it holds may be malformed
+    (the device refuses such a package); any `lineage` still makes the version a variant to prove first.
+    """
+    lineage = manifest.get("lineage")
+    if lineage is None:
+        return None
+    if not isinstance(lineage, Mapping):
+        return Variant(None, "", "")
+    parent = lineage.get("parent")
+    version = parent.get("version") if isinstance(parent, Mapping) else None
+    method, precision = lineage.get("method"), lineage.get("precision")
+    return Variant(
+        version if isinstance(version, int) and not isinstance(version, bool) else None,
+        method if isinstance(method, str) else "",
+        precision if isinstance(precision, str) else "",
+    )
+
+
+def check_variant_plan(model: str, version: int, variant: Variant, stages: Sequence[Stage], gates: Gates) -> None:
+    """InvalidArgument unless a rollout to the variant `model:version` is proven before it answers anyone: its
+    first stage a shadow one (agreement with what the devices run, on their live inputs) with the shadow
+    agreement gate on (a shadow stage without it proves nothing)."""
+    what = f"{model}:{version} is a compressed variant ({variant.describe(model)})"
+    if not stages or stages[0].mode != "shadow":
+        raise InvalidArgument(f"{what}: its plan needs a shadow stage first, e.g. {VARIANT_PLAN_EXAMPLE!r} (stages)")
+    if gates.min_shadow_agreement is None:
+        raise InvalidArgument(
+            f"{what}: its shadow stage must be judged by the agreement gate, e.g. min_shadow_agreement=0.95 (gates)"
+        )
+
+
+def variant_assignment_refusal(model: str, version: int, variant: Variant) -> str:
+    """Why assigning the variant `model:version` by hand is refused (unless forced)."""
+    return (
+        f"{model}:{version} is a compressed variant ({variant.describe(model)}): roll it out through a shadow stage "
+        f"(fleetctl rollouts create --model {model} --to {version} --stages {VARIANT_PLAN_EXAMPLE} "
+        "--gates min_shadow_agreement=0.95,...), or assign it with force (fleetctl models assign --force) "
+        "to skip that proof"
+    )

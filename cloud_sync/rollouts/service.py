@@ -9,7 +9,7 @@ from __future__ import annotations
 import builtins
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import structlog
 
@@ -24,10 +24,13 @@ from cloud_sync.rollouts.plan import (
     RolloutEvent,
     Stage,
     State,
+    Variant,
+    check_variant_plan,
     new_rollout_id,
     parse_gates,
     parse_stages,
     stage_devices,
+    variant_of,
 )
 from cloud_sync.rollouts.store import EventDraft, RolloutStore, completion_assignment
 from cloud_sync.selectors import check_selector, format_selector, matches
@@ -51,6 +54,20 @@ class VersionCatalog(Protocol):
     """What the service needs of the registry (ModelRegistry): the versions it holds."""
 
     def digests(self) -> dict[tuple[str, int], str]: ...
+
+
+class RegisteredVersion(Protocol):
+    @property
+    def manifest(self) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class ManifestCatalog(Protocol):
+    """A catalog that also gives a version's registered manifest (ModelRegistry): what tells a variant."""
+
+    def digests(self) -> dict[tuple[str, int], str]: ...
+
+    def get(self, name: str, version: int) -> RegisteredVersion: ...
 
 
 def _check_reason(reason: object) -> str:
@@ -161,10 +178,11 @@ class RolloutService:
     ) -> Rollout:
         """Start a rollout of `model` to `to_version` on the devices `selector` picks, at its first stage.
 
-        from_version is what those devices' assignments name now. InvalidArgument for a malformed field or an
-        unknown version; FailedPrecondition when the devices run no single version of the model, run
-        `to_version` already, or another rollout of the model is in progress on some of them. `by`: who
-        asks (a token's name), for the audit log.
+        from_version is what those devices' assignments name now. InvalidArgument for a malformed field, an
+        unknown version, or a compressed variant (its manifest has `lineage`) whose plan does not shadow it
+        first under the agreement gate (plan.check_variant_plan); FailedPrecondition when the devices run no
+        single version of the model, run `to_version` already, or another rollout of the model is in progress
+        on some of them. `by`: who asks (a token's name), for the audit log.
         """
         check_model_name(model)
         if isinstance(to_version, bool) or not isinstance(to_version, int) or not 0 < to_version < 2**31:
@@ -180,6 +198,9 @@ class RolloutService:
             raise InvalidArgument(
                 f"model {model}:{to_version} is not in the registry: push it with fleetctl models push"
             )
+        variant = self.variant(model, to_version)
+        if variant is not None:
+            check_variant_plan(model, to_version, variant, checked_stages, checked_gates)
         from_version, _ = self._assigned_version(model, checked)
         if from_version == to_version:
             raise FailedPrecondition(
@@ -211,13 +232,24 @@ class RolloutService:
             "selector": checked,
             "stages": rollout.to_json()["stages_text"],
         }
+        created: dict[str, Any] = {"stages": rollout.to_json()["stages_text"]}
+        if variant is not None:
+            # What the shadow stage compares B with is the devices' A, which need not be B's parent: the record
+            # says which it was (a variant of v2 rolled out over v1 is judged against v1).
+            created["variant"] = {**variant.to_json(), "from_is_parent": variant.parent_version == from_version}
+            after["variant"] = created["variant"]
         audit = AuditDraft(by or "cloud-sync", "rollout.create", f"rollout/{rollout.id}", None, after, reason)
-        self.store.insert(
-            rollout, EventDraft("created", "operator", reason, {"stages": rollout.to_json()["stages_text"]}), audit
-        )
+        self.store.insert(rollout, EventDraft("created", "operator", reason, created), audit)
         log.info("rollout.created", rollout=rollout.id, model=model, from_version=from_version, to_version=to_version)
         self._reconciler.on_change()
         return rollout
+
+    def variant(self, model: str, version: int) -> Variant | None:
+        """The lineage of the registered `model:version` when it is a compressed variant, else None (also when
+        the catalog keeps no manifests)."""
+        if not isinstance(self._registry, ManifestCatalog):
+            return None
+        return variant_of(self._registry.get(model, version).manifest)
 
     def _assigned_version(self, model: str, selector: dict[str, str]) -> tuple[int, int]:
         """(the one version of `model` the selector's devices are assigned, the highest priority doing so)."""

@@ -19,6 +19,7 @@ NEEDS = {
     ("PUT", "/v1/blobs/{sha256}"): "operator",
     ("POST", "/v1/models"): "operator",
     ("POST", "/v1/models/{name}/{version}/sign"): "operator",
+    ("POST", "/v1/models/{name}/{version}/compress"): "operator",
     ("PUT", "/v1/assignments"): "operator",
     ("DELETE", "/v1/assignments"): "operator",
     ("POST", "/v1/rollouts"): "operator",
@@ -37,6 +38,8 @@ NEEDS = {
 }
 # Reads that are the admin's: they list credentials.
 ADMIN_READS = {"/v1/tokens", "/v1/enrollment-tokens"}
+# Field data leaving the system: exporting the samples devices kept needs the operator role.
+OPERATOR_READS = {"/v1/samples/export"}
 
 
 def test_every_mutating_route_has_a_role(cloud_sync: RunningCloudSync) -> None:
@@ -57,6 +60,8 @@ def test_a_viewer_reads_and_is_refused_every_change_naming_the_role(cloud_sync: 
             answer = viewer.get(concrete(path))
             if path in ADMIN_READS:
                 assert answer.status_code == 403 and "needs the admin role" in answer.text, path
+            elif path in OPERATOR_READS:
+                assert answer.status_code == 403 and "needs the operator role" in answer.text, path
             else:
                 assert answer.status_code not in (401, 403), (path, answer.text)
         assert viewer.get("/v1/devices").status_code == 200
