@@ -7,7 +7,11 @@ mint one-time enrollment tokens (`edge-agent enroll` redeems them), push digits 
 it by label selector, change a policy, then roll v2 out in stages (a shadow stage on every device first) and
 follow it with `fleetctl rollouts watch`, while apps keep calling the devices. A deliberately bad v3 (it
 disagrees with v2) is rolled out the same way; its shadow stage's agreement gate aborts it in stage 1 and
-every device stays on v2. Last, `fleetctl models compare` puts v1's and v2's figures side by side. The agents
+every device stays on v2. Then v2 is compressed to INT8 in the cloud (`fleetctl models compress`, calibrated on
+the samples the devices kept) and the variant rolled out to the CPU device class through a shadow stage; the
+hard examples the devices kept under v1 (inputs it was unsure of, within the policy's byte budget) are exported
+for labelling, and v2 is shown to be more accurate on exactly those. Last, `fleetctl models compare` puts the
+versions' figures side by side. The agents
 download, verify, load and activate (or shadow) what is desired of them, apply the policy live, and report
 it; apps classify the held-out digits on every device and keep the results, which upload exactly once with
 the ledger reconciled. It prints the dashboard's address and the admin token to sign in with there;
@@ -49,7 +53,12 @@ from models.build import digits_holdout
 ROOT = Path(__file__).resolve().parent.parent
 DEVICES = ("cam-1", "cam-2", "cam-3")
 SELECTOR = "site=demo"
-STEPS = 10
+# The device class the INT8 variant targets: every demo device is a CPU box (a Jetson class would get FP16).
+CPU_CLASS = "accel=none"
+# Hard examples: v1's answers whose top-two margin is under this are kept, up to the byte budget per hour.
+HARD_MARGIN = 0.3
+HARD_BUDGET_BYTES = 256 * 1024
+STEPS = 12
 # The rollouts' plan, short enough for a demo: every device shadows the candidate first, then one device runs it,
 # then all. v1 and v2 agree on ~89 % of the held-out digits (v2, the better model, is right where they differ),
 # v3 on none: an agreement gate of 0.7 over at least 50 compared requests tells them apart (a sampled 50 of v2's
@@ -286,6 +295,33 @@ def shadow_summary(agent: Proc, version: int) -> str:
     )
 
 
+def hard_examples_verdict(export_dir: Path, models: Path) -> str:
+    """What the export holds, and v1's and v2's accuracy on exactly those inputs (their labels: the held-out
+    split's, found by the pixels); SystemExit when v2 is not the more accurate there."""
+    import onnxruntime as ort
+
+    manifest = json.loads((export_dir / "manifest.json").read_text())
+    with np.load(export_dir / "samples.npz", allow_pickle=False) as exported:
+        inputs = exported["inputs/pixels"].reshape(-1, 64).astype(np.float32)
+    if len(inputs) == 0:
+        raise SystemExit("no hard example of v1 was exported")
+    pixels, labels = digits_holdout()
+    label_of = {row.tobytes(): int(label) for row, label in zip(pixels, labels, strict=True)}
+    truth = np.array([label_of[row.tobytes()] for row in inputs])
+    accuracy = {}
+    for version in (1, 2):
+        session = ort.InferenceSession(str(models / "digits" / str(version) / "model.onnx"))
+        (probabilities,) = session.run(None, {"pixels": inputs})
+        accuracy[version] = float(np.mean(np.argmax(probabilities, axis=1) == truth))
+    if accuracy[2] <= accuracy[1]:
+        raise SystemExit(f"v2 is not more accurate than v1 on v1's hard examples: {accuracy}")
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(manifest["counts"]["device_id"].items()))
+    return (
+        f"   {len(inputs)} hard examples of v1 ({counts or 'per device in manifest.json'}); on exactly those"
+        f" inputs v1 is right {accuracy[1]:.1%} of the time, v2 {accuracy[2]:.1%}"
+    )
+
+
 def start_busy(sockets: dict[str, Path], pixels: np.ndarray[Any, Any]) -> dict[str, BusyApp]:
     busy = {d: BusyApp(sockets[d], pixels) for d in DEVICES}
     for b in busy.values():
@@ -427,7 +463,8 @@ def main() -> int:
                     }
                 )
             )
-            argv = ["devices", "token", "create", "--labels", f"{SELECTOR},cam={n}", "--device-id", device]
+            labels = f"{SELECTOR},cam={n},{CPU_CLASS}"
+            argv = ["devices", "token", "create", "--labels", labels, "--device-id", device]
             tokens[device] = fleetctl(*argv, "--expires", "10m", show=n == 1).strip()
         print(f"   (the same for {', '.join(DEVICES[1:])}; each token works once, for 10 minutes)")
         print(f"$ edge-agent enroll --url {ready['grpc']} --token efe_... --config {confs[DEVICES[0]]}")
@@ -462,6 +499,32 @@ def main() -> int:
         print(fleetctl("models", "push", str(models / "digits" / "1")), end="")
         print(fleetctl("models", "assign", "digits", "1", "--selector", SELECTOR), end="")
         wait_fleet(api, "digits 1 ACTIVE", runs("digits", 1))
+
+        step(
+            "a policy change reaches the devices live",
+            "the agents apply new settings without a restart and report the policy hash they run: batching, a"
+            f" random 10 % sample of inputs, and hard examples (v1's answers with a top-two margin under {HARD_MARGIN},"
+            f" up to {HARD_BUDGET_BYTES // 1024} KiB an hour per device)",
+        )
+        policy = ["--selector", SELECTOR, "--priority", "10"]
+        policy += ["--set", "inference.max_queue_delay_ms=1", "--set", "telemetry.interval_s=0.5"]
+        # The feedback loop: a random 10 % of requests with their inputs, and the inputs v1 is unsure of.
+        policy += ["--set", "upload.sample_rate=0.1", "--set", f"samples.hard_bytes_per_window={HARD_BUDGET_BYTES}"]
+        policy += ["--set", "samples.measure=margin", "--set", f"samples.threshold={HARD_MARGIN}"]
+        print(fleetctl("policies", "set", "demo-tuning", *policy), end="")
+
+        def policy_applied(state: dict[str, Any]) -> bool:
+            desired, reported = state.get("desired") or {}, state.get("reported") or {}
+            return bool(desired.get("policy_hash")) and reported.get("policy_hash") == desired["policy_hash"]
+
+        states = wait_fleet(api, "the new policy applied", policy_applied)
+        for device, agent in agents.items():
+            applied = agent.events("policy.applied")
+            print(
+                f"   {device}: reports policy {states[device]['reported']['policy_hash']} (desired "
+                f"{states[device]['desired']['policy_hash']}); pid {agent.proc.pid} still running, started once "
+                f"({len(agent.events('agent.ready'))} agent.ready); policy.applied sections {applied[-1]['sections']}"
+            )
 
         step(
             "apps classify the held-out digits on every device, keeping each result",
@@ -501,27 +564,8 @@ def main() -> int:
                 f"   {s['device_id']}: stored {up['stored']} + evicted {up['evicted']} + rejected {up['rejected']} = "
                 f"produced {up['device_produced']} (duplicates ignored: {up['duplicates_total']})"
             )
-
-        step(
-            "a policy change reaches the devices live",
-            "the agents apply new settings without a restart and report the policy hash they run",
-        )
-        policy = ["--selector", SELECTOR, "--priority", "10"]
-        policy += ["--set", "inference.max_queue_delay_ms=1", "--set", "telemetry.interval_s=0.5"]
-        print(fleetctl("policies", "set", "demo-tuning", *policy), end="")
-
-        def policy_applied(state: dict[str, Any]) -> bool:
-            desired, reported = state.get("desired") or {}, state.get("reported") or {}
-            return bool(desired.get("policy_hash")) and reported.get("policy_hash") == desired["policy_hash"]
-
-        states = wait_fleet(api, "the new policy applied", policy_applied)
-        for device, agent in agents.items():
-            applied = agent.events("policy.applied")
-            print(
-                f"   {device}: reports policy {states[device]['reported']['policy_hash']} (desired "
-                f"{states[device]['desired']['policy_hash']}); pid {agent.proc.pid} still running, started once "
-                f"({len(agent.events('agent.ready'))} agent.ready); policy.applied sections {applied[-1]['sections']}"
-            )
+        print("   beside them, the inputs the devices kept: v1's uncertain answers and a random sample")
+        print(fleetctl("samples", "list", "--model", "digits:1", "--reason", "uncertain", "--limit", "3"), end="")
 
         step(
             "digits v2: a staged rollout with a shadow stage, under load",
@@ -584,11 +628,50 @@ def main() -> int:
             print(f"   {device}: {shadow_summary(agent, 3)} (its log)")
 
         step(
-            "the five figures of v1 and v2, on the same devices",
+            "digits v2 compressed to INT8 for the CPU device class, proven in a shadow stage",
+            "the cloud quantizes v2 with ONNX Runtime's own tooling (static INT8, QDQ nodes), calibrated on the"
+            " inputs the devices kept; the variant is a version of its own, signed, its lineage in the manifest,"
+            f" and reaches the {CPU_CLASS} devices only through a rollout whose shadow stage measures its agreement"
+            " with v2 on live inputs",
+        )
+        busy = start_busy(sockets, pixels)
+        said = fleetctl(
+            "models", "compress", "digits:2", "--to", "int8", "--calibration", "fleet", "--selector", CPU_CLASS,
+            "--stages", stages, "--gates", GATES, "--shadow-sample", "0.2",
+        )  # fmt: skip
+        print(said, end="")
+        found_variant = re.search(r"registered digits:(\d+)", said)
+        found_rollout = re.search(r"\bro-[0-9a-f]{10}\b", said)
+        if found_variant is None or found_rollout is None:
+            raise SystemExit(f"`fleetctl models compress` named no variant or rollout: {said}")
+        variant = int(found_variant.group(1))
+        code = watch(found_rollout.group(0))
+        failed += stop_busy(busy, "during the variant's rollout")
+        if code != 0:
+            raise SystemExit(f"the INT8 variant's rollout did not complete: `fleetctl rollouts watch` exited {code}")
+        wait_fleet(api, f"digits {variant} ACTIVE", runs("digits", variant))
+        for device, agent in agents.items():
+            print(f"   {device}: {shadow_summary(agent, variant)} (its log)")
+        print(fleetctl("models", "show", "digits", str(variant)).split("\n{")[0])
+
+        step(
+            "the feedback loop: v1's hard examples, exported for labelling",
+            "the inputs v1 was unsure of, kept by the devices within their byte budget, attributable to device,"
+            " version, engine and precision, exported as .npz with a manifest; v2 is more accurate on exactly those",
+        )
+        export_dir = args.workdir / "hard-examples"
+        print(fleetctl("samples", "export", "--model", "digits:1", "--reason", "uncertain", "--format", "npz",
+                       "--out", str(export_dir)), end="")  # fmt: skip
+        print(hard_examples_verdict(export_dir, models), flush=True)
+
+        step(
+            "the figures of v1 and v2, and of v2 and its INT8 variant, on the same devices",
             "latency p50/p95/p99, throughput, error rate and CPU-seconds per inference from the devices'"
-            " telemetry per model version, B relative to A",
+            " telemetry per model version, B relative to A; for the variant its size, precision and agreement"
+            " as a shadow",
         )
         print(fleetctl("models", "compare", "digits:1", "digits:2", "--selector", SELECTOR), end="")
+        print(fleetctl("models", "compare", "digits:2", f"digits:{variant}", "--selector", CPU_CLASS), end="")
 
         step("the fleet as the operator sees it", "desired vs reported generation, state, presence, per-model lines")
         print(fleetctl("devices", "list"), end="")

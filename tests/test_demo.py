@@ -1,8 +1,9 @@
 """`make demo` as a test: the whole loop runs with real processes and every program exits 0.
 
 The demo checks its own claims as it goes (every device reports the assigned version ACTIVE, the policy's hash,
-no agent restarted, the v2 rollout completes and the bad v3's is stopped in stage 1 by the agreement gate, no
-call failed while models changed under the apps) and exits 1 when one does not hold; this test runs it on the
+no agent restarted, the v2 rollout completes and the bad v3's is stopped in stage 1 by the agreement gate, the
+INT8 variant of v2 completes its rollout, v2 is more accurate than v1 on v1's exported hard examples, no call
+failed while models changed under the apps) and exits 1 when one does not hold; this test runs it on the
 session's freshly built models and reads its exit code and the lines that state those claims.
 """
 
@@ -47,8 +48,25 @@ def test_make_demo_runs_the_whole_loop(model_packages: dict[str, Path], tmp_path
     assert len(re.findall(r"shadowed v3 on 20% of requests .*: [1-9]\d* compared, 0 agreed", out)) == 3
     assert out.count("desired v2 ACTIVE; reports v2 ACTIVE; converged") >= 3  # every device back on v2 alone
 
-    # Apps called every device through both rollouts: every call answered.
+    # v2 compressed to INT8 in the cloud, calibrated on the devices' samples, and rolled out to the CPU class
+    # through a shadow stage where it agreed with v2; then every device runs it and reports int8.
+    registered = re.search(r"registered digits:(\d+): int8-static variant of digits:2 \(serial \d+; onnxruntime", out)
+    assert registered, out[-6000:]
+    variant = registered.group(1)
+    assert re.search(r"calibrated on \d+ rows from fleet-samples", out)
+    assert f"digits 2 -> {variant} on accel=none (3 devices), completed, stage done" in out
+    assert len(re.findall(rf"shadowed v{variant} on 20% of requests .*: [1-9]\d* compared", out)) == 3
+    assert "variant of digits:2: int8-static, computes in int8" in out
+    assert f"running {variant} on onnxruntime/CPUExecutionProvider, precision int8, ACTIVE" in out
+    assert f"digits:2 vs digits:{variant} on accel=none (3 devices)" in out
+
+    # The feedback loop: v1's uncertain inputs exported, and v2 more accurate on exactly those (the demo checks it).
+    hard = re.search(r"(\d+) hard examples of v1 .*v1 is right ([\d.]+)% of the time, v2 ([\d.]+)%", out)
+    assert hard and int(hard.group(1)) > 0 and float(hard.group(3)) > float(hard.group(2)), out[-6000:]
+    assert re.search(r"wrote \S+samples\.npz \(\d+ bytes, \d+ samples: uncertain \d+\) and \S+manifest\.json", out)
+
+    # Apps called every device through the three rollouts: every call answered.
     answered = re.findall(r"calls answered, (\d+) failed", out)
-    assert len(answered) == 6 and set(answered) == {"0"}, answered
+    assert len(answered) == 9 and set(answered) == {"0"}, answered
     assert "digits:1 vs digits:2 on site=demo (3 devices)" in out  # models compare
     assert re.search(r"exit codes \[(0, )+0\]", tail), tail
