@@ -42,7 +42,7 @@ PYTEST_WORKERS ?= 3
 XDIST := $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadscope)
 
 pytest: $(STAMP)
-	$(BIN)/python -m pytest $(XDIST) --ignore=tests/dashboard
+	$(BIN)/python -m pytest $(XDIST) --ignore=tests/dashboard --durations=25
 	$(BIN)/python -m pytest tests/dashboard
 
 # The inner loop: every test but the slow fault tests (real processes killed, brokers and databases restarted).

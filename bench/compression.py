@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from bench._harness import Options, Report, interleaved, median
+from bench._harness import Options, Report, Target, interleaved, median
 from cloud_sync.compress import Calibration, calibration_digest, compress
 
 __all__ = ["run"]
@@ -145,10 +145,32 @@ def run(options: Options) -> Report:
             "seeded N(0,1) inputs other than the calibration's)",
         },
     )
-    report.measurements = {
-        "digits:2": _model(report, options, "digits", 2),
-        "mobilenet-bench:1": _model(report, options, "mobilenet-bench", 1),
-    }
+    digits = _model(report, options, "digits", 2)
+    mobilenet = _model(report, options, "mobilenet-bench", 1)
+    report.measurements = {"digits:2": digits, "mobilenet-bench:1": mobilenet}
+    static = [found["variants"]["int8-static"] for found in (digits, mobilenet)]
+    report.target(
+        Target(
+            "static INT8 variants at most half their parent's size",
+            max(v["size_ratio"] for v in static),
+            0.5,
+            "x parent",
+            "lower",
+            "model.onnx bytes of the int8-static variant over its parent's: the larger of digits:2, mobilenet-bench:1",
+            "weights that stay float (per-tensor Gemm scales, biases, a Softmax kept float) outweigh the int8 ones",
+        )
+    )
+    report.target(
+        Target(
+            "static INT8 digits loses at most 1 point of held-out accuracy",
+            digits["parent"]["accuracy"] - digits["variants"]["int8-static"]["accuracy"],
+            0.01,
+            "accuracy",
+            "lower",
+            "digits:2 accuracy on its 450-row holdout minus its int8-static variant's (calibrated on training rows)",
+            "the calibration rows do not cover the holdout's activation ranges; calibrate on the fleet's samples",
+        )
+    )
     return report
 
 

@@ -90,6 +90,7 @@ ERROR_MEANINGS = {
     409: "The object exists already, or its state forbids the call (the message says what holds it).",
     413: "The request body is past its limit (http.max_body_bytes; registry.max_blob_bytes for blobs).",
     422: "An input is invalid; `detail` names the field, `errors` lists each problem of request validation.",
+    501: 'This cloud-sync was installed without what the call needs: pip install "edgefleet[cloud,compress]".',
     503: "The database cannot be reached or is busy; retry later.",
 }
 

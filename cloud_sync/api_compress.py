@@ -23,12 +23,20 @@ from cloud_sync.api_audit import recorder
 from cloud_sync.api_auth import BearerAuth, actor_of, as_auth, errors
 from cloud_sync.api_models import DEFAULT_EXPIRES_S, NamePath, VersionPath, model_json
 from cloud_sync.api_schemas import SHA256_PATTERN, ModelVersion
-from cloud_sync.compress import MAX_CALIBRATION_BYTES, Calibration, calibration_digest, compress, method_of
+from cloud_sync.compress import (
+    MAX_CALIBRATION_BYTES,
+    Calibration,
+    calibration_digest,
+    compress,
+    method_of,
+    require_tooling,
+)
 from cloud_sync.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, TooLarge
 from cloud_sync.registry.blobs import check_sha256
 from cloud_sync.registry.store import ModelRegistry, check_model_ref
 from cloud_sync.store.audit import AuditDraft, AuditLog
 from cloud_sync.store.database import Database, now_ms
+from cloud_sync.store.samples import SampleStore
 
 if TYPE_CHECKING:
     import numpy as np
@@ -124,13 +132,14 @@ def compress_routes(
             tags=["models"],
             dependencies=operator,
             status_code=201,
-            responses=errors(401, 403, 404, 409, 413, 422, 503),
+            responses=errors(401, 403, 404, 409, 413, 422, 501, 503),
         )
         def compress_model(
             name: NamePath, version: VersionPath, body: CompressBody, request: Request
         ) -> CompressedVersion:
             """Make a compressed variant of a version and register it as a new, signed version (201)."""
             name, version = check_model_ref(name, version)
+            require_tooling()
             if not busy.acquire(blocking=False):
                 raise FailedPrecondition("another compression is running in this cloud-sync: try again after it")
             try:
@@ -288,12 +297,8 @@ def _fleet_samples(db: Database, manifest: ModelManifest, limit: int, since_s: i
     """The newest inputs the devices kept of the model (any version) that fit the parent's signature."""
     from edge_runtime.models.package import shape_fits
 
-    try:
-        from cloud_sync.store.samples import SampleStore
-    except ImportError:  # the sample store is another change (issue 15's feedback loop)
-        return None
     since_ms = now_ms() - since_s * 1000 if since_s else None
-    samples = SampleStore(db).calibration(manifest.name, None, limit, since_ms)
+    samples = SampleStore(db).calibration(manifest.name, None, limit, since_ms, MAX_CALIBRATION_BYTES)
     specs = {s.name: s for s in manifest.inputs}
 
     def fits(sample: dict[str, np.ndarray]) -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import Response
@@ -19,8 +19,7 @@ from pydantic import BaseModel, Field
 from cloud_sync.api_audit import recorder
 from cloud_sync.api_auth import BearerAuth, actor_of, as_auth, errors
 from cloud_sync.api_schemas import DEVICE_ID_PATTERN, MODEL_NAME_PATTERN
-from cloud_sync.errors import InvalidArgument, TooLarge
-from cloud_sync.samples_export import MEDIA_TYPES, export_file
+from cloud_sync.errors import InvalidArgument, NotInstalled, TooLarge
 from cloud_sync.store.audit import AuditDraft, AuditLog
 from cloud_sync.store.database import Database
 from cloud_sync.store.samples import SampleQuery, SampleStore
@@ -75,6 +74,22 @@ _EngineQuery = Annotated[str | None, Query(min_length=1, max_length=128, descrip
 _AfterQuery = Annotated[int, Query(ge=0, le=MAX_ID, description="samples with a larger id (the cursor)")]
 
 
+# The export's content types (samples_export.MEDIA_TYPES; that module needs numpy, imported on a call).
+_MEDIA_TYPES = ("application/zip", "application/vnd.apache.parquet")
+
+
+def _exporter() -> Any:
+    """samples_export.export_file, or NotInstalled where this cloud-sync lacks numpy and ONNX Runtime's extra."""
+    try:
+        from cloud_sync.samples_export import export_file
+    except ImportError as exc:
+        raise NotInstalled(
+            f"exporting samples decodes their tensors with numpy ({exc.name or exc} is not installed here): "
+            'install cloud-sync with pip install "edgefleet[cloud,compress]"'
+        ) from None
+    return export_file
+
+
 def _query(
     model: str, version: int | None, reason: str | None, device: str | None, since_s: int | None, engine: str | None
 ) -> SampleQuery:
@@ -123,9 +138,9 @@ def samples_routes(
                 200: {
                     "description": "The export file; its manifest is its manifest.json member (npz) or its "
                     "schema metadata key edgefleet.manifest (Parquet).",
-                    "content": {t: {"schema": {"type": "string", "format": "binary"}} for t in MEDIA_TYPES.values()},
+                    "content": {t: {"schema": {"type": "string", "format": "binary"}} for t in _MEDIA_TYPES},
                 },
-                **errors(401, 403, 413, 422, 503),
+                **errors(401, 403, 413, 422, 501, 503),
             },
         )
         def export_samples(
@@ -153,6 +168,7 @@ def samples_routes(
             except TooLarge as exc:
                 raise TooLarge(f"export past {max_bytes} bytes ({exc.message}): {NARROW}") from None
             asked = {**query.to_json(), "after_id": after_id, "limit": limit}
+            export_file = _exporter()
             made = export_file(page.samples, asked, format, {"next_after_id": page.next_after_id, "more": page.more})
             info = made.manifest
             record(

@@ -62,8 +62,14 @@ def series_routes(db: Database, devices: DeviceRegistry, admin_token: str | Bear
                 int, Query(ge=MIN_SINCE_S, le=MAX_SINCE_S, description="the time shown: the last since_s")
             ] = DEFAULT_SINCE_S,
             step_s: Annotated[
-                int, Query(ge=MIN_STEP_S, le=MAX_STEP_S, description="seconds a point covers")
-            ] = DEFAULT_STEP_S,
+                int | None,
+                Query(
+                    ge=MIN_STEP_S,
+                    le=MAX_STEP_S,
+                    description=f"seconds a point covers (default {DEFAULT_STEP_S}, or the least that keeps a "
+                    f"version to {MAX_POINTS} points over since_s)",
+                ),
+            ] = None,
             selector: Annotated[
                 str,
                 Query(
@@ -74,6 +80,8 @@ def series_routes(db: Database, devices: DeviceRegistry, admin_token: str | Bear
             ] = "",
         ) -> SeriesAnswer:
             """Latency p50/p99, throughput and error rate of each version of a model, a point per step."""
+            if step_s is None:  # a week asked for without a step: coarser steps, not a refusal
+                step_s = max(DEFAULT_STEP_S, -(-since_s // MAX_POINTS))
             if since_s // step_s > MAX_POINTS:
                 raise InvalidArgument(
                     f"step_s: {step_s} s steps over {since_s} s make {since_s // step_s} points a version; "

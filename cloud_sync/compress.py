@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cloud_sync.errors import FailedPrecondition, InvalidArgument
+from cloud_sync.errors import FailedPrecondition, InvalidArgument, NotInstalled
 
 if TYPE_CHECKING:
     import numpy as np
@@ -37,6 +37,7 @@ __all__ = [
     "calibration_digest",
     "compress",
     "method_of",
+    "require_tooling",
 ]
 
 # What `--to` says -> the manifest's lineage.method (edge_runtime/models/package.py COMPRESSION_METHODS).
@@ -57,6 +58,20 @@ _LATENCY_BUDGET_S = 1.0
 _NOT_QUANTIZED = frozenset({"Softmax"})
 _EVALUATION_SEED = 0
 _PER_CHANNEL_OPS = frozenset({"Conv", "ConvTranspose"})
+
+
+def require_tooling() -> None:
+    """NotInstalled unless numpy, onnx and ONNX Runtime import here (the `compress` extra; cloud-sync's own
+    install leaves them out, so a lean control plane never pulls the device runtime's weight)."""
+    try:
+        import numpy  # noqa: F401
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError as exc:
+        raise NotInstalled(
+            f"compressing a model needs numpy, onnx and ONNX Runtime ({exc.name or exc} is not installed here): "
+            'install cloud-sync with pip install "edgefleet[cloud,compress]"'
+        ) from None
 
 
 def method_of(to: str) -> str:

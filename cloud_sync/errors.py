@@ -14,6 +14,7 @@ __all__ = [
     "InvalidArgument",
     "InvalidBatch",
     "NotFound",
+    "NotInstalled",
     "PermissionDenied",
     "SchemaMismatch",
     "StoreUnavailable",
@@ -76,6 +77,11 @@ class StoreUnavailable(CloudSyncError):
     The call may be retried: ingest is idempotent on (device_id, seq), so a retry after a commit whose
     answer was lost stores nothing twice.
     """
+
+
+class NotInstalled(CloudSyncError):
+    """This cloud-sync was installed without what the call needs (model compression and sample export need
+    numpy, ONNX Runtime and pyarrow: `pip install "edgefleet[cloud,compress]"`); the message names the extra."""
 
 
 class SchemaMismatch(CloudSyncError):

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import numpy as np
 
 from cloud_sync.errors import InvalidArgument
-from cloud_sync.store.samples import Sample, sample_tensors
+from cloud_sync.store.samples import Sample, UndecodableSample, sample_tensors
 from edge_runtime.inference.tensors import datatype_of
 
 __all__ = ["FORMATS", "MANIFEST_KEY", "MANIFEST_MEMBER", "ExportFile", "Format", "decoded", "export_file"]
@@ -72,8 +72,8 @@ def decoded(samples: Sequence[Sample]) -> tuple[list[Decoded], list[dict[str, An
     for s in samples:
         try:
             kept.append(Decoded(s, *sample_tensors(s)))
-        except InvalidArgument as exc:
-            left_out.append({"id": s.id, "device_id": s.device_id, "seq": s.seq, "why": exc.message})
+        except UndecodableSample as exc:
+            left_out.append({"id": s.id, "device_id": s.device_id, "seq": s.seq, "why": str(exc)})
     return kept, left_out
 
 

@@ -17,6 +17,7 @@ from cloud_sync.errors import (
     InvalidArgument,
     InvalidBatch,
     NotFound,
+    NotInstalled,
     PermissionDenied,
     SchemaMismatch,
     StoreUnavailable,
@@ -49,6 +50,8 @@ GRPC_CODES: dict[type[CloudSyncError], grpc.StatusCode] = {
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     NotFound: grpc.StatusCode.NOT_FOUND,
     AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    # The call needs an extra this installation lacks (edgefleet[compress]): not the caller's fault, not transient.
+    NotInstalled: grpc.StatusCode.UNIMPLEMENTED,
     StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
     SchemaMismatch: grpc.StatusCode.FAILED_PRECONDITION,
     # The server's own config (it is bad input on the command line, exit 2): never the caller's fault.
@@ -70,6 +73,7 @@ HTTP_CODES: dict[type[CloudSyncError], int] = {
     PermissionDenied: 403,
     NotFound: 404,
     AlreadyExists: 409,
+    NotInstalled: 501,
     StoreUnavailable: 503,
     SchemaMismatch: 500,
     ConfigProblem: 500,

@@ -10,20 +10,20 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import sqlalchemy as sa
 from google.protobuf.message import DecodeError
 
 from cloud_sync.errors import InvalidArgument, TooLarge
 from cloud_sync.store.database import Database
 from cloud_sync.store.schema import results
-from edge_runtime.errors import EdgeRuntimeError
-from edge_runtime.kserve.codec import decode_request
 from edgefleet.proto.edgefleet.v1 import results_pb2
 from edgefleet.proto.inference import grpc_service_pb2 as inference_pb2
 from edgefleet.records import MAX_RECORD_PAYLOAD_BYTES
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = [
     "MAX_CALIBRATION",
@@ -55,7 +55,7 @@ _CHUNK = 1000
 MAX_TEXT = 128
 
 
-class UndecodableSample(InvalidArgument):
+class UndecodableSample(ValueError):
     """A stored sample's payload or tensors cannot be decoded; the message names the row and why."""
 
 
@@ -143,6 +143,11 @@ def decode_tensors(tensors: Any, raw: Any) -> dict[str, np.ndarray[Any, Any]]:
     ones its sample passes here, byte for byte. Raises UndecodableSample (BYTES included: no engine of the
     agent serves it, so no device keeps one).
     """
+    # The device runtime's decoder needs numpy: imported here, so a cloud-sync without the compress extra
+    # lists samples (no tensors) and refuses only what decodes them (NotInstalled, from the routes).
+    from edge_runtime.errors import EdgeRuntimeError
+    from edge_runtime.kserve.codec import decode_request
+
     request = inference_pb2.ModelInferRequest(inputs=tensors, raw_input_contents=raw)
     try:
         return dict(decode_request(request, MAX_RECORD_PAYLOAD_BYTES).inputs)
@@ -315,24 +320,32 @@ class SampleStore:
         return SamplePage(found, cursor, False, scanned, undecodable)
 
     def calibration(
-        self, model: str, version: int | None, limit: int, since_ms: int | None = None
+        self, model: str, version: int | None, limit: int, since_ms: int | None = None, max_bytes: int | None = None
     ) -> list[dict[str, np.ndarray[Any, Any]]]:
-        """Each sample's decoded inputs, newest first, any reason, at most `limit` (for static INT8 calibration).
+        """Each sample's decoded inputs, newest first, any reason, at most `limit` (for static INT8 calibration)
+        and, with `max_bytes`, no more samples than fit in that many bytes of arrays (10,000 camera frames would
+        be gigabytes).
 
         A sample whose tensors do not decode is left out (the device decoded them, so only a damaged or foreign
-        payload is); fewer than `limit` means the store holds no more.
+        payload is); fewer than `limit` means the store holds no more, or `max_bytes` was reached.
         """
         query = SampleQuery(model, version, since_ms=since_ms).check()
         if not 1 <= limit <= MAX_CALIBRATION:
             raise InvalidArgument(f"limit must be 1..{MAX_CALIBRATION}, not {limit}")
         found: list[dict[str, np.ndarray[Any, Any]]] = []
+        total = 0
         for _, sample in self._walk(query, 0, True, min(limit, _CHUNK)):
             if sample is None:
                 continue
             try:
-                found.append(sample_inputs(sample))
+                inputs = sample_inputs(sample)
             except UndecodableSample:
                 continue
+            size = sum(int(a.nbytes) for a in inputs.values())
+            if max_bytes is not None and total + size > max_bytes:
+                break
+            total += size
+            found.append(inputs)
             if len(found) == limit:
                 break
         return found

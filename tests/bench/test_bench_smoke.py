@@ -22,6 +22,7 @@ TARGETS = {
     "download_resume": 1,
     "shadow_overhead": 1,
     "rollout": 1,
+    "compression": 2,
 }
 
 

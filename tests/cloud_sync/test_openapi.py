@@ -39,6 +39,8 @@ SEMANTIC_422 = {
     ("POST", "/v1/rollouts"),
     ("PUT", "/v1/assignments"),
     ("GET", "/v1/models/compare"),
+    # since_s and step_s each in range, together past MAX_POINTS points (step_s left out adapts instead).
+    ("GET", "/v1/models/series"),
     # An upload's sha256 that is not stored, int8 of a model with no calibration data.
     ("POST", "/v1/models/{name}/{version}/compress"),
 }

@@ -140,6 +140,9 @@ def test_the_route_answers_a_viewer_and_refuses_bad_queries(db: Database) -> Non
             "requests_per_s": pytest.approx(40.0),
             "error_rate": pytest.approx(0.0075),
         }
+        # A week without a step: the least step that keeps a version to MAX_POINTS points, not a refusal.
+        week = client.get("/v1/models/series", params={"model": "digits", "since_s": 604800}, headers=bearer)
+        assert week.status_code == 200 and week.json()["step_s"] == 303, week.text
         lab = client.get("/v1/models/series", params={"model": "digits", "selector": "site=lab"}, headers=bearer)
         assert [v["version"] for v in lab.json()["versions"]] == [1]
         assert client.get("/v1/models/series", params={"model": "digits"}).status_code == 401

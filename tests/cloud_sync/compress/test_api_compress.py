@@ -4,14 +4,12 @@ version with its lineage, and every bad input refused with its reason and nothin
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
-import pytest
 
 from edge_runtime.inference.tensors import TensorSpec
 from edge_runtime.models.package import parse_manifest, write_package
@@ -166,10 +164,6 @@ def test_only_an_operator_compresses(cloud: CompressCloud) -> None:
     assert cloud.versions() == [2]
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("cloud_sync.store.samples") is None,
-    reason="cloud_sync/store/samples.py (the devices' kept samples) is not in this tree yet",
-)
 def test_the_samples_the_devices_kept_calibrate_by_default(cloud: CompressCloud, training_rows: np.ndarray) -> None:
     from cloud_sync.store import ResultStore
     from tests.cloud_sync.samples.conftest import Fleet, sampled

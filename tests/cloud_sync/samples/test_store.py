@@ -126,6 +126,10 @@ def test_calibration_is_newest_first_of_any_reason_and_skips_the_undecodable(db:
     assert store.calibration("mnist", None, 5) == []
     page = store.page(SampleQuery("digits", version=1))
     assert (len(page.samples), page.undecodable) == (3, 1)
+    # A byte bound stops before the sample that would pass it (calibration holds the arrays in memory).
+    one = int(got[0]["x"].nbytes)
+    assert [float(a["x"].flat[0]) for a in store.calibration("digits", 1, 10, max_bytes=2 * one)] == [2.0, 1.0]
+    assert store.calibration("digits", 1, 10, max_bytes=one - 1) == []
 
 
 @pytest.mark.parametrize(
