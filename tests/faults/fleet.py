@@ -254,10 +254,19 @@ def reckon(cloud: Cloud, device: Device, timeout: float = 90) -> dict[str, int]:
         c = device.counters()
         return c if c["acked_seq"] == c["last_seq"] and c["depth"] == 0 and c.get("quarantined", 0) == 0 else None
 
-    counters = wait_for(drained, timeout, "the agent's outbox to drain to the cloud")
-    seqs = cloud.seqs(device.device_id)
-    reconciliation, ranges = cloud.reconcile(device.device_id)
-    rejected = cloud.rejected_seqs(device.device_id)
+    def still() -> tuple[dict[str, int], list[int], Any, Any, set[int]] | None:
+        """The cloud's figures read while the agent produced nothing new (an event of its start may land
+        between two reads of a live system): drained before and the same last seq after."""
+        c = drained()
+        if c is None:
+            return None
+        seqs = cloud.seqs(device.device_id)
+        reconciliation, ranges = cloud.reconcile(device.device_id)
+        rejected = cloud.rejected_seqs(device.device_id)
+        return (c, seqs, reconciliation, ranges, rejected) if device.counters()["last_seq"] == c["last_seq"] else None
+
+    found = wait_for(still, timeout, "the agent's outbox to drain to the cloud", poll=0.1)
+    counters, seqs, reconciliation, ranges, rejected = found
     evicted = {s for low, high in ranges for s in range(low, high + 1)}
     assert seqs == sorted(set(seqs)), "a record is stored twice, or out of seq order"
     assert not evicted & set(seqs), "a seq is both stored and declared evicted"
