@@ -22,7 +22,7 @@ from cloud_sync.api_schemas import DEVICE_ID_PATTERN, MODEL_NAME_PATTERN
 from cloud_sync.errors import InvalidArgument, NotInstalled, TooLarge
 from cloud_sync.store.audit import AuditDraft, AuditLog
 from cloud_sync.store.database import Database
-from cloud_sync.store.samples import SampleQuery, SampleStore
+from cloud_sync.store.samples import EXPORT_MEDIA_TYPES, SampleQuery, SampleStore
 
 __all__ = ["MAX_EXPORT_BYTES", "MAX_EXPORT_SAMPLES", "SamplePageBody", "samples_routes"]
 
@@ -72,10 +72,6 @@ _SinceQuery = Annotated[
 ]
 _EngineQuery = Annotated[str | None, Query(min_length=1, max_length=128, description="only this engine")]
 _AfterQuery = Annotated[int, Query(ge=0, le=MAX_ID, description="samples with a larger id (the cursor)")]
-
-
-# The export's content types (samples_export.MEDIA_TYPES; that module needs numpy, imported on a call).
-_MEDIA_TYPES = ("application/zip", "application/vnd.apache.parquet")
 
 
 def _exporter() -> Any:
@@ -138,7 +134,9 @@ def samples_routes(
                 200: {
                     "description": "The export file; its manifest is its manifest.json member (npz) or its "
                     "schema metadata key edgefleet.manifest (Parquet).",
-                    "content": {t: {"schema": {"type": "string", "format": "binary"}} for t in _MEDIA_TYPES},
+                    "content": {
+                        t: {"schema": {"type": "string", "format": "binary"}} for t in EXPORT_MEDIA_TYPES.values()
+                    },
                 },
                 **errors(401, 403, 413, 422, 501, 503),
             },

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import numpy as np
 
 from cloud_sync.errors import InvalidArgument
-from cloud_sync.store.samples import Sample, UndecodableSample, sample_tensors
+from cloud_sync.store.samples import EXPORT_MEDIA_TYPES, Sample, UndecodableSample, sample_tensors
 from edge_runtime.inference.tensors import datatype_of
 
 __all__ = ["FORMATS", "MANIFEST_KEY", "MANIFEST_MEMBER", "ExportFile", "Format", "decoded", "export_file"]
@@ -28,7 +28,7 @@ Format = Literal["npz", "parquet"]
 FORMATS: tuple[Format, ...] = ("npz", "parquet")
 MANIFEST_MEMBER = "manifest.json"  # in the .npz
 MANIFEST_KEY = b"edgefleet.manifest"  # in the Parquet schema's metadata
-MEDIA_TYPES = {"npz": "application/zip", "parquet": "application/vnd.apache.parquet"}
+MEDIA_TYPES = EXPORT_MEDIA_TYPES
 # Per-row metadata arrays of the .npz (np.load keys "row/<name>"), in the order the Parquet columns take.
 ROW_FIELDS = (
     "id",

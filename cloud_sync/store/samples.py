@@ -25,7 +25,12 @@ from edgefleet.records import MAX_RECORD_PAYLOAD_BYTES
 if TYPE_CHECKING:
     import numpy as np
 
+# The export's content types by format (cloud_sync/samples_export.py writes them; the routes document them here,
+# where numpy is not needed).
+EXPORT_MEDIA_TYPES = {"npz": "application/zip", "parquet": "application/vnd.apache.parquet"}
+
 __all__ = [
+    "EXPORT_MEDIA_TYPES",
     "MAX_CALIBRATION",
     "MAX_SAMPLE_PAGE",
     "MAX_SCAN_ROWS",
