@@ -52,6 +52,12 @@ class AgentSection:
 class ServerSection:
     unix_socket: str = option("/run/edgefleet/inference.sock", "KServe v2 gRPC on this Unix socket; empty disables it.")
     tcp_address: str = option("127.0.0.1:8001", "KServe v2 gRPC on this host:port; empty disables it.")
+    http_unix_socket: str = option(
+        "/run/edgefleet/inference-http.sock", "KServe v2 HTTP/REST on this Unix socket; empty disables it."
+    )
+    http_tcp_address: str = option(
+        "127.0.0.1:8000", "KServe v2 HTTP/REST on this host:port (loopback only); empty disables it."
+    )
     max_request_bytes: int = option(
         64 * 1024 * 1024,
         "Largest inference request accepted (bytes of tensor data); larger ones get RESOURCE_EXHAUSTED.",

@@ -20,6 +20,8 @@ __all__ = [
     "OutboxUnusable",
     "Overloaded",
     "PackageError",
+    "RegionExists",
+    "RegionNotFound",
     "RequestTimeout",
     "RequestTooLarge",
     "ShuttingDown",
@@ -57,6 +59,14 @@ class ModelNotReady(EdgeRuntimeError):
 
 class InvalidInput(EdgeRuntimeError):
     """A request does not match the model's signature (names, dtypes, shapes, byte sizes)."""
+
+
+class RegionNotFound(InvalidInput):
+    """No shared-memory region of that name is registered."""
+
+
+class RegionExists(InvalidInput):
+    """A shared-memory region of that name is already registered."""
 
 
 class RequestTooLarge(EdgeRuntimeError):

@@ -23,14 +23,24 @@ class LoopBridge:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
+        # Made on the loop's thread (the servicer's first call): a future completed there (a model that runs
+        # on the loop, batcher.py) hands its outcome over at once, with no wake-up.
+        self._thread = threading.get_ident()
         self._lock = threading.Lock()
         self._done: list[tuple[asyncio.Future[Any], concurrent.futures.Future[Any]]] = []
 
-    def wrap(self, future: concurrent.futures.Future[T]) -> asyncio.Future[T]:
-        """An asyncio future (of this bridge's loop) with `future`'s outcome; cancelling it cancels `future`."""
+    def wrap(self, future: concurrent.futures.Future[T] | asyncio.Future[T]) -> asyncio.Future[T]:
+        """An asyncio future (of this bridge's loop) with `future`'s outcome; cancelling it cancels `future`.
+
+        An asyncio future of this loop (a model that runs on the loop, batcher.py) is its own view."""
+        if isinstance(future, asyncio.Future):
+            return future
         waiter: asyncio.Future[T] = self._loop.create_future()
 
         def completed(source: concurrent.futures.Future[T]) -> None:
+            if threading.get_ident() == self._thread:
+                _settle(waiter, source)
+                return
             with self._lock:
                 self._done.append((waiter, source))
                 first = len(self._done) == 1
@@ -49,11 +59,15 @@ class LoopBridge:
         with self._lock:
             done, self._done = self._done, []
         for waiter, source in done:
-            if waiter.done():
-                continue
-            if source.cancelled():
-                waiter.cancel()
-            elif (error := source.exception()) is not None:
-                waiter.set_exception(error)
-            else:
-                waiter.set_result(source.result())
+            _settle(waiter, source)
+
+
+def _settle(waiter: asyncio.Future[Any], source: concurrent.futures.Future[Any]) -> None:
+    if waiter.done():
+        return
+    if source.cancelled():
+        waiter.cancel()
+    elif (error := source.exception()) is not None:
+        waiter.set_exception(error)
+    else:
+        waiter.set_result(source.result())

@@ -61,6 +61,11 @@ class InferencePolicy:
         0.0, "Queue timeout for requests that set none; 0: no timeout.", min=0, max=3_600_000
     )
     adaptive: bool = option(True, "Profile batch sizes when a model becomes READY and batch only where it pays.")
+    run_on_loop: bool = option(
+        True,
+        "A model with fixed non-batch shapes whose planned batch runs in under 0.2 ms runs on the inference "
+        "server's event loop, not an engine thread (no thread hop per batch); false: engine threads only.",
+    )
 
     def __post_init__(self) -> None:
         if self.default_priority > self.priority_levels:

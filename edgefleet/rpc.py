@@ -7,7 +7,7 @@ Used by edge-agent's KServe server and by cloud-sync's device services.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -28,10 +28,14 @@ class _Malformed:
         return f"the request body is not a valid {self.message_type} ({self.error})"
 
 
-def _parser(message_class: type[Message]) -> Callable[[bytes], Message | _Malformed]:
-    def parse(data: bytes) -> Message | _Malformed:
+def _parser(
+    message_class: type[Message], custom: Callable[[bytes], Any] | None = None
+) -> Callable[[bytes], Any | _Malformed]:
+    read = custom or message_class.FromString
+
+    def parse(data: bytes) -> Any | _Malformed:
         try:
-            return message_class.FromString(data)
+            return read(data)
         except DecodeError as exc:
             return _Malformed(message_class.DESCRIPTOR.full_name, str(exc))
 
@@ -74,16 +78,27 @@ def _stream_stream(method: Callable[[Any, Any], AsyncIterator[Any]]) -> Callable
     return handle
 
 
-def add_service(server: grpc.aio.Server, module: ModuleType, service_name: str, servicer: Any) -> None:
-    """Register every RPC of `service_name` (defined in the generated `module`) on `servicer`'s methods."""
+def add_service(
+    server: grpc.aio.Server,
+    module: ModuleType,
+    service_name: str,
+    servicer: Any,
+    parsers: Mapping[str, Callable[[bytes], Any]] | None = None,
+) -> None:
+    """Register every RPC of `service_name` (defined in the generated `module`) on `servicer`'s methods.
+
+    `parsers`: method name -> a parser of its request bytes to use instead of the message class's FromString
+    (it raises DecodeError for a body that does not parse).
+    """
     service = module.DESCRIPTOR.services_by_name[service_name]
     handlers = {}
     for method in service.methods:
         request_class = getattr(module, method.input_type.name, None) or _message_class(method.input_type)
         response_class = getattr(module, method.output_type.name, None) or _message_class(method.output_type)
         implementation = getattr(servicer, method.name)
+        custom = (parsers or {}).get(method.name)
         options = {
-            "request_deserializer": _parser(request_class),
+            "request_deserializer": _parser(request_class, custom),
             "response_serializer": response_class.SerializeToString,
         }
         if method.client_streaming and method.server_streaming:

@@ -456,7 +456,13 @@ def main() -> int:
                 toml(
                     {
                         "agent": {"data_dir": str(homes[device] / "data")},
-                        "server": {"unix_socket": str(sockets[device]), "tcp_address": "", "metrics_address": ""},
+                        "server": {
+                            "unix_socket": str(sockets[device]),
+                            "tcp_address": "",
+                            "metrics_address": "",
+                            "http_unix_socket": "",
+                            "http_tcp_address": "",
+                        },
                         "engine": {"backend": "auto", "intra_op_threads": 1},
                         "upload": {"interval_s": 0.2},
                         "telemetry": {"interval_s": 1.0},

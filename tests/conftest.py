@@ -55,7 +55,13 @@ def config_data(tmp_path: Path, short_dir: Path) -> dict[str, Any]:
     """Config data for a test agent: its own data dir and socket, no TCP, no metrics port."""
     return {
         "agent": {"data_dir": str(tmp_path / "data"), "shutdown_grace_s": 5.0},
-        "server": {"unix_socket": str(short_dir / "infer.sock"), "tcp_address": "", "metrics_address": ""},
+        "server": {
+            "unix_socket": str(short_dir / "infer.sock"),
+            "tcp_address": "",
+            "metrics_address": "",
+            "http_unix_socket": "",
+            "http_tcp_address": "",
+        },
         "engine": {"backend": "onnxruntime", "intra_op_threads": 1, "warmup_inferences": 1},
     }
 

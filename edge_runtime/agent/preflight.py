@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from edge_runtime.config import AgentConfig
+from edge_runtime.kserve.http import check_http_addresses
 from edge_runtime.kserve.server import check_addresses, parse_tcp_address
 from edge_runtime.sync.control import ControlTransport
 from edge_runtime.sync.transports import open_control
@@ -31,6 +32,7 @@ class Preflight:
 def preflight(config: AgentConfig) -> Preflight:
     """Raise ConfigError naming the key for anything `run` would refuse; the token and channel read otherwise."""
     check_addresses(config.server)
+    check_http_addresses(config.server)
     if config.server.metrics_address:
         parse_tcp_address(config.server.metrics_address, "server.metrics_address")
     token = read_token(config.cloud) if config.cloud.grpc_target or config.cloud.token_file else None

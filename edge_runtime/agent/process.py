@@ -34,6 +34,7 @@ from edge_runtime.errors import ConfigError, EdgeRuntimeError
 from edge_runtime.inference.hard import HardExamples
 from edge_runtime.inference.keeping import Keeper
 from edge_runtime.kserve.health import AgentHealth
+from edge_runtime.kserve.http import HttpInferenceServer
 from edge_runtime.kserve.server import InferenceServer, parse_tcp_address
 from edge_runtime.models.repository import ModelRepository
 from edge_runtime.models.served import ServedModel
@@ -66,6 +67,7 @@ class AgentEndpoints:
     """Where a running agent listens (ports resolved when the config asked for port 0)."""
 
     inference: list[str] = field(default_factory=list)
+    http: list[str] = field(default_factory=list)  # KServe v2 HTTP/REST: http:// and http+unix:// URLs
     metrics_port: int = 0
 
 
@@ -172,13 +174,20 @@ class Agent:
         except BaseException:
             await loop.run_in_executor(self._loader, self.outbox.close)
             raise
+        http_server: HttpInferenceServer | None = None
         try:
+            http_server = await HttpInferenceServer.start(
+                self.repository, self.config.server, __version__, shm=server.shared_memory
+            )
             metrics_server = self._start_metrics()
         except BaseException:
+            if http_server is not None:
+                await http_server.stop(0)
             await server.stop(0)
             await loop.run_in_executor(self._loader, self.outbox.close)
             raise
         self.endpoints.inference = list(server.targets)
+        self.endpoints.http = list(http_server.targets) if http_server is not None else []
         if handle_signals:
             for sig in _SIGNALS:
                 loop.add_signal_handler(sig, self.stop)
@@ -202,6 +211,7 @@ class Agent:
                 seconds=round(time.monotonic() - began, 3),
                 models=[repr(s) for s in statuses],
                 listen=server.targets,
+                http=self.endpoints.http,
                 metrics_port=self.endpoints.metrics_port,
             )
             await self._stop.wait()
@@ -210,7 +220,13 @@ class Agent:
             grace = self.config.agent.shutdown_grace_s
             served = self.repository.models()
             log.info("agent.stopping", grace_s=grace, pending={_ref(s): s.batcher.pending() for s in served})
-            await server.stop(grace)
+            if http_server is not None:
+                # Both answer with the same shared-memory regions: unmapped once both are done.
+                await asyncio.gather(server.stop(grace, close_shared_memory=False), http_server.stop(grace))
+                if server.shared_memory is not None:
+                    server.shared_memory.close()
+            else:
+                await server.stop(grace)
             await self.converger.aclose()  # partial downloads stay for the next start
             if self._artifacts is not None:
                 await self._artifacts.close()

@@ -4,26 +4,33 @@ Loop-agnostic by design (DESIGN.md "Concurrency on the device"): `submit` return
 concurrent.futures.Future that the gRPC servicer awaits and the in-process API waits on. Work-conserving:
 a free worker runs whatever is queued at once (Triton's default zero queue delay), so batches form from
 the backlog under load and a lone request never waits for company unless max_queue_delay asks it to.
+
+On the loop: a model whose planned batch runs in less time than the hop to a thread and back costs
+(policy.ON_LOOP_LIMIT_S) is drained by the server's event loop itself, once per loop iteration: the requests
+that arrived in that iteration form one batch, and their futures complete on the loop with no wake-up.
 """
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
+import contextlib
+import dataclasses
 import heapq
 import itertools
 import threading
 import time
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
 import structlog
 
-from edge_runtime.batching.policy import BatchPlan
+from edge_runtime.batching.policy import ON_LOOP_LIMIT_S, BatchPlan
 from edge_runtime.errors import EdgeRuntimeError, EngineError, Overloaded, RequestTimeout, ShuttingDown
 
-__all__ = ["BatchObserver", "Batchable", "DynamicBatcher"]
+__all__ = ["BatchObserver", "Batchable", "DynamicBatcher", "Outcome"]
 
 log = structlog.get_logger(__name__)
 
@@ -58,13 +65,23 @@ R = TypeVar("R", bound=Batchable)
 T = TypeVar("T")
 
 
-@dataclass(order=True)
+# What a request's caller holds: a concurrent future (any thread), or an asyncio future of the attached loop
+# (submit(awaitable=True) on that loop: completed there with no hop).
+Outcome = Future[T] | asyncio.Future[T]
+
+
+@dataclass(slots=True)
 class _Item(Generic[R, T]):
-    priority: int
-    order: int
-    request: R = field(compare=False)
-    future: Future[T] = field(compare=False)
-    enqueued: float = field(compare=False)
+    request: R
+    future: Outcome[T]
+    enqueued: float
+
+
+# A batch on the loop that takes this long sends its model to the engine threads (_leave_loop).
+ON_LOOP_GIVE_UP_S = 10 * ON_LOOP_LIMIT_S
+
+# Heap entries: (priority, arrival order, item); the two ints decide, so heapq compares in C.
+_Entry = tuple[int, int, _Item[R, T]]
 
 
 class DynamicBatcher(Generic[R, T]):
@@ -82,6 +99,7 @@ class DynamicBatcher(Generic[R, T]):
         instances: int,
         max_queue_depth: int,
         observer: BatchObserver,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         self.name = name
         self._runner = runner
@@ -90,7 +108,7 @@ class DynamicBatcher(Generic[R, T]):
         self._instances = instances
         self._max_queue_depth = max_queue_depth
         self._cond = threading.Condition(threading.Lock())
-        self._heap: list[_Item[R, T]] = []
+        self._heap: list[_Entry[R, T]] = []
         self._queued_rows = 0
         self._busy = 0
         self._closing = False
@@ -100,6 +118,11 @@ class DynamicBatcher(Generic[R, T]):
         # reads to find an engine that hangs. Plain dict operations (atomic under the GIL), no lock on the hot
         # path.
         self._running: dict[int, float] = {}
+        # The event loop that drains the queue when the plan says so (None: engine threads only), its thread,
+        # and whether a drain is scheduled on it.
+        self._loop = loop
+        self._loop_thread = -1
+        self._drain_scheduled = False
         self._start_workers()
 
     # -- public API -------------------------------------------------------------------------------------
@@ -116,16 +139,43 @@ class DynamicBatcher(Generic[R, T]):
         """time.monotonic() at which the oldest batch still executing started; None when none is."""
         return min(list(self._running.values()), default=None)
 
+    def attach_loop(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        """The event loop that runs batches when the plan is on_loop (None: engine threads run them all)."""
+        with self._cond:
+            self._loop, self._loop_thread = loop, -1
+            self._cond.notify_all()
+
+    @property
+    def on_loop(self) -> bool:
+        """Batches run on the attached event loop now."""
+        loop = self._loop
+        return self._plan.on_loop and loop is not None and not loop.is_closed()
+
     def submit(self, request: R) -> Future[T]:
         """Queue a validated request; raises Overloaded or ShuttingDown at once instead of queueing."""
         future: Future[T] = Future()
+        self._queue(request, future)
+        return future
+
+    def submit_awaitable(self, request: R) -> Outcome[T]:
+        """`submit` for a caller that awaits the result on the attached loop: when this model runs there and
+        the caller is on it, an asyncio future completed on the loop (no hop, no lock); else a concurrent one."""
+        loop = self._loop
+        if loop is not None and threading.get_ident() == self._loop_thread and self.on_loop:
+            future: asyncio.Future[T] = loop.create_future()
+            self._queue(request, future)
+            return future
+        return self.submit(request)
+
+    def _queue(self, request: R, future: Outcome[T]) -> None:
         with self._cond:
             self._check_accepting()
-            item = _Item(request.priority, next(self._order), request, future, time.monotonic())
-            heapq.heappush(self._heap, item)
+            heapq.heappush(self._heap, (request.priority, next(self._order), _Item(request, future, time.monotonic())))
             self._queued_rows += request.rows
-            self._cond.notify()
-        return future
+            if not self.on_loop:
+                self._cond.notify()
+            elif not self._drain_scheduled:
+                self._schedule_drain()
 
     def run(self, request: R) -> T:
         """Run on the caller's thread when an instance is free and nothing waits; else queue and wait.
@@ -149,8 +199,11 @@ class DynamicBatcher(Generic[R, T]):
         finally:
             with self._cond:
                 self._busy -= 1
-                if self._heap:  # a worker may be waiting for the slot this run held
-                    self._cond.notify()
+                if self._heap:  # a worker (or the loop) may be waiting for the slot this run held
+                    if self.on_loop and not self._drain_scheduled and not self._closing:
+                        self._schedule_drain()
+                    else:
+                        self._cond.notify()
 
     def update(self, plan: BatchPlan, *, instances: int, max_queue_depth: int) -> None:
         """Apply a new plan or policy live: queued requests stay queued, running batches finish."""
@@ -159,6 +212,8 @@ class DynamicBatcher(Generic[R, T]):
             self._instances = instances
             self._max_queue_depth = max_queue_depth
             self._workers = [t for t in self._workers if t.is_alive()]
+            if self.on_loop and self._heap and not self._drain_scheduled:
+                self._schedule_drain()
             self._cond.notify_all()
         self._start_workers()
 
@@ -172,9 +227,9 @@ class DynamicBatcher(Generic[R, T]):
             worker.join(max(0.0, deadline - time.monotonic()))
         with self._cond:
             leftover, self._heap, self._queued_rows = self._heap, [], 0
-        for item in leftover:
+        for _, _, item in leftover:
             self._observer.on_rejected("shutdown")
-            _fail(item.future, ShuttingDown(f"{self.name} shut down before this request could run"))
+            self._fail(item.future, ShuttingDown(f"{self.name} shut down before this request could run"))
 
     # -- internals --------------------------------------------------------------------------------------
 
@@ -220,13 +275,7 @@ class DynamicBatcher(Generic[R, T]):
                 self._busy += 1
             try:
                 for item in expired:
-                    # Counted here even when wait() already withdrew it at its deadline: once, as a timeout.
-                    self._observer.on_rejected("timeout")
-                    waited = time.monotonic() - item.enqueued
-                    _fail(
-                        item.future,
-                        RequestTimeout(f"{self.name}: request waited {waited:.3f}s in the queue, past its timeout"),
-                    )
+                    self._expire(item)
                 if batch:
                     self._execute(batch)
             finally:
@@ -239,12 +288,13 @@ class DynamicBatcher(Generic[R, T]):
         while True:
             if index >= self._instances or (self._closing and not self._heap):
                 return None, []
-            if self._heap and self._busy < self._instances:
+            # On the loop, the loop drains the queue; while closing, the workers finish what is left.
+            if self._heap and self._busy < self._instances and (self._closing or not self.on_loop):
                 break
             self._cond.wait()
         delay = self._plan.max_queue_delay_s
         if delay > 0 and not self._closing:
-            until = self._heap[0].enqueued + delay
+            until = self._heap[0][2].enqueued + delay
             while self._heap and self._queued_rows < self._plan.max_batch_size and not self._closing:
                 left = until - time.monotonic()
                 if left <= 0:
@@ -252,15 +302,112 @@ class DynamicBatcher(Generic[R, T]):
                 self._cond.wait(left)
         return self._take()
 
+    # -- on the loop ------------------------------------------------------------------------------------
+
+    def _schedule_drain(self) -> None:
+        """Drain the queue on the loop once the requests of this iteration are in (called holding the lock)."""
+        loop = self._loop
+        assert loop is not None
+        self._drain_scheduled = True
+        delay = self._plan.max_queue_delay_s
+        try:
+            if threading.get_ident() != self._loop_thread:
+                loop.call_soon_threadsafe(self._drain_on_loop, delay)
+            elif delay > 0:
+                loop.call_later(delay, self._drain_on_loop, 0.0)
+            else:
+                loop.call_soon(self._drain_on_loop, 0.0)
+        except RuntimeError:  # the loop closed meanwhile: the engine threads take over
+            self._drain_scheduled = False
+            self._loop = None
+            self._cond.notify_all()
+
+    def _drain_on_loop(self, delay: float) -> None:
+        """Run one batch on the loop (no longer than policy.ON_LOOP_LIMIT_S); another drain follows while
+        requests are queued, after the loop's other ready work.
+
+        It runs at the first chance: grpc.aio takes in one new call per poller round trip, so waiting more
+        iterations for company (tried: spinning the loop with call_soon) only starved grpc's poller thread of
+        the GIL on one core and formed no larger batches (docs/performance.md).
+        """
+        self._loop_thread = threading.get_ident()
+        if delay > 0:  # submitted from another thread: wait for company on the loop's clock
+            self._loop.call_later(delay, self._drain_on_loop, 0.0)  # type: ignore[union-attr]
+            return
+        with self._cond:
+            self._drain_scheduled = False
+            if not self.on_loop or self._closing or self._busy >= self._instances:
+                self._cond.notify_all()  # the workers take it from here (or a running inline call finishes)
+                return
+            batch, expired = self._take()
+            self._busy += 1
+        started = time.monotonic()
+        try:
+            for item in expired:
+                self._expire(item)
+            if batch:
+                self._execute(batch)
+        finally:
+            took = time.monotonic() - started
+            with self._cond:
+                self._busy -= 1
+                if took > ON_LOOP_GIVE_UP_S and self._plan.on_loop:
+                    self._leave_loop(took)
+                if self._heap and self.on_loop and not self._closing:
+                    if not self._drain_scheduled:
+                        self._schedule_drain()
+                elif self._heap or self._closing:  # no waking idle workers for nothing: a wake-up costs a hop
+                    self._cond.notify()
+
+    def _leave_loop(self, took: float) -> None:
+        """A batch held the loop far longer than its profile said: engine threads run this model from now on
+        (until the next plan), so a slow or stuck engine never holds the agent's other conversations again."""
+        reason = f"{self._plan.reason}; moved to engine threads: a batch held the event loop {took * 1e3:.1f} ms"
+        self._plan = dataclasses.replace(self._plan, on_loop=False, reason=reason)
+        log.warning("batch.left_loop", model=self.name, seconds=round(took, 4))
+        self._cond.notify_all()
+
+    # -- both -------------------------------------------------------------------------------------------
+
+    def _expire(self, item: _Item[R, T]) -> None:
+        # Counted here even when wait() already withdrew it at its deadline: once, as a timeout.
+        self._observer.on_rejected("timeout")
+        waited = time.monotonic() - item.enqueued
+        self._fail(
+            item.future, RequestTimeout(f"{self.name}: request waited {waited:.3f}s in the queue, past its timeout")
+        )
+
+    def _fail(self, future: Outcome[T], error: Exception) -> None:
+        """Fail a future, unless its caller already withdrew it."""
+        if _start(future):
+            self._settle(future, None, error)
+
+    def _settle(self, future: Outcome[T], result: T | None, error: Exception | None) -> None:
+        """Complete a started future; an asyncio one on its own loop (at once when this is its thread)."""
+        if isinstance(future, Future):
+            if error is None:
+                future.set_result(result)  # type: ignore[arg-type]
+            else:
+                future.set_exception(error)
+            return
+        if threading.get_ident() == self._loop_thread:
+            _settle_async(future, result, error)
+            return
+        # A worker finishing what the loop left (closing, or the loop detached); a closed loop raises
+        # RuntimeError, and then nobody awaits this any more.
+        with contextlib.suppress(RuntimeError):
+            future.get_loop().call_soon_threadsafe(_settle_async, future, result, error)
+
     def _take(self) -> tuple[list[_Item[R, T]], list[_Item[R, T]]]:
         """Pop the highest-priority request and every compatible one that fits; also the expired ones."""
         now = time.monotonic()
         batch: list[_Item[R, T]] = []
         expired: list[_Item[R, T]] = []
-        skipped: list[_Item[R, T]] = []
+        skipped: list[_Entry[R, T]] = []
         rows, limit = 0, self._plan.max_batch_size
         while self._heap and rows < limit and len(skipped) < 64:
-            item = heapq.heappop(self._heap)
+            entry = heapq.heappop(self._heap)
+            item = entry[2]
             request = item.request
             if request.deadline is not None and now > request.deadline:
                 expired.append(item)
@@ -270,13 +417,13 @@ class DynamicBatcher(Generic[R, T]):
                 rows += request.rows
                 self._queued_rows -= request.rows
             else:
-                skipped.append(item)
-        for item in skipped:
-            heapq.heappush(self._heap, item)
+                skipped.append(entry)
+        for entry in skipped:
+            heapq.heappush(self._heap, entry)
         return batch, expired
 
     def _execute(self, batch: list[_Item[R, T]]) -> None:
-        live = [item for item in batch if item.future.set_running_or_notify_cancel()]
+        live = [item for item in batch if _start(item.future)]
         for _ in range(len(batch) - len(live)):
             # Withdrawn by its caller (wait() past the deadline, a gRPC client gone): counted, never run.
             self._observer.on_rejected("cancelled")
@@ -293,13 +440,13 @@ class DynamicBatcher(Generic[R, T]):
             self._observer.on_batch(rows, len(live), queue_s, time.monotonic() - started, ok=False)
             error = _as_runtime_error(exc, self.name)
             for item in live:
-                item.future.set_exception(error)
+                self._settle(item.future, None, error)
             return
         finally:
             self._running.pop(ident, None)
         self._observer.on_batch(rows, len(live), queue_s, time.monotonic() - started, ok=True)
         for item, result in zip(live, results, strict=True):
-            item.future.set_result(result)
+            self._settle(item.future, result, None)
 
     def _execute_inline(self, request: R) -> T:
         started = time.monotonic()
@@ -323,7 +470,17 @@ def _as_runtime_error(exc: Exception, name: str) -> EdgeRuntimeError:
     return EngineError(f"{name}: inference failed ({type(exc).__name__}); see the agent log")
 
 
-def _fail(future: Future[Any], error: Exception) -> None:
-    """Fail a future, unless its caller already withdrew it."""
-    if future.set_running_or_notify_cancel():
+def _start(future: Future[Any] | asyncio.Future[Any]) -> bool:
+    """Mark a future running; False when its caller withdrew it (cancelled) before it started."""
+    if isinstance(future, Future):
+        return future.set_running_or_notify_cancel()
+    return not future.done()
+
+
+def _settle_async(future: asyncio.Future[T], result: T | None, error: Exception | None) -> None:
+    if future.done():  # cancelled meanwhile (the caller went away)
+        return
+    if error is None:
+        future.set_result(result)  # type: ignore[arg-type]
+    else:
         future.set_exception(error)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["BatchPlan", "ProfilePoint", "plan_batching", "profile_sizes", "profiling_done"]
+__all__ = ["ON_LOOP_LIMIT_S", "BatchPlan", "ProfilePoint", "plan_batching", "profile_sizes", "profiling_done"]
 
 # A larger batch must beat the best smaller one by this much to count as an improvement: below it the
 # difference is within run-to-run noise on a shared 2-core box and the smaller batch has lower latency.
@@ -22,6 +22,11 @@ MIN_GAIN = 1.05
 WORTH_BATCHING = 1.2
 # Stop profiling after this many sizes in a row without an improvement.
 PATIENCE = 2
+# A model whose planned batch runs within this long runs on the server's event loop instead of an engine
+# thread (batcher.py "on the loop"): handing a batch to a thread and its answers back costs two wake-ups,
+# GIL hand-offs and ~40-90 µs of CPU per batch on one core (docs/performance.md), more than such a batch
+# itself, and the loop is never held for longer than this by one batch.
+ON_LOOP_LIMIT_S = 200e-6
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,8 @@ class BatchPlan:
     max_batch_size: int
     max_queue_delay_s: float
     reason: str
+    # Batches run on the event loop that submits them, not on engine threads (ON_LOOP_LIMIT_S).
+    on_loop: bool = False
 
 
 def profile_sizes(cap: int) -> list[int]:
@@ -77,11 +84,14 @@ def plan_batching(
     cap: int,
     configured_delay_s: float,
     slo_s: float,
+    on_loop_allowed: bool = False,
 ) -> BatchPlan:
     """The batch size and queue delay that give the most throughput within the latency SLO.
 
     `cap` is the smaller of the policy's and the model's max batch size (1 for a model with no batch axis).
-    Without a profile the configured values are used as they are.
+    Without a profile the configured values are used as they are. `on_loop_allowed`: the model may run on the
+    event loop (fixed non-batch shapes, inference.run_on_loop), which the plan then asks for when the chosen
+    batch runs within ON_LOOP_LIMIT_S.
     """
     if cap <= 1:
         return BatchPlan(1, 0.0, "batch size 1: the model has no batch axis, or inference.max_batch_size is 1")
@@ -99,16 +109,21 @@ def plan_batching(
     delay = configured_delay_s
     if slo_s > 0:
         delay = min(delay, max(0.0, slo_s - chosen.latency_s))
+    on_loop = on_loop_allowed and chosen.latency_s <= ON_LOOP_LIMIT_S
+    where = f"; on the event loop (a batch takes {chosen.latency_s * 1e6:.0f} µs)" if on_loop else ""
     if chosen.batch_size == 1:
         return BatchPlan(
             1,
             0.0,
             f"batching does not pay: batch 1 gives {chosen.throughput:.0f}/s, "
-            f"the best larger batch {best:.0f}/s (less than {WORTH_BATCHING:g}x)",
+            f"the best larger batch {best:.0f}/s (less than {WORTH_BATCHING:g}x){where}",
+            on_loop,
         )
     within = f" within the {slo_s * 1e3:g} ms SLO" if slo_s > 0 else ""
     return BatchPlan(
         chosen.batch_size,
         delay,
-        f"batch {chosen.batch_size} gives {chosen.throughput:.0f}/s{within} (batch 1: {fits[0].throughput:.0f}/s)",
+        f"batch {chosen.batch_size} gives {chosen.throughput:.0f}/s{within} "
+        f"(batch 1: {fits[0].throughput:.0f}/s){where}",
+        on_loop,
     )

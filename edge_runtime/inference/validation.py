@@ -67,6 +67,11 @@ class Signature:
     def batched(self) -> bool:
         return self.max_batch_size > 0
 
+    @property
+    def fixed_inner(self) -> bool:
+        """Every input's non-batch dimensions are fixed (so a batch's cost follows its size alone)."""
+        return not self._dynamic_inner
+
     def validate(
         self, inputs: Mapping[str, Any], outputs: Sequence[str] | None
     ) -> tuple[dict[str, np.ndarray[Any, Any]], int, Hashable]:

@@ -29,13 +29,22 @@ from edge_runtime.config import ServerSection
 from edge_runtime.errors import ConfigError
 from edge_runtime.kserve.health import INFERENCE_SERVICE, AgentHealth
 from edge_runtime.kserve.servicer import KServeServicer, add_to_server
+from edge_runtime.kserve.shm import SystemSharedMemory
 from edge_runtime.models.repository import ModelRepository
 from edgefleet.addresses import AddressError, is_loopback, parse_host_port
 from edgefleet.durable import hold_lock
 from edgefleet.proto.edgefleet.v1 import admin_pb2
 from edgefleet.rpc import add_service
 
-__all__ = ["InferenceServer", "check_addresses", "check_loopback", "parse_tcp_address"]
+__all__ = [
+    "InferenceServer",
+    "check_addresses",
+    "check_loopback",
+    "claim_socket_path",
+    "on_file_thread",
+    "parse_tcp_address",
+    "release_socket_path",
+]
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -54,10 +63,11 @@ def parse_tcp_address(address: str, key: str = "server.tcp_address") -> tuple[st
         raise ConfigError(f"{key}: {exc}") from None
 
 
-def check_loopback(host: str) -> None:
+def check_loopback(host: str, key: str = "server.tcp_address") -> None:
+    """ConfigError naming the config key `key` unless `host` is a loopback address."""
     if not is_loopback(host):
         raise ConfigError(
-            f"server.tcp_address host {host!r} is not a loopback address; the inference API is plaintext and "
+            f"{key} host {host!r} is not a loopback address; the inference API is plaintext and "
             "local-only: serve apps on this device over the Unix socket or 127.0.0.1"
         )
 
@@ -78,8 +88,9 @@ def check_addresses(config: ServerSection) -> tuple[Path | None, tuple[str, int]
     return path, tcp
 
 
-def _claim_socket_path(path: Path) -> int:
+def claim_socket_path(path: Path, key: str = "server.unix_socket") -> int:
     """Make the socket's directory, take {socket}.lock and clear a stale socket; returns the lock's fd.
+    ConfigErrors name the config key `key`.
 
     The lock is held for the server's life: two agents starting at once cannot both pass the probe below
     (grpc would silently unbind the first one's socket). The kernel drops it on kill -9.
@@ -87,31 +98,31 @@ def _claim_socket_path(path: Path) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = hold_lock(Path(f"{path}.lock"))
     if fd is None:
-        raise ConfigError(f"server.unix_socket {path} is in use by another process (another edge-agent?)")
+        raise ConfigError(f"{key} {path} is in use by another process (another edge-agent?)")
     try:
-        _clear_stale_socket(path)
+        _clear_stale_socket(path, key)
     except BaseException:
         os.close(fd)
         raise
     return fd
 
 
-def _clear_stale_socket(path: Path) -> None:
+def _clear_stale_socket(path: Path, key: str) -> None:
     if path.exists() or path.is_symlink():
         if not stat.S_ISSOCK(path.lstat().st_mode):
-            raise ConfigError(f"server.unix_socket {path} exists and is not a socket; refusing to replace it")
+            raise ConfigError(f"{key} {path} exists and is not a socket; refusing to replace it")
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             probe.connect(str(path))
         except OSError:
             path.unlink()  # stale: left by an agent that did not shut down cleanly
         else:
-            raise ConfigError(f"server.unix_socket {path} is in use by another process (another edge-agent?)")
+            raise ConfigError(f"{key} {path} is in use by another process (another edge-agent?)")
         finally:
             probe.close()
 
 
-def _release_socket_path(path: Path | None, lock_fd: int) -> None:
+def release_socket_path(path: Path | None, lock_fd: int) -> None:
     """Remove the socket (when this server bound it), then let go of its lock: in this order, so the next
     agent finds the path free once it holds the lock."""
     try:
@@ -121,7 +132,7 @@ def _release_socket_path(path: Path | None, lock_fd: int) -> None:
         os.close(lock_fd)
 
 
-async def _on_file_thread(fn: Callable[..., T], *args: Any, undo: Callable[[T], object] | None = None) -> T:
+async def on_file_thread(fn: Callable[..., T], *args: Any, undo: Callable[[T], object] | None = None) -> T:
     """fn(*args) on a thread of its own: the socket's file work at start and stop waits on the disk (a slow or
     full one too), and the loop meanwhile keeps every other conversation going.
 
@@ -154,6 +165,9 @@ class InferenceServer:
     tcp_port: int = 0
     targets: list[str] = field(default_factory=list)
     health: AgentHealth | None = None
+    repository: ModelRepository | None = None
+    # The regions apps registered (Triton's system shared-memory extension), unmapped at stop.
+    shared_memory: SystemSharedMemory | None = None
     _lock_fd: int = -1
 
     @classmethod
@@ -178,7 +192,8 @@ class InferenceServer:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        add_to_server(KServeServicer(repository, config.max_request_bytes, version), server)
+        shared_memory = SystemSharedMemory()
+        add_to_server(KServeServicer(repository, config.max_request_bytes, version, shared_memory), server)
         health = health or AgentHealth(repository.ready)
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         services = [INFERENCE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
@@ -188,17 +203,20 @@ class InferenceServer:
             health.add_service(name)
             services.append(name)
         reflection.enable_server_reflection([*services, reflection.SERVICE_NAME], server)
-        result = cls(server, health=health)
+        result = cls(server, health=health, shared_memory=shared_memory)
         try:
             await result._listen(config)
             if result.unix_socket:
                 # Apps in the agent's group may connect; nobody else on the device. Set before the server
                 # listens (grpc binds the path in add_insecure_port), so no connection ever sees wider modes.
-                await _on_file_thread(os.chmod, result.unix_socket, 0o660)
+                await on_file_thread(os.chmod, result.unix_socket, 0o660)
             await server.start()
         except BaseException:
             await result._let_go()  # nobody listens on what this start bound
             raise
+        # Models whose batches cost less than a hop to an engine thread now run on this loop (batcher.py).
+        repository.attach_loop(asyncio.get_running_loop())
+        result.repository = repository
         health.started()
         await health.refresh()
         log.info("server.listening", targets=result.targets)
@@ -208,7 +226,7 @@ class InferenceServer:
         # Every address is checked before any is claimed: a refused one then leaves no socket file behind.
         path, tcp = check_addresses(config)
         if path is not None:
-            self._lock_fd = await _on_file_thread(_claim_socket_path, path, undo=os.close)
+            self._lock_fd = await on_file_thread(claim_socket_path, path, undo=os.close)
             try:
                 self.server.add_insecure_port(f"unix:{path}")
             except RuntimeError as exc:
@@ -223,11 +241,19 @@ class InferenceServer:
                 raise ConfigError(f"cannot listen on server.tcp_address {config.tcp_address}: {exc}") from exc
             self.targets.append(f"{host}:{self.tcp_port}")
 
-    async def stop(self, grace_s: float) -> None:
-        """Refuse new calls at once; let calls in flight finish for up to `grace_s`."""
+    async def stop(self, grace_s: float, *, close_shared_memory: bool = True) -> None:
+        """Refuse new calls at once; let calls in flight finish for up to `grace_s`.
+
+        `close_shared_memory=False`: another server (HTTP/REST) shares the regions and may still be answering
+        calls that use them; its owner closes `shared_memory` once both have stopped.
+        """
         if self.health is not None:
             await self.health.stopping()
         await self.server.stop(grace_s)
+        if self.shared_memory is not None and close_shared_memory:
+            self.shared_memory.close()  # calls are done or cancelled: unmap what apps registered
+        if self.repository is not None:  # what is still queued is the engine threads' to finish
+            self.repository.attach_loop(None)
         await self._let_go()
 
     async def _let_go(self) -> None:
@@ -237,4 +263,4 @@ class InferenceServer:
             return
         lock_fd, self._lock_fd = self._lock_fd, -1
         bound = Path(self.unix_socket) if self.unix_socket else None
-        await _on_file_thread(_release_socket_path, bound, lock_fd)
+        await on_file_thread(release_socket_path, bound, lock_fd)

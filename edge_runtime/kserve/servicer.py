@@ -18,7 +18,10 @@ from edge_runtime.inference import keeping
 from edge_runtime.inference.stats import Duration
 from edge_runtime.kserve.codec import check_version, decode_request, encode_response
 from edge_runtime.kserve.repository import LOAD_UNIMPLEMENTED, model_config, repository_index
+from edge_runtime.kserve.shm import SystemSharedMemory
+from edge_runtime.kserve.shm_service import SharedMemoryServicer
 from edge_runtime.kserve.status import status_for
+from edge_runtime.kserve.wire import InferWire, parse_infer_request
 from edge_runtime.loop_bridge import LoopBridge
 from edge_runtime.models.repository import KEEP_WAIT_S, ModelRepository
 from edge_runtime.models.served import ServedModel
@@ -31,7 +34,7 @@ __all__ = ["SERVER_NAME", "KServeServicer", "add_to_server", "status_message"]
 log = structlog.get_logger(__name__)
 
 SERVER_NAME = "edgefleet-edge-agent"
-EXTENSIONS = ["statistics", "parameters", "model_configuration", "model_repository"]
+EXTENSIONS = ["statistics", "parameters", "model_configuration", "model_repository", "shared_memory"]
 
 T = TypeVar("T")
 # A status message travels in the grpc-message header, percent-encoded: a client refuses metadata past 16 KiB
@@ -54,30 +57,44 @@ async def _guarded(context: grpc.aio.ServicerContext, call: Callable[[], Awaitab
     """Run `call`, turning our errors into their status and anything else into INTERNAL (logged)."""
     try:
         return await call()
-    except EdgeRuntimeError as exc:
-        code, message = status_for(exc), str(exc)
     except asyncio.CancelledError:
         raise
     except Exception as exc:
-        log.exception("kserve.internal_error", error=repr(exc))
+        await _abort(context, exc)
+    raise AssertionError("unreachable: abort raises")  # pragma: no cover
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
+    """End the call with our error's status and message, or INTERNAL (logged) for anything unexpected."""
+    if isinstance(exc, EdgeRuntimeError):
+        code, message = status_for(exc), str(exc)
+    else:
+        log.error("kserve.internal_error", error=repr(exc), exc_info=exc)
         code, message = grpc.StatusCode.INTERNAL, "internal error in edge-agent; see its log"
     await context.abort(code, status_message(message))
-    raise AssertionError("unreachable: abort raises")  # pragma: no cover
 
 
 def add_to_server(servicer: KServeServicer, server: grpc.aio.Server) -> None:
     """Register `servicer` for every RPC of inference.GRPCInferenceService; a body that does not parse
     gets INVALID_ARGUMENT (the generated add_GRPCInferenceServiceServicer_to_server would answer UNKNOWN)."""
-    add_service(server, pb, "GRPCInferenceService", servicer)
+    add_service(server, pb, "GRPCInferenceService", servicer, {"ModelInfer": parse_infer_request})
 
 
 def _duration(target: pb.StatisticDuration, source: Duration) -> None:
     target.count, target.ns = source.count, source.ns
 
 
-class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, repository: ModelRepository, max_request_bytes: int, version: str) -> None:
+class KServeServicer(SharedMemoryServicer, pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(
+        self,
+        repository: ModelRepository,
+        max_request_bytes: int,
+        version: str,
+        shared_memory: SystemSharedMemory | None = None,
+    ) -> None:
         self._repo = repository
+        # Regions local apps registered (shm_service.py): the server that passes it in closes it at shutdown.
+        self._shm = shared_memory or SystemSharedMemory()
         self._max_bytes = max_request_bytes
         self._version = version
         self._loop_bridge: LoopBridge | None = None
@@ -124,26 +141,33 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         return await _guarded(context, call)
 
     async def ModelInfer(
-        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ModelInferRequest | InferWire, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
-        async def call() -> pb.ModelInferResponse:
-            infer = decode_request(request, self._max_bytes)
+        # Every request's path: written out (no closure, no extra coroutine), see codec.decode_request.
+        try:
+            # A large request's tensor bytes stay where gRPC put them (kserve/wire.py).
+            message, raw = (request.message, request.raw) if isinstance(request, InferWire) else (request, None)
+            infer = decode_request(message, self._max_bytes, self._shm, raw)
             remaining = context.time_remaining()
             if remaining is not None:  # a request the client stopped waiting for must not run
                 infer.timeout_s = remaining if infer.timeout_s is None else min(infer.timeout_s, remaining)
-            _served, future = self._repo.submit(infer)
+            _served, future = self._repo.submit_awaitable(infer)
             # Cancelling this await (client gone, deadline) cancels the queued request too.
-            response = await self._bridge().wrap(future)
+            bridge = self._loop_bridge or self._bridge()
+            response = await bridge.wrap(future)
             if response.kept is not None:  # answer once the kept result is on disk
                 try:
-                    await asyncio.wait_for(self._bridge().wrap(response.kept), KEEP_WAIT_S)
+                    await asyncio.wait_for(bridge.wrap(response.kept), KEEP_WAIT_S)
                 except (EdgeRuntimeError, asyncio.TimeoutError) as exc:
                     keeping.settle_kept(response, exc)
                 else:
                     keeping.settle_kept(response, None)
-            return encode_response(response)
-
-        return await _guarded(context, call)
+            return encode_response(response, self._shm, message)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            await _abort(context, exc)
+            raise AssertionError("unreachable: abort raises") from None  # pragma: no cover
 
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Any) -> pb.ModelStatisticsResponse:
         async def call() -> pb.ModelStatisticsResponse:

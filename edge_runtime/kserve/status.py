@@ -16,6 +16,8 @@ from edge_runtime.errors import (
     OutboxUnusable,
     Overloaded,
     PackageError,
+    RegionExists,
+    RegionNotFound,
     RequestTimeout,
     RequestTooLarge,
     ShuttingDown,
@@ -27,6 +29,9 @@ __all__ = ["STATUS_CODES", "status_for"]
 
 STATUS_CODES: dict[type[EdgeRuntimeError], grpc.StatusCode] = {
     InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
+    # Triton's codes for the shared-memory registry (kserve/shm.py).
+    RegionNotFound: grpc.StatusCode.NOT_FOUND,
+    RegionExists: grpc.StatusCode.ALREADY_EXISTS,
     ConfigError: grpc.StatusCode.INVALID_ARGUMENT,
     RequestTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,

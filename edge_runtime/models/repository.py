@@ -9,6 +9,7 @@ and the status, the log and the outbox's events say so.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import threading
 from concurrent.futures import Future
@@ -17,6 +18,7 @@ from typing import Any
 
 import structlog
 
+from edge_runtime.batching.batcher import Outcome
 from edge_runtime.config import AgentConfig, InferencePolicy
 from edge_runtime.errors import EdgeRuntimeError, InvalidInput, ModelNotFound, ModelNotReady, ShuttingDown
 from edge_runtime.inference import keeping
@@ -85,6 +87,16 @@ class ModelRepository:
         self._shadows: dict[str, ShadowMirror] = {}
         self._switch = threading.RLock()  # one load/activate at a time
         self._closed = False
+        # The inference server's event loop: models whose batches are cheaper than a thread hop run on it.
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def attach_loop(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        """The event loop the inference servers answer on (None: none). A model whose planned batch takes less
+        than policy.ON_LOOP_LIMIT_S runs its batches there instead of on an engine thread."""
+        with self._switch:
+            self._loop = loop
+            for served in self.models():
+                served.batcher.attach_loop(loop)
 
     @classmethod
     def open(cls, config: AgentConfig, metrics: AgentMetrics | None = None) -> ModelRepository:
@@ -288,14 +300,23 @@ class ModelRepository:
 
     def submit(self, request: InferRequest) -> tuple[ServedModel, Future[InferResponse]]:
         """Validate and queue; raises at once for a bad or unservable request. Await the future for the result."""
+        served, future = self._submit(request, awaitable=False)
+        assert isinstance(future, Future)
+        return served, future
+
+    def submit_awaitable(self, request: InferRequest) -> tuple[ServedModel, Outcome[InferResponse]]:
+        """`submit` for a caller on the inference servers' loop: the result may be an asyncio future there."""
+        return self._submit(request, awaitable=True)
+
+    def _submit(self, request: InferRequest, awaitable: bool) -> tuple[ServedModel, Outcome[InferResponse]]:
         served = self.model(request.model_name, request.model_version)
         try:
             prepared = served.prepare(request)
-            future = served.batcher.submit(prepared)
+            future = served.batcher.submit_awaitable(prepared) if awaitable else served.batcher.submit(prepared)
         except ShuttingDown:
             served = self._replacement(served, request)
             prepared = served.prepare(request)
-            future = served.batcher.submit(prepared)
+            future = served.batcher.submit_awaitable(prepared) if awaitable else served.batcher.submit(prepared)
         mirror = self._mirror_for(served)
         if mirror is not None:  # once answered, on the engine thread that answered it
             source, kept = served.hard, prepared.keep == keeping.SAMPLE
@@ -369,6 +390,7 @@ class ModelRepository:
             metrics=self.metrics,
             keeper=self.keeper,
             hard=self.hard,
+            loop=self._loop,
         )
 
     def _build(self, name: str, version: int, ctx: LoadContext) -> ServedModel:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import time
 from dataclasses import dataclass
@@ -58,6 +59,8 @@ class LoadContext:
     keeper: keeping.Keeper | None = None
     # Where hard examples go (uncertain answers, shadow disagreements); None: none are kept.
     hard: HardExamples | None = None
+    # The server's event loop, where a model runs whose batches take less than a hop to a thread (batcher.py).
+    loop: asyncio.AbstractEventLoop | None = None
 
 
 class ServedModel:
@@ -112,6 +115,7 @@ class ServedModel:
             instances=ctx.policy.instances,
             max_queue_depth=ctx.policy.max_queue_depth,
             observer=self.stats,
+            loop=ctx.loop,
         )
         ctx.metrics.track(m.name, m.version, self.sample)
 
@@ -174,6 +178,9 @@ class ServedModel:
             cap=cap,
             configured_delay_s=policy.max_queue_delay_ms / 1e3,
             slo_s=policy.latency_slo_ms / 1e3,
+            # A batch's cost is only known where the shapes are: a variable axis could make one far slower
+            # than its profile, and a batch on the loop holds every other conversation of the agent.
+            on_loop_allowed=policy.run_on_loop and self.signature.fixed_inner,
         )
 
     def apply_policy(self, policy: InferencePolicy) -> None:

@@ -15,6 +15,7 @@ enough (the cloud's rollout gates, over the figures this module counts).
 
 from __future__ import annotations
 
+import asyncio
 import math
 import random
 import threading
@@ -252,7 +253,7 @@ class ShadowMirror:
     def offer_future(
         self,
         request: InferRequest,
-        future: Future[InferResponse],
+        future: Future[InferResponse] | asyncio.Future[InferResponse],
         source: HardModel | None = None,
         kept: bool = False,
     ) -> None:

@@ -162,7 +162,13 @@ class Device:
         self.socket = self.socket_dir / f"{self.device_id}.sock"
         data: dict[str, dict[str, Any]] = {
             "agent": {"data_dir": str(self.data_dir), "shutdown_grace_s": 5.0},
-            "server": {"unix_socket": str(self.socket), "tcp_address": "", "metrics_address": ""},
+            "server": {
+                "unix_socket": str(self.socket),
+                "tcp_address": "",
+                "metrics_address": "",
+                "http_unix_socket": "",
+                "http_tcp_address": "",
+            },
             "engine": {"backend": "onnxruntime", "intra_op_threads": 1, "warmup_inferences": 1},
             "inference": {"adaptive": False, "max_batch_size": 8},
             "upload": {"sample_rate": 1.0, "interval_s": 0.05, "batch_max_records": 200, **self.upload},

@@ -201,7 +201,13 @@ class FleetAgent:
         self.socket = socket_dir / f"{name}.sock"
         data: dict[str, dict[str, Any]] = {
             "agent": {"data_dir": str(self.data_dir), "shutdown_grace_s": 5.0},
-            "server": {"unix_socket": str(self.socket), "tcp_address": "", "metrics_address": ""},
+            "server": {
+                "unix_socket": str(self.socket),
+                "tcp_address": "",
+                "metrics_address": "",
+                "http_unix_socket": "",
+                "http_tcp_address": "",
+            },
             "engine": {"backend": "onnxruntime", "intra_op_threads": 1, "warmup_inferences": 1},
             # One request per batch until a policy says otherwise: a policy's batching shows in the statistics.
             "inference": {"adaptive": False, "max_batch_size": 1, "max_queue_depth": 256},

@@ -6,6 +6,7 @@ Open Inference Protocol (KServe v2) gRPC API, written from its public specificat
 Wire-compatible with KServe's grpc_predict_v2.proto and Triton's grpc_service.proto: the same package,
 service, message names and field numbers, so Triton and KServe clients talk to edge-agent unchanged
 (tests/edge_runtime/kserve/test_wire_compat.py checks every message against tritonclient's descriptors).
+Triton's system and CUDA shared-memory extensions are here too, field for field.
 ModelStatistics is Triton's statistics extension, kept field-for-field. Triton's model-repository extension
 (RepositoryIndex, RepositoryModelLoad/Unload) and ModelConfig are here too; ModelConfig is a subset of
 Triton's model_config.proto ModelConfig (the same names and field numbers; the fields edge-agent can fill).
@@ -58,6 +59,17 @@ class GRPCInferenceServiceStub:
     """
     RepositoryModelLoad: _grpc.UnaryUnaryMultiCallable[_grpc_service_pb2.RepositoryModelLoadRequest, _grpc_service_pb2.RepositoryModelLoadResponse]
     RepositoryModelUnload: _grpc.UnaryUnaryMultiCallable[_grpc_service_pb2.RepositoryModelUnloadRequest, _grpc_service_pb2.RepositoryModelUnloadResponse]
+    SystemSharedMemoryStatus: _grpc.UnaryUnaryMultiCallable[_grpc_service_pb2.SystemSharedMemoryStatusRequest, _grpc_service_pb2.SystemSharedMemoryStatusResponse]
+    """Triton's system shared-memory extension: a local app registers a POSIX shm segment, then names it in an
+    input's or output's parameters (shared_memory_region, shared_memory_offset, shared_memory_byte_size)
+    instead of sending the bytes (edge_runtime/kserve/shm.py).
+    """
+    SystemSharedMemoryRegister: _grpc.UnaryUnaryMultiCallable[_grpc_service_pb2.SystemSharedMemoryRegisterRequest, _grpc_service_pb2.SystemSharedMemoryRegisterResponse]
+    SystemSharedMemoryUnregister: _grpc.UnaryUnaryMultiCallable[_grpc_service_pb2.SystemSharedMemoryUnregisterRequest, _grpc_service_pb2.SystemSharedMemoryUnregisterResponse]
+    CudaSharedMemoryStatus: _grpc.UnaryUnaryMultiCallable[_grpc_service_pb2.CudaSharedMemoryStatusRequest, _grpc_service_pb2.CudaSharedMemoryStatusResponse]
+    """Triton's CUDA shared-memory extension: a cudaIpcMemHandle_t of device memory."""
+    CudaSharedMemoryRegister: _grpc.UnaryUnaryMultiCallable[_grpc_service_pb2.CudaSharedMemoryRegisterRequest, _grpc_service_pb2.CudaSharedMemoryRegisterResponse]
+    CudaSharedMemoryUnregister: _grpc.UnaryUnaryMultiCallable[_grpc_service_pb2.CudaSharedMemoryUnregisterRequest, _grpc_service_pb2.CudaSharedMemoryUnregisterResponse]
 
 @_typing.type_check_only
 class GRPCInferenceServiceAsyncStub(GRPCInferenceServiceStub):
@@ -81,6 +93,17 @@ class GRPCInferenceServiceAsyncStub(GRPCInferenceServiceStub):
     """
     RepositoryModelLoad: _aio.UnaryUnaryMultiCallable[_grpc_service_pb2.RepositoryModelLoadRequest, _grpc_service_pb2.RepositoryModelLoadResponse]  # type: ignore[assignment]
     RepositoryModelUnload: _aio.UnaryUnaryMultiCallable[_grpc_service_pb2.RepositoryModelUnloadRequest, _grpc_service_pb2.RepositoryModelUnloadResponse]  # type: ignore[assignment]
+    SystemSharedMemoryStatus: _aio.UnaryUnaryMultiCallable[_grpc_service_pb2.SystemSharedMemoryStatusRequest, _grpc_service_pb2.SystemSharedMemoryStatusResponse]  # type: ignore[assignment]
+    """Triton's system shared-memory extension: a local app registers a POSIX shm segment, then names it in an
+    input's or output's parameters (shared_memory_region, shared_memory_offset, shared_memory_byte_size)
+    instead of sending the bytes (edge_runtime/kserve/shm.py).
+    """
+    SystemSharedMemoryRegister: _aio.UnaryUnaryMultiCallable[_grpc_service_pb2.SystemSharedMemoryRegisterRequest, _grpc_service_pb2.SystemSharedMemoryRegisterResponse]  # type: ignore[assignment]
+    SystemSharedMemoryUnregister: _aio.UnaryUnaryMultiCallable[_grpc_service_pb2.SystemSharedMemoryUnregisterRequest, _grpc_service_pb2.SystemSharedMemoryUnregisterResponse]  # type: ignore[assignment]
+    CudaSharedMemoryStatus: _aio.UnaryUnaryMultiCallable[_grpc_service_pb2.CudaSharedMemoryStatusRequest, _grpc_service_pb2.CudaSharedMemoryStatusResponse]  # type: ignore[assignment]
+    """Triton's CUDA shared-memory extension: a cudaIpcMemHandle_t of device memory."""
+    CudaSharedMemoryRegister: _aio.UnaryUnaryMultiCallable[_grpc_service_pb2.CudaSharedMemoryRegisterRequest, _grpc_service_pb2.CudaSharedMemoryRegisterResponse]  # type: ignore[assignment]
+    CudaSharedMemoryUnregister: _aio.UnaryUnaryMultiCallable[_grpc_service_pb2.CudaSharedMemoryUnregisterRequest, _grpc_service_pb2.CudaSharedMemoryUnregisterResponse]  # type: ignore[assignment]
 
 class GRPCInferenceServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -167,5 +190,52 @@ class GRPCInferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _grpc_service_pb2.RepositoryModelUnloadRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_grpc_service_pb2.RepositoryModelUnloadResponse, _abc.Awaitable[_grpc_service_pb2.RepositoryModelUnloadResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def SystemSharedMemoryStatus(
+        self,
+        request: _grpc_service_pb2.SystemSharedMemoryStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_grpc_service_pb2.SystemSharedMemoryStatusResponse, _abc.Awaitable[_grpc_service_pb2.SystemSharedMemoryStatusResponse]]:
+        """Triton's system shared-memory extension: a local app registers a POSIX shm segment, then names it in an
+        input's or output's parameters (shared_memory_region, shared_memory_offset, shared_memory_byte_size)
+        instead of sending the bytes (edge_runtime/kserve/shm.py).
+        """
+
+    @_abc_1.abstractmethod
+    def SystemSharedMemoryRegister(
+        self,
+        request: _grpc_service_pb2.SystemSharedMemoryRegisterRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_grpc_service_pb2.SystemSharedMemoryRegisterResponse, _abc.Awaitable[_grpc_service_pb2.SystemSharedMemoryRegisterResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def SystemSharedMemoryUnregister(
+        self,
+        request: _grpc_service_pb2.SystemSharedMemoryUnregisterRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_grpc_service_pb2.SystemSharedMemoryUnregisterResponse, _abc.Awaitable[_grpc_service_pb2.SystemSharedMemoryUnregisterResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def CudaSharedMemoryStatus(
+        self,
+        request: _grpc_service_pb2.CudaSharedMemoryStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_grpc_service_pb2.CudaSharedMemoryStatusResponse, _abc.Awaitable[_grpc_service_pb2.CudaSharedMemoryStatusResponse]]:
+        """Triton's CUDA shared-memory extension: a cudaIpcMemHandle_t of device memory."""
+
+    @_abc_1.abstractmethod
+    def CudaSharedMemoryRegister(
+        self,
+        request: _grpc_service_pb2.CudaSharedMemoryRegisterRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_grpc_service_pb2.CudaSharedMemoryRegisterResponse, _abc.Awaitable[_grpc_service_pb2.CudaSharedMemoryRegisterResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def CudaSharedMemoryUnregister(
+        self,
+        request: _grpc_service_pb2.CudaSharedMemoryUnregisterRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_grpc_service_pb2.CudaSharedMemoryUnregisterResponse, _abc.Awaitable[_grpc_service_pb2.CudaSharedMemoryUnregisterResponse]]: ...
 
 def add_GRPCInferenceServiceServicer_to_server(servicer: GRPCInferenceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -128,7 +128,9 @@ def _health(target: str) -> int:
 def test_watchdog_pings_while_healthy_and_stops_while_an_engine_is_stuck(
     make_config: Callable[..., AgentConfig], model_packages: dict[str, Path], short_dir: Path
 ) -> None:
-    config = make_config()
+    # digits would run on the event loop (its batches take microseconds), where a stuck engine stops the loop
+    # itself, pings and all: this is about an engine thread that hangs while the loop goes on.
+    config = make_config(inference={"run_on_loop": False})
     store = ModelStore(config.data_dir / "models")
     store.install(model_packages["digits:1"])
     store.set_active("digits", 1)

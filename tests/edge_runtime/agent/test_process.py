@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import stat
 import time
 import urllib.request
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from multiprocessing import shared_memory
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +21,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from edge_runtime.inference.types import InferRequest
 from edge_runtime.kserve import KServeClient
 from edge_runtime.models.repository import ModelRepository
+from edgefleet.proto.inference import grpc_service_pb2 as pb
+from edgefleet.proto.inference import grpc_service_pb2_grpc as pb_grpc
 from models.build import digits_holdout
 from tests.edge_runtime.agent.conftest import run_cli_all
+from tests.edge_runtime.kserve.test_http import UnixHTTPConnection
 from tests.processes import AgentProcess, install, toml_text
 from tests.waiting import wait_for
 
@@ -100,6 +106,49 @@ def test_serves_inference_and_metrics(
     assert agent.not_json == []  # every line on stdout is one JSON object
     for event in agent.events:
         assert {"event", "level", "timestamp"} <= set(event)
+
+
+def test_http_beside_grpc_serves_the_regions_registered_over_grpc(
+    agent_config: dict[str, Any],
+    write_config: WriteConfig,
+    agent_processes: StartAgent,
+    model_packages: dict[str, Path],
+) -> None:
+    http_socket = Path(agent_config["server"]["unix_socket"]).with_name("http.sock")
+    agent_config["server"]["http_unix_socket"] = str(http_socket)
+    install(agent_config, model_packages["digits:1"])
+    agent = agent_processes(write_config(agent_config))
+    ready = agent.wait_ready()
+    assert ready["http"] == [f"http+unix://{http_socket}"]
+    assert stat.S_IMODE(http_socket.stat().st_mode) == 0o660
+    pixels = np.ascontiguousarray(digits_holdout()[0][:3])
+    segment = shared_memory.SharedMemory(f"edgefleet-agent-{uuid.uuid4().hex[:12]}", create=True, size=pixels.nbytes)
+    conn = UnixHTTPConnection(str(http_socket))
+    try:
+        segment.buf[: pixels.nbytes] = pixels.tobytes()
+        with grpc.insecure_channel(ready["listen"][0]) as channel:
+            pb_grpc.GRPCInferenceServiceStub(channel).SystemSharedMemoryRegister(
+                pb.SystemSharedMemoryRegisterRequest(name="frames", key=f"/{segment.name}", byte_size=pixels.nbytes)
+            )
+        # The HTTP server shares the gRPC server's registry: the region is there, and serves an HTTP request.
+        conn.request("GET", "/v2/systemsharedmemory/status")
+        assert [r["name"] for r in json.loads(conn.getresponse().read())] == ["frames"]
+        region = {"shared_memory_region": "frames", "shared_memory_byte_size": pixels.nbytes}
+        tensor = {"name": "pixels", "datatype": "FP32", "shape": [3, 64], "parameters": region}
+        conn.request("POST", "/v2/models/digits/infer", json.dumps({"inputs": [tensor]}).encode())
+        response = conn.getresponse()
+        assert response.status == 200
+        (out,) = json.loads(response.read())["outputs"]
+        with KServeClient(ready["listen"][0], timeout_s=10) as client:
+            want = client.infer("digits", {"pixels": pixels}).outputs["probabilities"]
+        np.testing.assert_array_equal(np.array(out["data"], np.float32).reshape(3, 10), want)
+    finally:
+        conn.close()
+        segment.close()
+        segment.unlink()
+    agent.signal(signal.SIGTERM)
+    assert agent.finish(15) == 0
+    assert not http_socket.exists()
 
 
 def test_sigterm_drains_every_accepted_request(
@@ -222,7 +271,14 @@ def test_second_agent_refuses_what_the_first_holds(
     def other(name: str, **server: str) -> dict[str, Any]:
         return {
             "agent": {"data_dir": str(tmp_path / name)},
-            "server": {"unix_socket": socket_path, "tcp_address": "", "metrics_address": "", **server},
+            "server": {
+                "unix_socket": socket_path,
+                "tcp_address": "",
+                "metrics_address": "",
+                "http_unix_socket": "",
+                "http_tcp_address": "",
+                **server,
+            },
             "engine": agent_config["engine"],
         }
 

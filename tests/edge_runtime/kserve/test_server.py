@@ -20,7 +20,7 @@ from edge_runtime.errors import ConfigError
 from edge_runtime.inference.types import InferRequest
 from edge_runtime.kserve import InferenceServer, KServeClient
 from edge_runtime.kserve.client import build_request, decode_response
-from edge_runtime.kserve.server import _on_file_thread
+from edge_runtime.kserve.server import on_file_thread
 from edge_runtime.models.repository import ModelRepository
 from tests.edge_runtime.kserve.conftest import Serve
 from tests.loopcheck import LoopThread
@@ -145,7 +145,7 @@ def test_a_file_step_whose_caller_was_cancelled_is_taken_back_when_its_thread_fi
         release.wait(10)
         return 42
 
-    step = asyncio.run_coroutine_threadsafe(_on_file_thread(slow_claim, undo=undone.append), loop.loop)
+    step = asyncio.run_coroutine_threadsafe(on_file_thread(slow_claim, undo=undone.append), loop.loop)
     assert entered.wait(10)
     step.cancel()
     with pytest.raises(concurrent.futures.CancelledError):

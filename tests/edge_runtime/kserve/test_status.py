@@ -55,6 +55,9 @@ class FailingRepository:
     def ready(self) -> bool:
         return True
 
+    def attach_loop(self, loop: object) -> None:
+        """The server hands its loop to the repository; this double runs nothing on it."""
+
     def models(self) -> list[Any]:
         return []
 
@@ -62,6 +65,9 @@ class FailingRepository:
         raise self.error
 
     def submit(self, request: Any) -> Any:
+        raise self.error
+
+    def submit_awaitable(self, request: Any) -> Any:
         raise self.error
 
 

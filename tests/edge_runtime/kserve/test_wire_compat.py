@@ -128,7 +128,21 @@ def test_our_messages_and_rpcs_are_a_wire_identical_subset_of_tritons() -> None:
         "RepositoryIndex",
         "RepositoryModelLoad",
         "RepositoryModelUnload",
+        "SystemSharedMemoryStatus",
+        "SystemSharedMemoryRegister",
+        "SystemSharedMemoryUnregister",
+        "CudaSharedMemoryStatus",
+        "CudaSharedMemoryRegister",
+        "CudaSharedMemoryUnregister",
     } <= {m.name for m in our_service.method}
+    # The shared-memory messages, nested RegionStatus and map entries included, were compared above.
+    assert {
+        ".inference.SystemSharedMemoryStatusResponse.RegionStatus",
+        ".inference.SystemSharedMemoryStatusResponse.RegionsEntry",
+        ".inference.SystemSharedMemoryRegisterRequest",
+        ".inference.CudaSharedMemoryStatusResponse.RegionStatus",
+        ".inference.CudaSharedMemoryRegisterRequest",
+    } <= set(our_messages)
 
 
 def test_the_comparison_notices_a_changed_field() -> None:
