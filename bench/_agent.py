@@ -49,11 +49,20 @@ def scratch_dir() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def write_config(directory: Path, *, threads: int, inference: Mapping[str, Any] | None = None) -> Path:
-    """An agent config under `directory`: its own data dir and Unix socket, no TCP, metrics on a free port."""
+def write_config(
+    directory: Path, *, threads: int, inference: Mapping[str, Any] | None = None, http: bool = False
+) -> Path:
+    """An agent config under `directory`: its own data dir and Unix sockets (gRPC; HTTP/REST too with `http`),
+    no TCP, metrics on a free port."""
     sections: dict[str, Mapping[str, Any]] = {
         "agent": {"data_dir": str(directory / "data"), "shutdown_grace_s": 5.0},
-        "server": {"unix_socket": str(directory / "infer.sock"), "tcp_address": "", "metrics_address": "127.0.0.1:0"},
+        "server": {
+            "unix_socket": str(directory / "infer.sock"),
+            "tcp_address": "",
+            "http_unix_socket": str(directory / "http.sock") if http else "",
+            "http_tcp_address": "",
+            "metrics_address": "127.0.0.1:0",
+        },
         "engine": {"backend": "onnxruntime", "intra_op_threads": threads},
         "inference": dict(inference or {}),
     }
@@ -85,8 +94,11 @@ class AgentProcess:
     _changed: threading.Condition = field(default_factory=threading.Condition)
 
     @classmethod
-    def spawn(cls, config: Path, env: Mapping[str, str] | None = None) -> AgentProcess:
-        """Start the agent; `env` adds environment variables (e.g. glibc malloc tunables)."""
+    def spawn(
+        cls, config: Path, env: Mapping[str, str] | None = None, cpus: frozenset[int] | None = None
+    ) -> AgentProcess:
+        """Start the agent; `env` adds environment variables (e.g. glibc malloc tunables); `cpus` pins the
+        process (every thread it ever starts) to those CPUs."""
         socket = config.parent / "infer.sock"
         environ = {**os.environ, **(env or {})}
         spawned = time.monotonic()
@@ -96,6 +108,7 @@ class AgentProcess:
             stderr=subprocess.STDOUT,
             text=True,
             env=environ,
+            preexec_fn=None if cpus is None else lambda: os.sched_setaffinity(0, cpus),
         )
         agent = cls(config, socket, process, spawned)
         threading.Thread(target=agent._read_logs, name="agent-log-reader", daemon=True).start()
