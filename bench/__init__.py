@@ -8,10 +8,11 @@ __all__ = ["BENCHMARKS", "MODULES"]
 # name -> module under bench/ with run(options) -> Report (bench/results/<name>.json)
 BENCHMARKS = (
     "inproc",
-    "kserve_grpc",
+    "serving",
     "agent_footprint",
     "outbox_append",
     "uplink_e2e",
+    "backlog_drain",
     "telemetry_ingest",
     "control_fanout",
     "download_resume",

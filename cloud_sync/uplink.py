@@ -31,6 +31,10 @@ log = structlog.get_logger(__name__)
 
 # A token -> device lookup is a database read; cache it briefly (revocation takes effect within this).
 AUTH_CACHE_S = 10.0
+# Batches of a stream received while the ones before are stored; those waiting are then stored together, in
+# one transaction (one fsync: 0.2 ms on the dev VM, several on an SD card or a network disk). A stream holds at
+# most 2 * READ_AHEAD + 2 parsed batches (being stored, waiting, and one the reader holds).
+READ_AHEAD = 2
 
 
 def bearer_token(metadata: Any) -> str:
@@ -106,22 +110,28 @@ class UplinkServicer:
         self._executor = executor
         self._metrics = UplinkMetrics(registry or CollectorRegistry())
 
-    def _ingest(self, device_id: str, batch: results_pb2.ResultBatch) -> IngestOutcome:
+    def _ingest(
+        self, device_id: str, batches: list[results_pb2.ResultBatch]
+    ) -> tuple[list[IngestOutcome], Exception | None]:
         started = time.monotonic()
-        outcome = self._results.ingest(device_id, batch)
+        outcomes, refused = self._results.ingest_many(device_id, batches)
         m = self._metrics
-        m.ingest_seconds.observe(time.monotonic() - started)
-        m.batches.inc()
-        m.records.labels("stored").inc(outcome.stored)
-        m.records.labels("duplicate").inc(outcome.duplicates)
-        m.records.labels("evicted").inc(outcome.evicted)
-        m.records.labels("rejected").inc(outcome.rejected)
-        if outcome.quarantined:  # rare: one line per batch, naming the first
-            seq, reason = outcome.quarantined[0]
-            log.warning(
-                "uplink.quarantined", device=device_id, records=len(outcome.quarantined), seq=seq, reason=reason
-            )
-        return outcome
+        if outcomes:
+            share = (time.monotonic() - started) / len(outcomes)  # batches stored together share the time
+            for _ in outcomes:
+                m.ingest_seconds.observe(share)
+        m.batches.inc(len(outcomes))
+        for outcome in outcomes:
+            m.records.labels("stored").inc(outcome.stored)
+            m.records.labels("duplicate").inc(outcome.duplicates)
+            m.records.labels("evicted").inc(outcome.evicted)
+            m.records.labels("rejected").inc(outcome.rejected)
+            if outcome.quarantined:  # rare: one line per batch, naming the first
+                seq, reason = outcome.quarantined[0]
+                log.warning(
+                    "uplink.quarantined", device=device_id, records=len(outcome.quarantined), seq=seq, reason=reason
+                )
+        return outcomes, refused
 
     async def Upload(
         self, batches: AsyncIterator[results_pb2.ResultBatch], context: grpc.aio.ServicerContext
@@ -130,18 +140,24 @@ class UplinkServicer:
         ack = results_pb2.UploadAck()
         rejected_seqs: set[int] = set()
         device_id = "?"
+        received: asyncio.Queue[results_pb2.ResultBatch | BaseException | None] = asyncio.Queue(READ_AHEAD)
+        reader: asyncio.Future[None] | None = None
         try:
             token = bearer_token(context.invocation_metadata())
             device_id = await loop.run_in_executor(self._executor, self._auth.device_for, token)
             self._metrics.streams.inc()
-            async for batch in batches:
-                outcome = await loop.run_in_executor(self._executor, self._ingest, device_id, batch)
-                ack.acked_seq = outcome.acked_seq
-                ack.stored += outcome.stored
-                ack.duplicates += outcome.duplicates
-                ack.evicted += outcome.evicted
-                ack.rejected += outcome.rejected
-                rejected_seqs.update(outcome.rejected_seqs)
+            reader = asyncio.ensure_future(_read_into(batches, received))
+            while group := await _take(received):
+                outcomes, refused = await loop.run_in_executor(self._executor, self._ingest, device_id, group)
+                for outcome in outcomes:
+                    ack.acked_seq = outcome.acked_seq
+                    ack.stored += outcome.stored
+                    ack.duplicates += outcome.duplicates
+                    ack.evicted += outcome.evicted
+                    ack.rejected += outcome.rejected
+                    rejected_seqs.update(outcome.rejected_seqs)
+                if refused is not None:
+                    raise refused
         except CloudSyncError as exc:
             log.warning(
                 "uplink.refused",
@@ -158,6 +174,9 @@ class UplinkServicer:
             # Else grpc answers UNKNOWN with the exception's text and logs the traceback with its locals.
             log.error("uplink.internal_error", device=device_id, **unexpected_error_fields(exc))
             await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
+        finally:
+            if reader is not None:
+                reader.cancel()
         # Up to the final ack only: a seq past it is not the device's to count yet (a batch past a gap).
         ack.rejected_seqs.extend(sorted(seq for seq in rejected_seqs if seq <= ack.acked_seq))
         if ack.stored or ack.duplicates or ack.evicted or ack.rejected:
@@ -171,3 +190,40 @@ class UplinkServicer:
                 rejected=ack.rejected,
             )
         return ack
+
+
+async def _read_into(
+    batches: AsyncIterator[results_pb2.ResultBatch],
+    received: asyncio.Queue[results_pb2.ResultBatch | BaseException | None],
+) -> None:
+    """Receive the stream's batches into `received`, then None; an error (a malformed message's abort) goes
+    in as well, for the storing loop to raise in its place."""
+    try:
+        async for batch in batches:
+            await received.put(batch)
+    except Exception as exc:
+        await received.put(exc)
+        return
+    await received.put(None)
+
+
+async def _take(
+    received: asyncio.Queue[results_pb2.ResultBatch | BaseException | None],
+) -> list[results_pb2.ResultBatch]:
+    """The next batch and every batch already waiting behind it ([] at the end of the stream)."""
+    group: list[results_pb2.ResultBatch] = []
+    item = await received.get()
+    while True:
+        if isinstance(item, BaseException):
+            if group:  # store those before it first; the error comes with the next take
+                received.put_nowait(item)  # it was the last item, and its slot is free
+                return group
+            raise item
+        if item is None:
+            if group:
+                received.put_nowait(None)
+            return group
+        group.append(item)
+        if received.empty():
+            return group
+        item = received.get_nowait()

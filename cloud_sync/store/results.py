@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any, cast
 
 import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
 
-from cloud_sync.errors import DeviceRevoked, InvalidArgument, NotFound
+from cloud_sync.errors import CloudSyncError, DeviceRevoked, InvalidArgument, NotFound
 from cloud_sync.store.batches import ROW_COLUMNS, IngestLimits, QuarantinedRecord, ValidBatch, validate_batch
 from cloud_sync.store.database import Database, now_ms
 from cloud_sync.store.ledger import DeviceLedger, Placement, check_ledger, place, plan_ingest
@@ -24,6 +26,8 @@ __all__ = ["MAX_PAGE", "IngestOutcome", "QuarantineEntry", "Reconciliation", "Re
 
 # The most rows one `results()` call returns.
 MAX_PAGE = 10_000
+# Rows per multi-row INSERT on SQLite (12 parameters each: 768, far under SQLite's 32766).
+SQLITE_ROWS_PER_INSERT = 64
 
 
 @dataclass(frozen=True)
@@ -131,6 +135,40 @@ class ResultStore:
         received_at_ms = now_ms()
         valid = validate_batch(device_id, batch, self.limits, received_at_ms)
         return self._db.write(lambda conn: self._apply(conn, device_id, valid, received_at_ms))
+
+    def ingest_many(
+        self, device_id: str, batches: Sequence[results_pb2.ResultBatch]
+    ) -> tuple[list[IngestOutcome], Exception | None]:
+        """`ingest` of consecutive batches of one stream in order, in one transaction (one commit, one fsync).
+
+        Each batch is applied in its own savepoint, as if ingested alone: the outcomes of the batches stored
+        before the first that failed, and that failure (None when all were stored); batches after a failed
+        one are not applied, as a stream stops at its first refusal. StoreUnavailable is raised (nothing was
+        committed then; retrying is safe).
+        """
+        received_at_ms = now_ms()
+        valid: list[ValidBatch] = []
+        refused: Exception | None = None
+        for batch in batches:
+            try:
+                valid.append(validate_batch(device_id, batch, self.limits, received_at_ms))
+            except CloudSyncError as exc:
+                refused = exc
+                break
+        if not valid:
+            return [], refused
+
+        def apply(conn: sa.Connection) -> tuple[list[IngestOutcome], Exception | None]:
+            outcomes: list[IngestOutcome] = []
+            for one in valid:
+                try:
+                    with conn.begin_nested():
+                        outcomes.append(self._apply(conn, device_id, one, received_at_ms))
+                except CloudSyncError as exc:  # a refusal: its savepoint undid it
+                    return outcomes, exc
+            return outcomes, refused
+
+        return self._db.write(apply)
 
     def _apply(self, conn: sa.Connection, device_id: str, batch: ValidBatch, received_at_ms: int) -> IngestOutcome:
         uplink = conn.execute(_LOCK_UPLINK, {"device_id": device_id}).one_or_none()
@@ -394,11 +432,77 @@ Inserter = Callable[[sa.Connection, Sequence[tuple[object, ...]]], int]
 
 
 def _executemany_inserter(backend: str) -> Inserter:
-    """The dialect's INSERT ... ON CONFLICT (device_id, seq) DO NOTHING, run as one executemany of plain tuples
-    straight to the driver: sqlite3 and psycopg (pipeline mode) both sum rowcount over the rows, and a row
-    that conflicted counts 0. Measured on PostgreSQL it beat a single INSERT ... SELECT FROM unnest(arrays).
+    """The dialect's INSERT ... ON CONFLICT (device_id, seq) DO NOTHING of plain tuples, straight to the driver:
+    sqlite3 and psycopg (pipeline mode) both sum rowcount over the rows, and a row that conflicted counts 0.
+
+    On SQLite the rows go as multi-row INSERTs of SQLITE_ROWS_PER_INSERT (one executemany of those, then one
+    INSERT of the rest): sqlite3 binds, steps and re-takes the GIL per statement, and per row that cost
+    ~1 us a record more (3.8 -> 2.7 us of CPU a record for 1000-row batches, measured). On PostgreSQL: COPY.
     """
-    # Positional parameters (qmark for sqlite3, format for psycopg), so rows stay plain tuples.
+    if backend != "sqlite":
+        return _copy_inserter()
+
+    per = SQLITE_ROWS_PER_INSERT
+    width = len(ROW_COLUMNS) * per
+    statements = {per: _insert_sql(backend, per)}
+
+    def insert_sqlite(conn: sa.Connection, rows: Sequence[tuple[object, ...]]) -> int:
+        values = list(chain.from_iterable(rows))
+        full = len(rows) // per
+        count = 0
+        if full:
+            chunks = [tuple(values[i : i + width]) for i in range(0, full * width, width)]
+            count += conn.exec_driver_sql(statements[per], chunks, _COUNT_ROWS).rowcount
+        rest = len(rows) - full * per
+        if rest:
+            statement = statements.get(rest) or statements.setdefault(rest, _insert_sql(backend, rest))
+            count += conn.exec_driver_sql(statement, tuple(values[full * width :]), _COUNT_ROWS).rowcount
+        return _checked_count(count, rows)
+
+    return insert_sqlite
+
+
+# PostgreSQL: the batch is COPYed (binary) into a temporary table, then moved with INSERT ... ON CONFLICT DO
+# NOTHING in one statement. Measured against executemany in pipeline mode, 1000-row batches: cloud-sync's CPU
+# 11-12 -> 1.5 us a record, and the server's rate no lower.
+_STAGE = "results_stage"
+_STAGE_TYPES = ("text", "int8", "int8", "text", "int8", "int8", "int2", "text", "bytea", "text", "int8", "int8")
+_COLUMNS = ", ".join(ROW_COLUMNS)
+_CREATE_STAGE = (
+    f"CREATE TEMPORARY TABLE IF NOT EXISTS {_STAGE} ON COMMIT DELETE ROWS "
+    f"AS SELECT {_COLUMNS} FROM results WITH NO DATA"
+)
+_COPY_STAGE = f"COPY {_STAGE} ({_COLUMNS}) FROM STDIN (FORMAT BINARY)"
+# Emptying the stage as it moves, so a second batch in the same transaction moves only its own rows; in seq
+# order, so result ids follow seqs as executemany's did.
+_MOVE_STAGE = (
+    f"WITH staged AS (DELETE FROM {_STAGE} RETURNING {_COLUMNS}) INSERT INTO results ({_COLUMNS}) "
+    f"SELECT {_COLUMNS} FROM staged ORDER BY seq ON CONFLICT (device_id, seq) DO NOTHING"
+)
+
+
+def _copy_inserter() -> Inserter:
+    import psycopg  # the PostgreSQL driver: imported only where the store is PostgreSQL
+
+    def insert(conn: sa.Connection, rows: Sequence[tuple[object, ...]]) -> int:
+        # IF NOT EXISTS every time: a savepoint rolled back since may have taken the table with it.
+        conn.exec_driver_sql(_CREATE_STAGE)
+        raw = cast("psycopg.Connection[Any]", conn.connection.driver_connection)
+        try:
+            with raw.cursor() as cursor, cursor.copy(_COPY_STAGE) as copy:
+                copy.set_types(list(_STAGE_TYPES))
+                for row in rows:
+                    copy.write_row(row)
+        except psycopg.Error as exc:  # as SQLAlchemy wraps the driver's errors, for Database to translate
+            raise sa_exc.DBAPIError.instance(_COPY_STAGE, None, exc, psycopg.Error) from exc
+        return _checked_count(conn.exec_driver_sql(_MOVE_STAGE, execution_options=_COUNT_ROWS).rowcount, rows)
+
+    return insert
+
+
+def _insert_sql(backend: str, rows: int) -> str:
+    """INSERT INTO results (ROW_COLUMNS) VALUES (...) x rows ON CONFLICT (device_id, seq) DO NOTHING, with
+    positional parameters (qmark for sqlite3, format for psycopg) so rows stay plain tuples."""
     dialect_class = cast("Callable[..., sa.Dialect]", sa.make_url(f"{backend}://").get_dialect())
     dialect = dialect_class(paramstyle="qmark" if backend == "sqlite" else "format")
     upsert = sqlite.insert(results) if backend == "sqlite" else postgresql.insert(results)
@@ -408,8 +512,10 @@ def _executemany_inserter(backend: str) -> Inserter:
     if tuple(compiled.positiontup or ()) != ROW_COLUMNS:
         raise AssertionError(f"insert parameters out of order: {compiled.positiontup}")
     sql = str(compiled)
-
-    def insert(conn: sa.Connection, rows: Sequence[tuple[object, ...]]) -> int:
-        return _checked_count(conn.exec_driver_sql(sql, list(rows), _COUNT_ROWS).rowcount, rows)
-
-    return insert
+    if rows == 1:
+        return sql
+    head, values, tail = sql.partition(" VALUES ")
+    one, _, conflict = tail.partition(") ")
+    if one.count("(") != 1 or not conflict.startswith("ON CONFLICT"):
+        raise AssertionError(f"cannot repeat the VALUES of {sql!r}")
+    return f"{head}{values}{', '.join([one + ')'] * rows)} {conflict}"

@@ -13,10 +13,11 @@ from bench.__main__ import main
 # The targets each benchmark reports (a benchmark that stops reporting one fails here).
 TARGETS = {
     "inproc": 2,
-    "kserve_grpc": 2,
+    "serving": 4,
     "agent_footprint": 2,
     "outbox_append": 1,
     "uplink_e2e": 1,
+    "backlog_drain": 1,
     "telemetry_ingest": 2,
     "control_fanout": 1,
     "download_resume": 1,

@@ -12,6 +12,7 @@ import asyncio
 import concurrent.futures
 import os
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -170,9 +171,33 @@ def test_an_invalid_batch_after_a_good_one_keeps_the_good_one_only(cloud_sync: R
     device_id, token = cloud_sync.new_device("invalid")
     error = refused(lambda: cloud_sync.upload(token, [batch(0, 2), batch(2, 4, [4, 3])]))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    # The first batch was committed before the second was read; the device, unacked, sends it again.
+    # The first batch was committed (alone, or with the second in a savepoint of its own); the device, unacked,
+    # sends it again.
     assert [r["seq"] for r in cloud_sync.results(device_id)] == [1, 2]
     assert cloud_sync.device(device_id)["uplink"]["acked_seq"] == 2
+
+
+def test_a_long_stream_is_stored_whole_and_acked_to_its_end(cloud_sync: RunningCloudSync) -> None:
+    """Batches received while others are stored are stored together: each once, in order."""
+    device_id, token = cloud_sync.new_device("long")
+    batches = [batch(i * 5, i * 5 + 5) for i in range(40)]
+    for b in batches:
+        b.produced_total = 200
+    ack = cloud_sync.upload(token, batches, timeout=30)
+    assert (ack.acked_seq, ack.stored, ack.duplicates) == (200, 200, 0)
+    assert [r["seq"] for r in cloud_sync.results(device_id)] == list(range(1, 201))
+
+
+def test_bytes_that_are_not_a_result_batch_after_good_ones_keep_the_good_ones(cloud_sync: RunningCloudSync) -> None:
+    device_id, token = cloud_sync.new_device("garbage-late")
+    raw = cloud_sync.channel.stream_unary(UPLOAD_METHOD)
+    good = [batch(0, 2).SerializeToString(), batch(2, 4).SerializeToString()]
+    metadata = [("authorization", f"Bearer {token}")]
+    error = refused(lambda: raw(iter([*good, b"\xff\xff\xff\xff"]), metadata=metadata, timeout=10))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid edgefleet.v1.ResultBatch" in error.details()
+    wait_for(lambda: cloud_sync.device(device_id)["uplink"]["acked_seq"] == 4, 10, "the good batches stored")
+    assert [r["seq"] for r in cloud_sync.results(device_id)] == [1, 2, 3, 4]
 
 
 def test_bytes_that_are_not_a_result_batch_are_invalid_argument(cloud_sync: RunningCloudSync) -> None:
@@ -212,6 +237,11 @@ class _FailingResultStore(ResultStore):
     """A real store whose ingest then fails as a bug would: no request makes the real one fail on cue."""
 
     def ingest(self, device_id: str, batch: results_pb2.ResultBatch) -> IngestOutcome:
+        raise RuntimeError("a bug in ingest")
+
+    def ingest_many(
+        self, device_id: str, batches: Sequence[results_pb2.ResultBatch]
+    ) -> tuple[list[IngestOutcome], Exception | None]:
         raise RuntimeError("a bug in ingest")
 
 
@@ -376,6 +406,22 @@ def assert_ledgers_balance(cloud_sync: RunningCloudSync, device_id: str, outbox:
 
 def _record(i: int, created_at_ms: int, payload: bytes) -> OutboxRecord:
     return OutboxRecord(created_at_ms, "digits", 1, 100, 1, "inference.ModelInferResponse", payload, f"r{i}")
+
+
+def test_a_drain_of_many_streams_sends_each_record_once(cloud_sync: RunningCloudSync, tmp_path: Path) -> None:
+    """The uploader reads and marks the next range while the cloud stores the current one: 50 batches go out in
+    four streams, each record once, and both ledgers balance."""
+    device_id, token = cloud_sync.new_device("streams")
+    now = int(time.time() * 1000)
+    with Outbox.open(tmp_path / "outbox.db", max_bytes=1 << 30, max_age_s=0) as outbox:
+        futures = [outbox.append(_record(i, now + i, b"result %d" % i)) for i in range(5000)]
+        for future in futures:
+            future.result(30)
+        drain(cloud_sync, outbox, token)
+        up = assert_ledgers_balance(cloud_sync, device_id, outbox)
+        assert outbox.counters().in_doubt_seq == 5000
+    assert (up["stored"], up["duplicates_total"]) == (5000, 0)
+    assert [r["seq"] for r in cloud_sync.results(device_id)] == list(range(1, 5001))
 
 
 def test_one_record_stamped_8_days_ahead_among_thousands_stops_nothing(

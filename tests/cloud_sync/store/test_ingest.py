@@ -531,3 +531,80 @@ def test_the_quarantine_of_an_unknown_device_is_not_found(store: ResultStore, de
     assert store.quarantine(device) == []  # registered, nothing quarantined
     with pytest.raises(NotFound, match="'nobody'"):
         store.quarantine("nobody")
+
+
+# --- several batches of a stream in one transaction (the Uplink's read-ahead) ---------------------------------
+
+
+def _stream() -> list[results_pb2.ResultBatch]:
+    """Three consecutive batches, the second leaving seq 7 out (evicted on the device)."""
+    return [
+        make_batch(0, 5, produced_total=12, evicted_total=1),
+        make_batch(5, 9, [6, 8, 9], produced_total=12, evicted_total=1),
+        make_batch(9, 12, produced_total=12, evicted_total=1),
+    ]
+
+
+def test_batches_stored_together_end_as_if_stored_one_by_one(store: ResultStore, registry: DeviceRegistry) -> None:
+    registry.add_device("alone")
+    registry.add_device("together")
+    one_by_one = [store.ingest("alone", b) for b in _stream()]
+
+    outcomes, refused = store.ingest_many("together", _stream())
+
+    assert refused is None
+    assert outcomes == one_by_one
+    assert [o.acked_seq for o in outcomes] == [5, 9, 12]
+    assert _state(store, "together") == _state(store, "alone")
+    assert store.seqs("together") == [1, 2, 3, 4, 5, 6, 8, 9, 10, 11, 12]
+    assert store.eviction_ranges("together") == [(7, 7)]
+
+
+def test_a_refused_batch_among_those_stored_together_keeps_the_ones_before_and_applies_none_after(
+    store: ResultStore, device: str
+) -> None:
+    first, second, third = _stream()
+    second.records[0].seq = 4  # out of order: the whole batch is refused, as alone
+
+    outcomes, refused = store.ingest_many(device, [first, second, third])
+
+    assert isinstance(refused, InvalidBatch)
+    assert "seqs must increase" in str(refused)
+    assert [o.acked_seq for o in outcomes] == [5]
+    assert store.seqs(device) == [1, 2, 3, 4, 5]
+    assert store.reconcile(device).acked_seq == 5
+
+
+def test_a_batch_refused_by_the_ledger_among_those_stored_together_changes_nothing_of_its_own(
+    store: ResultStore, device: str
+) -> None:
+    first, second, third = _stream()
+    # Valid alone, refused against the cloud's counters (in its savepoint): the cloud counted seq 7 evicted.
+    third.evicted_total = 0
+
+    outcomes, refused = store.ingest_many(device, [first, second, third])
+
+    assert isinstance(refused, InvalidBatch)
+    assert "evicted_total 0" in str(refused)
+    assert [o.acked_seq for o in outcomes] == [5, 9]
+    assert store.seqs(device) == [1, 2, 3, 4, 5, 6, 8, 9]
+    reconciliation = store.reconcile(device)
+    assert (reconciliation.acked_seq, reconciliation.stored, reconciliation.evicted) == (9, 8, 1)
+
+
+def test_an_unknown_device_stores_nothing_together(store: ResultStore) -> None:
+    outcomes, refused = store.ingest_many("nobody", _stream())
+
+    assert outcomes == []
+    assert isinstance(refused, NotFound)
+
+
+@pytest.mark.parametrize("records", [1, 63, 64, 65, 200, 1000])
+def test_batches_of_every_size_are_stored_whole(store: ResultStore, device: str, records: int) -> None:
+    """SQLite inserts rows 64 at a time and then the rest: each size stores and counts every row once."""
+    outcome = store.ingest(device, make_batch(0, records))
+    again = store.ingest(device, make_batch(0, records + 1))
+
+    assert (outcome.stored, outcome.duplicates) == (records, 0)
+    assert (again.stored, again.duplicates) == (1, records)
+    assert store.seqs(device) == list(range(1, records + 2))
