@@ -77,8 +77,10 @@ class _Item(Generic[R, T]):
     enqueued: float
 
 
-# A batch on the loop that takes this long sends its model to the engine threads (_leave_loop).
+# SLOW_BATCHES_TO_LEAVE batches in a row on the loop that take this long (wall time) send the model to the engine
+# threads (_leave_loop). Several: a loop thread descheduled once on a busy box is not a slow engine.
 ON_LOOP_GIVE_UP_S = 10 * ON_LOOP_LIMIT_S
+SLOW_BATCHES_TO_LEAVE = 3
 
 # Heap entries: (priority, arrival order, item); the two ints decide, so heapq compares in C.
 _Entry = tuple[int, int, _Item[R, T]]
@@ -123,6 +125,7 @@ class DynamicBatcher(Generic[R, T]):
         self._loop = loop
         self._loop_thread = -1
         self._drain_scheduled = False
+        self._slow_batches = 0  # on-loop batches in a row that took longer than ON_LOOP_GIVE_UP_S
         self._start_workers()
 
     # -- public API -------------------------------------------------------------------------------------
@@ -142,7 +145,13 @@ class DynamicBatcher(Generic[R, T]):
     def attach_loop(self, loop: asyncio.AbstractEventLoop | None) -> None:
         """The event loop that runs batches when the plan is on_loop (None: engine threads run them all)."""
         with self._cond:
-            self._loop, self._loop_thread = loop, -1
+            on_its_thread = loop is not None and _running_loop() is loop
+            self._loop, self._loop_thread = loop, threading.get_ident() if on_its_thread else -1
+            # A drain scheduled on a loop that stopped before running it never comes: schedule afresh (a stale
+            # one left on the old loop re-checks on_loop and does nothing).
+            self._drain_scheduled = False
+            if self.on_loop and self._heap and not self._closing:
+                self._schedule_drain()
             self._cond.notify_all()
 
     @property
@@ -281,6 +290,9 @@ class DynamicBatcher(Generic[R, T]):
             finally:
                 with self._cond:
                     self._busy -= 1
+                    # The plan may have moved onto the loop meanwhile: the loop drains what this batch held up.
+                    if self._heap and self.on_loop and not self._closing and not self._drain_scheduled:
+                        self._schedule_drain()
                     self._cond.notify()
 
     def _next_batch(self, index: int) -> tuple[list[_Item[R, T]] | None, list[_Item[R, T]]]:
@@ -351,7 +363,8 @@ class DynamicBatcher(Generic[R, T]):
             took = time.monotonic() - started
             with self._cond:
                 self._busy -= 1
-                if took > ON_LOOP_GIVE_UP_S and self._plan.on_loop:
+                self._slow_batches = self._slow_batches + 1 if took > ON_LOOP_GIVE_UP_S else 0
+                if self._slow_batches >= SLOW_BATCHES_TO_LEAVE and self._plan.on_loop:
                     self._leave_loop(took)
                 if self._heap and self.on_loop and not self._closing:
                     if not self._drain_scheduled:
@@ -468,6 +481,13 @@ def _as_runtime_error(exc: Exception, name: str) -> EdgeRuntimeError:
         return exc
     log.error("batch.failed", model=name, error=repr(exc))
     return EngineError(f"{name}: inference failed ({type(exc).__name__}); see the agent log")
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def _start(future: Future[Any] | asyncio.Future[Any]) -> bool:

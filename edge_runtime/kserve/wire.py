@@ -73,7 +73,9 @@ def parse_infer_request(data: bytes) -> pb.ModelInferRequest | InferWire:
             value_start, pos = pos, pos + length
         elif wire_type == 5:
             pos += 4
-        else:  # groups (3, 4) and the undefined 6, 7: never in this message
+        elif wire_type in (3, 4):  # a (deprecated) group, which protobuf skips as an unknown field: let it
+            return pb.ModelInferRequest.FromString(data)
+        else:  # the undefined 6 and 7
             raise DecodeError(f"wire type {wire_type} at byte {field_start}")
         if pos > end:
             raise DecodeError(f"field at byte {field_start} runs past the end of the message")

@@ -170,6 +170,8 @@ class ModelRepository:
                 return raced
             if self._policy != ctx.policy:
                 built.apply_policy(self._policy)
+            if self._loop is not ctx.loop:  # the servers started or stopped while it was built
+                built.batcher.attach_loop(self._loop)
             self._served.setdefault(name, {})[version] = built
             self._set_status(_ready_status(built, active=False))
             return built
