@@ -27,7 +27,7 @@ import psutil
 from edgefleet.proto.inference import grpc_service_pb2 as pb
 from edgefleet.proto.inference import grpc_service_pb2_grpc as pb_grpc
 
-__all__ = ["AgentProcess", "install", "scratch_dir", "write_config"]
+__all__ = ["AgentProcess", "install", "pinned", "scratch_dir", "write_config"]
 
 CLI = [sys.executable, "-m", "edge_runtime.agent.cli"]
 # Reconnect quickly while the agent is not listening yet: gRPC's default first backoff is 1 s, which
@@ -37,6 +37,15 @@ FAST_RECONNECT = [
     ("grpc.min_reconnect_backoff_ms", 10),
     ("grpc.max_reconnect_backoff_ms", 50),
 ]
+
+
+def pinned(cpus: frozenset[int] | None) -> list[str]:
+    """The command prefix that runs a program on `cpus` only (util-linux taskset; every thread it starts
+    inherits it). Not preexec_fn: a fork from a process with threads (the benchmarks' log readers) may deadlock
+    before exec. Empty for None, or where taskset is missing (then unpinned)."""
+    if cpus is None or shutil.which("taskset") is None:
+        return []
+    return ["taskset", "-c", ",".join(str(c) for c in sorted(cpus))]
 
 
 @contextmanager
@@ -103,12 +112,11 @@ class AgentProcess:
         environ = {**os.environ, **(env or {})}
         spawned = time.monotonic()
         process = subprocess.Popen(
-            [*CLI, "run", "--config", str(config)],
+            [*pinned(cpus), *CLI, "run", "--config", str(config)],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
             env=environ,
-            preexec_fn=None if cpus is None else lambda: os.sched_setaffinity(0, cpus),
         )
         agent = cls(config, socket, process, spawned)
         threading.Thread(target=agent._read_logs, name="agent-log-reader", daemon=True).start()

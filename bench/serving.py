@@ -31,7 +31,7 @@ import grpc
 import numpy as np
 import psutil
 
-from bench._agent import AgentProcess, install, scratch_dir, write_config
+from bench._agent import AgentProcess, install, pinned, scratch_dir, write_config
 from bench._harness import Options, Report, Target, interleaved, median, percentile
 
 __all__ = ["run"]
@@ -116,10 +116,6 @@ def _cpus() -> tuple[frozenset[int] | None, frozenset[int] | None]:
     return frozenset({usable[0]}), frozenset({usable[1]})
 
 
-def _pinned(cpus: frozenset[int] | None) -> Callable[[], None] | None:
-    return None if cpus is None else lambda: os.sched_setaffinity(0, cpus)
-
-
 def _cpu_s(pid: int) -> float:
     times = psutil.Process(pid).cpu_times()
     return times.user + times.system
@@ -165,9 +161,7 @@ def _load(
     ]
     if shm:
         command.append("--shm")
-    done = subprocess.run(
-        command, capture_output=True, text=True, cwd=REPO, preexec_fn=_pinned(setup.client_cpus), timeout=300
-    )
+    done = subprocess.run([*pinned(setup.client_cpus), *command], capture_output=True, text=True, cwd=REPO, timeout=300)
     cpu1 = _cpu_s(pid)
     if not done.stdout.strip():
         raise RuntimeError(f"the load generator failed: {done.stderr[-2000:]}")
@@ -203,9 +197,7 @@ def _raw(setup: Setup, model: str) -> dict[str, float]:
     seconds = setup.options.seconds(2.0, 0.2)
     command = [sys.executable, "-m", "bench.serving", "raw", str(path), str(setup.inputs[model]), str(seconds)]
     command.append(str(setup.options.threads))
-    done = subprocess.run(
-        command, capture_output=True, text=True, cwd=REPO, preexec_fn=_pinned(setup.server_cpus), timeout=300
-    )
+    done = subprocess.run([*pinned(setup.server_cpus), *command], capture_output=True, text=True, cwd=REPO, timeout=300)
     if not done.stdout.strip():
         raise RuntimeError(f"the raw ONNX Runtime run failed: {done.stderr[-2000:]}")
     result: dict[str, float] = json.loads(done.stdout.splitlines()[-1])
@@ -324,11 +316,17 @@ def _start(options: Options, work: Path) -> Setup:
     inputs, input_names = _inputs(work)
     echo_socket = work / "echo.sock"
     echo = subprocess.Popen(
-        [sys.executable, "-m", "bench._echo", str(echo_socket), *(str(options.package(m)) for m in (CNN, MLP))],
+        [
+            *pinned(server_cpus),
+            sys.executable,
+            "-m",
+            "bench._echo",
+            str(echo_socket),
+            *(str(options.package(m)) for m in (CNN, MLP)),
+        ],
         stdout=subprocess.PIPE,
         text=True,
         cwd=REPO,
-        preexec_fn=_pinned(server_cpus),
     )
     threads_config = write_config(work / "threads", threads=options.threads, inference={"run_on_loop": False})
     install(threads_config, options.package(MLP))
