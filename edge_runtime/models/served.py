@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import structlog
+from google.protobuf.message import DecodeError
 
 from edge_runtime.batching.batcher import DynamicBatcher
 from edge_runtime.batching.merge import check_rows, merge_inputs, split_outputs
@@ -28,6 +30,7 @@ from edge_runtime.models.package import ModelManifest, ModelPackage
 from edge_runtime.models.shadow import classes_output
 from edge_runtime.models.warmup import WarmupInputs
 from edge_runtime.observability.metrics import AgentMetrics, ModelSample
+from edgefleet.proto.edgefleet.v1.onnx_header_pb2 import OnnxModel
 
 __all__ = ["LoadContext", "ModelState", "ServedModel", "onnx_precision"]
 
@@ -36,6 +39,8 @@ log = structlog.get_logger(__name__)
 # PreparedRequest.keep of a shadow's mirror: nothing of it is kept, not even as a hard example (the mirror
 # judges the shadow's answer against the active's itself).
 _MIRROR = -1
+# ONNX TensorProto.DataType values (onnx/onnx.proto).
+_ONNX_FLOAT, _ONNX_FLOAT16 = 1, 10
 # What may also be kept as a hard example: a request kept for nothing else, or only for its answer.
 _JUDGED = (keeping.NONE, keeping.RESULT)
 
@@ -273,14 +278,16 @@ class ServedModel:
 
 
 def onnx_precision(path: Path) -> str:
-    """The precision an ONNX file computes in, read from its graph (not its external data): "int8" when it
-    carries quantization (QuantizeLinear/DequantizeLinear, QLinear*, *Integer ops), "fp16" when float16
-    initializers hold most of its weights, else "fp32"; "" when it cannot be read."""
-    try:
-        import onnx
+    """The precision an ONNX file computes in, read from its graph: "int8" when it carries quantization
+    (QuantizeLinear/DequantizeLinear, QLinear*, *Integer ops), "fp16" when float16 initializers hold most of its
+    weights, else "fp32"; "" when it cannot be read.
 
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # a damaged or foreign file: the engine's load says what is wrong with it
+    Read through edgefleet.v1.OnnxModel (the few fields of ONNX's ModelProto it needs, at ONNX's field numbers),
+    not the onnx package: importing that costs every agent 9+ MiB of resident memory for one look at load.
+    """
+    try:
+        model = OnnxModel.FromString(path.read_bytes())
+    except (OSError, DecodeError) as exc:  # a damaged or foreign file: the engine's load says what is wrong
         log.warning("model.precision_unknown", path=str(path), error=f"{type(exc).__name__}: {exc}")
         return ""
     ops = {node.op_type for node in model.graph.node}  # subgraphs (If, Loop): rare in classifiers, not walked
@@ -290,11 +297,8 @@ def onnx_precision(path: Path) -> str:
         return "int8"
     sizes: dict[int, int] = {}
     for init in model.graph.initializer:
-        count = 1
-        for dim in init.dims:
-            count *= dim
-        sizes[init.data_type] = sizes.get(init.data_type, 0) + count
-    fp16, fp32 = sizes.get(onnx.TensorProto.FLOAT16, 0), sizes.get(onnx.TensorProto.FLOAT, 0)
+        sizes[init.data_type] = sizes.get(init.data_type, 0) + math.prod(init.dims)
+    fp16, fp32 = sizes.get(_ONNX_FLOAT16, 0), sizes.get(_ONNX_FLOAT, 0)
     return "fp16" if fp16 > fp32 else "fp32"
 
 
