@@ -168,11 +168,35 @@ class DynamicBatcher(Generic[R, T]):
 
     def submit_awaitable(self, request: R) -> Outcome[T]:
         """`submit` for a caller that awaits the result on the attached loop: when this model runs there and
-        the caller is on it, an asyncio future completed on the loop (no hop, no lock); else a concurrent one."""
+        the caller is on it, an asyncio future completed on the loop (no hop, no lock); else a concurrent one.
+
+        On the loop with nothing queued and an instance free, the request runs at once, inside this call, and
+        the future comes back done: no queue, no drain scheduled, no task switch (measured: ~30 µs of Python per
+        request at one in flight, more than the model). A queue then never forms from the loop's own callers,
+        which at 16 in flight over gRPC formed none anyway (grpc.aio hands over one call per poller round trip).
+        """
         loop = self._loop
         if loop is not None and threading.get_ident() == self._loop_thread and self.on_loop:
             future: asyncio.Future[T] = loop.create_future()
-            self._queue(request, future)
+            with self._cond:
+                inline = (
+                    not self._heap
+                    and self._busy < self._instances
+                    and (self._plan.max_queue_delay_s == 0 or self._plan.max_batch_size == 1)
+                )
+                if inline:
+                    self._check_accepting()
+                    self._busy += 1
+            if not inline:
+                self._queue(request, future)
+                return future
+            started = time.monotonic()
+            try:
+                future.set_result(self._execute_inline(request))
+            except EdgeRuntimeError as exc:
+                future.set_exception(exc)
+            finally:
+                self._after_on_loop(time.monotonic() - started)
             return future
         return self.submit(request)
 
@@ -360,17 +384,21 @@ class DynamicBatcher(Generic[R, T]):
             if batch:
                 self._execute(batch)
         finally:
-            took = time.monotonic() - started
-            with self._cond:
-                self._busy -= 1
-                self._slow_batches = self._slow_batches + 1 if took > ON_LOOP_GIVE_UP_S else 0
-                if self._slow_batches >= SLOW_BATCHES_TO_LEAVE and self._plan.on_loop:
-                    self._leave_loop(took)
-                if self._heap and self.on_loop and not self._closing:
-                    if not self._drain_scheduled:
-                        self._schedule_drain()
-                elif self._heap or self._closing:  # no waking idle workers for nothing: a wake-up costs a hop
-                    self._cond.notify()
+            self._after_on_loop(time.monotonic() - started)
+
+    def _after_on_loop(self, took: float) -> None:
+        """A batch that ran on the loop (`took` seconds) ended: free its instance, leave the loop after too many
+        slow ones, and drain what queued meanwhile."""
+        with self._cond:
+            self._busy -= 1
+            self._slow_batches = self._slow_batches + 1 if took > ON_LOOP_GIVE_UP_S else 0
+            if self._slow_batches >= SLOW_BATCHES_TO_LEAVE and self._plan.on_loop:
+                self._leave_loop(took)
+            if self._heap and self.on_loop and not self._closing:
+                if not self._drain_scheduled:
+                    self._schedule_drain()
+            elif self._heap or self._closing:  # no waking idle workers for nothing: a wake-up costs a hop
+                self._cond.notify()
 
     def _leave_loop(self, took: float) -> None:
         """A batch held the loop far longer than its profile said: engine threads run this model from now on

@@ -134,6 +134,13 @@ def thread_future(future: Outcome[int]) -> Future[int]:
     return future
 
 
+def prime(batcher: DynamicBatcher[Req, int], ident: int) -> asyncio.Future[int]:
+    """Queue request `ident` with plain submit(): it never runs inline, so the submit_awaitable calls after it
+    in the same loop iteration queue behind it (a loop caller with a free instance and an empty queue runs at
+    once, inside submit_awaitable)."""
+    return asyncio.wrap_future(batcher.submit(Req(ident)))
+
+
 async def warm(batcher: DynamicBatcher[Req, int], ident: int = 1000) -> None:
     """One request through the loop, so the batcher knows the loop's thread (submit_awaitable needs it)."""
     assert await outcome(batcher.submit_awaitable(Req(ident))) == ident * 10
@@ -177,20 +184,41 @@ def block(loop_thread: LoopThread) -> threading.Event:
 # -- on the loop's own thread ----------------------------------------------------------------------------
 
 
-def test_requests_of_one_iteration_run_as_one_batch_on_the_loop_thread() -> None:
+def test_a_lone_request_on_the_loop_runs_inside_submit_awaitable() -> None:
+    runner, observer = Runner(), Recorder()
+
+    async def main() -> None:
+        batcher = make(runner, asyncio.get_running_loop(), observer=observer)
+        await warm(batcher)
+        future = on_loop_future(batcher.submit_awaitable(Req(1)))
+        assert future.done() and future.result() == 10  # ran before submit_awaitable returned
+        failing = make(Runner(fail={2}), asyncio.get_running_loop())
+        await warm(failing)
+        failed = on_loop_future(failing.submit_awaitable(Req(2)))
+        assert failed.done() and isinstance(failed.exception(), EngineError)  # the error rides the future
+        failing.close()
+        batcher.close()
+
+    asyncio.run(main())
+    assert runner.batches == [[1000], [1]]
+    assert set(runner.threads) == {threading.get_ident()}
+    assert observer.batches[1] == (1, 1, True)
+
+
+def test_requests_of_one_iteration_queued_behind_another_run_as_one_batch_on_the_loop_thread() -> None:
     runner, observer = Runner(), Recorder()
 
     async def main() -> None:
         batcher = make(runner, asyncio.get_running_loop(), observer=observer)
         assert batcher.on_loop
         await warm(batcher)
-        # No await between them: one loop iteration.
-        futures = [on_loop_future(batcher.submit_awaitable(Req(i))) for i in range(8)]
+        # No await between them: one loop iteration, the first queued with submit().
+        futures = [prime(batcher, 0)] + [on_loop_future(batcher.submit_awaitable(Req(i))) for i in range(1, 8)]
         assert await asyncio.gather(*futures) == [i * 10 for i in range(8)]
         assert runner.batches == [[1000], list(range(8))]
         assert set(runner.threads) == {threading.get_ident()}
         # More than a batch holds: the rest follow in later drains, still on the loop.
-        more = [on_loop_future(batcher.submit_awaitable(Req(i))) for i in range(100, 120)]
+        more = [prime(batcher, 100)] + [on_loop_future(batcher.submit_awaitable(Req(i))) for i in range(101, 120)]
         assert await asyncio.gather(*more) == [i * 10 for i in range(100, 120)]
         assert [len(b) for b in runner.batches[2:]] == [8, 8, 4]
         assert set(runner.threads) == {threading.get_ident()}
@@ -209,7 +237,7 @@ def test_results_and_errors_reach_their_own_callers_and_a_failing_batch_fails_on
         batcher = make(runner, asyncio.get_running_loop(), plan)
         await warm(batcher)
         # Batches [0,1] [2,3] [4,5] [6,7].
-        futures = [on_loop_future(batcher.submit_awaitable(Req(i))) for i in range(8)]
+        futures = [prime(batcher, 0)] + [on_loop_future(batcher.submit_awaitable(Req(i))) for i in range(1, 8)]
         results = await asyncio.gather(*futures, return_exceptions=True)
         batcher.close()
         assert runner.batches[1:] == [[0, 1], [2, 3], [4, 5], [6, 7]]
@@ -228,14 +256,16 @@ def test_a_request_withdrawn_before_its_drain_never_runs_and_counts_as_cancelled
     async def main() -> None:
         batcher = make(runner, asyncio.get_running_loop(), observer=observer)
         await warm(batcher)
+        first = prime(batcher, 0)
         gone, kept = batcher.submit_awaitable(Req(1)), batcher.submit_awaitable(Req(2))
         assert isinstance(gone, asyncio.Future)
         gone.cancel()  # the caller went away in the same iteration
         assert await outcome(kept) == 20
+        assert await first == 0
         batcher.close()
 
     asyncio.run(main())
-    assert runner.batches == [[1000], [2]]
+    assert runner.batches == [[1000], [0, 2]]
     assert observer.rejected == ["cancelled"]
 
 
@@ -274,15 +304,17 @@ def test_a_request_past_its_deadline_fails_with_request_timeout_and_never_runs()
     async def main() -> None:
         batcher = make(runner, asyncio.get_running_loop(), observer=observer)
         await warm(batcher)
+        first = prime(batcher, 0)
         late = batcher.submit_awaitable(Req(1, deadline=time.monotonic() - 1))
         on_time = batcher.submit_awaitable(Req(2, deadline=time.monotonic() + 30))
         with pytest.raises(RequestTimeout, match="past its timeout"):
             await outcome(late)
         assert await outcome(on_time) == 20
+        assert await first == 0
         batcher.close()
 
     asyncio.run(main())
-    assert runner.batches == [[1000], [2]]
+    assert runner.batches == [[1000], [0, 2]]
     assert observer.rejected == ["timeout"]
 
 
@@ -357,7 +389,7 @@ def test_close_on_the_loop_with_queued_requests_finishes_or_fails_them_all() -> 
     async def main() -> None:
         batcher = make(runner, asyncio.get_running_loop())
         await warm(batcher)
-        futures = [on_loop_future(batcher.submit_awaitable(Req(i))) for i in range(20)]
+        futures = [prime(batcher, 0)] + [on_loop_future(batcher.submit_awaitable(Req(i))) for i in range(1, 20)]
         batcher.close(timeout=10)  # on the loop, before any drain: the engine threads take the queue
         results = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), 10)
         for i, result in enumerate(results):
@@ -377,7 +409,7 @@ def test_detaching_on_the_loop_hands_its_queued_awaitables_to_the_engine_threads
     async def main() -> None:
         batcher = make(runner, asyncio.get_running_loop())
         await warm(batcher)
-        futures = [on_loop_future(batcher.submit_awaitable(Req(i))) for i in range(10)]
+        futures = [prime(batcher, 0)] + [on_loop_future(batcher.submit_awaitable(Req(i))) for i in range(1, 10)]
         batcher.attach_loop(None)  # as InferenceServer.stop does, on the loop, before the drain ran
         assert not batcher.on_loop
         assert await asyncio.wait_for(asyncio.gather(*futures), 10) == [i * 10 for i in range(10)]
