@@ -7,7 +7,6 @@ the batcher's future, so a waiting request holds no thread (DESIGN.md "Concurren
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -20,7 +19,7 @@ from edge_runtime.kserve.codec import check_version, decode_request, encode_resp
 from edge_runtime.kserve.repository import LOAD_UNIMPLEMENTED, model_config, repository_index
 from edge_runtime.kserve.shm import SystemSharedMemory
 from edge_runtime.kserve.shm_service import SharedMemoryServicer
-from edge_runtime.kserve.status import status_for
+from edge_runtime.kserve.status import abort_with, guarded
 from edge_runtime.kserve.wire import InferWire, parse_infer_request
 from edge_runtime.loop_bridge import LoopBridge
 from edge_runtime.models.repository import KEEP_WAIT_S, ModelRepository
@@ -29,7 +28,7 @@ from edgefleet.proto.inference import grpc_service_pb2 as pb
 from edgefleet.proto.inference import grpc_service_pb2_grpc as pb_grpc
 from edgefleet.rpc import add_service
 
-__all__ = ["SERVER_NAME", "KServeServicer", "add_to_server", "status_message"]
+__all__ = ["SERVER_NAME", "KServeServicer", "add_to_server"]
 
 log = structlog.get_logger(__name__)
 
@@ -37,41 +36,6 @@ SERVER_NAME = "edgefleet-edge-agent"
 EXTENSIONS = ["statistics", "parameters", "model_configuration", "model_repository", "shared_memory"]
 
 T = TypeVar("T")
-# A status message travels in the grpc-message header, percent-encoded: a client refuses metadata past 16 KiB
-# (and may past 8 KiB), and then sees "received metadata size exceeds hard limit" instead of the reason.
-# Messages quote names and values the client sent, so they are cut to this many UTF-8 bytes.
-MAX_MESSAGE_BYTES = 1024
-
-
-def status_message(message: str) -> str:
-    """`message`, or its head and tail when it is longer than MAX_MESSAGE_BYTES."""
-    data = message.encode()
-    if len(data) <= MAX_MESSAGE_BYTES:
-        return message
-    head = data[: MAX_MESSAGE_BYTES * 2 // 3].decode(errors="ignore")
-    tail = data[-(MAX_MESSAGE_BYTES // 4) :].decode(errors="ignore")
-    return f"{head} [... {len(data) - len(head.encode()) - len(tail.encode())} bytes cut ...] {tail}"
-
-
-async def _guarded(context: grpc.aio.ServicerContext, call: Callable[[], Awaitable[T]]) -> T:
-    """Run `call`, turning our errors into their status and anything else into INTERNAL (logged)."""
-    try:
-        return await call()
-    except asyncio.CancelledError:
-        raise
-    except Exception as exc:
-        await _abort(context, exc)
-    raise AssertionError("unreachable: abort raises")  # pragma: no cover
-
-
-async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
-    """End the call with our error's status and message, or INTERNAL (logged) for anything unexpected."""
-    if isinstance(exc, EdgeRuntimeError):
-        code, message = status_for(exc), str(exc)
-    else:
-        log.error("kserve.internal_error", error=repr(exc), exc_info=exc)
-        code, message = grpc.StatusCode.INTERNAL, "internal error in edge-agent; see its log"
-    await context.abort(code, status_message(message))
 
 
 def add_to_server(servicer: KServeServicer, server: grpc.aio.Server) -> None:
@@ -119,7 +83,7 @@ class KServeServicer(SharedMemoryServicer, pb_grpc.GRPCInferenceServiceServicer)
                 return pb.ModelReadyResponse(ready=False)  # as Triton: not ready, not an error
             return pb.ModelReadyResponse(ready=served.ready)
 
-        return await _guarded(context, call)
+        return await guarded(context, call)
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Any) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(name=SERVER_NAME, version=self._version, extensions=EXTENSIONS)
@@ -138,7 +102,7 @@ class KServeServicer(SharedMemoryServicer, pb_grpc.GRPCInferenceServiceServicer)
                 outputs=[T(name=t.name, datatype=t.datatype, shape=t.shape) for t in m.outputs],
             )
 
-        return await _guarded(context, call)
+        return await guarded(context, call)
 
     async def ModelInfer(
         self, request: pb.ModelInferRequest | InferWire, context: grpc.aio.ServicerContext
@@ -166,7 +130,7 @@ class KServeServicer(SharedMemoryServicer, pb_grpc.GRPCInferenceServiceServicer)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            await _abort(context, exc)
+            await abort_with(context, exc)
             raise AssertionError("unreachable: abort raises") from None  # pragma: no cover
 
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Any) -> pb.ModelStatisticsResponse:
@@ -179,14 +143,14 @@ class KServeServicer(SharedMemoryServicer, pb_grpc.GRPCInferenceServiceServicer)
                 selected = sorted(self._repo.models(), key=lambda s: (s.name, s.version))
             return pb.ModelStatisticsResponse(model_stats=[self._statistics(s) for s in selected])
 
-        return await _guarded(context, call)
+        return await guarded(context, call)
 
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:
         async def call() -> pb.ModelConfigResponse:
             served = self._repo.model(request.name, check_version(request.name, request.version))
             return pb.ModelConfigResponse(config=model_config(served))
 
-        return await _guarded(context, call)
+        return await guarded(context, call)
 
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Any) -> pb.RepositoryIndexResponse:
         async def call() -> pb.RepositoryIndexResponse:
@@ -199,7 +163,7 @@ class KServeServicer(SharedMemoryServicer, pb_grpc.GRPCInferenceServiceServicer)
             rows = repository_index(self._repo.status(), installed, ready_only=request.ready)
             return pb.RepositoryIndexResponse(models=rows)
 
-        return await _guarded(context, call)
+        return await guarded(context, call)
 
     def _installed(self) -> dict[str, list[int]]:
         store = self._repo.store

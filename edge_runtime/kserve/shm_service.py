@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 import grpc
 
 from edge_runtime.kserve.shm import SystemSharedMemory
+from edge_runtime.kserve.status import guarded
 from edgefleet.proto.inference import grpc_service_pb2 as pb
 
 __all__ = ["SharedMemoryServicer"]
@@ -21,11 +22,8 @@ T = TypeVar("T")
 
 
 async def _answer(context: grpc.aio.ServicerContext, call: Callable[[], Awaitable[T]]) -> T:
-    """`call`'s result, with errors mapped as for every KServe RPC (servicer.py imports this module, so its
-    guard is looked up at call time)."""
-    from edge_runtime.kserve.servicer import _guarded
-
-    return await _guarded(context, call)
+    """`call`'s result, with errors mapped as for every KServe RPC."""
+    return await guarded(context, call)
 
 
 class SharedMemoryServicer:

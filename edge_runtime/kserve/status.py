@@ -1,8 +1,14 @@
-"""The one mapping from edge_runtime errors to gRPC status codes, used by every servicer."""
+"""The one mapping from edge_runtime errors to gRPC status codes, used by every servicer, and the guard that
+ends a KServe call with it (`guarded`, `abort_with`)."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
 import grpc
+import structlog
 
 from edge_runtime.errors import (
     ArtifactRefused,
@@ -25,7 +31,10 @@ from edge_runtime.errors import (
     VerificationFailed,
 )
 
-__all__ = ["STATUS_CODES", "status_for"]
+__all__ = ["MAX_MESSAGE_BYTES", "STATUS_CODES", "abort_with", "guarded", "status_for", "status_message"]
+
+log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 STATUS_CODES: dict[type[EdgeRuntimeError], grpc.StatusCode] = {
     InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
@@ -58,3 +67,40 @@ def status_for(exc: EdgeRuntimeError) -> grpc.StatusCode:
         if code is not None:
             return code
     return grpc.StatusCode.INTERNAL  # pragma: no cover - EdgeRuntimeError is always in the MRO
+
+
+# A status message travels in the grpc-message header, percent-encoded: a client refuses metadata past 16 KiB
+# (and may past 8 KiB), and then sees "received metadata size exceeds hard limit" instead of the reason.
+# Messages quote names and values the client sent, so they are cut to this many UTF-8 bytes.
+MAX_MESSAGE_BYTES = 1024
+
+
+def status_message(message: str) -> str:
+    """`message`, or its head and tail when it is longer than MAX_MESSAGE_BYTES."""
+    data = message.encode()
+    if len(data) <= MAX_MESSAGE_BYTES:
+        return message
+    head = data[: MAX_MESSAGE_BYTES * 2 // 3].decode(errors="ignore")
+    tail = data[-(MAX_MESSAGE_BYTES // 4) :].decode(errors="ignore")
+    return f"{head} [... {len(data) - len(head.encode()) - len(tail.encode())} bytes cut ...] {tail}"
+
+
+async def guarded(context: grpc.aio.ServicerContext, call: Callable[[], Awaitable[T]]) -> T:
+    """Run `call`, turning our errors into their status and anything else into INTERNAL (logged)."""
+    try:
+        return await call()
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        await abort_with(context, exc)
+    raise AssertionError("unreachable: abort raises")  # pragma: no cover
+
+
+async def abort_with(context: grpc.aio.ServicerContext, exc: Exception) -> None:
+    """End the call with our error's status and message, or INTERNAL (logged) for anything unexpected."""
+    if isinstance(exc, EdgeRuntimeError):
+        code, message = status_for(exc), str(exc)
+    else:
+        log.error("kserve.internal_error", error=repr(exc), exc_info=exc)
+        code, message = grpc.StatusCode.INTERNAL, "internal error in edge-agent; see its log"
+    await context.abort(code, status_message(message))
