@@ -374,8 +374,7 @@ class Converger:
                 )
                 self.changed()
                 await asyncio.sleep(delay)
-                p.next_attempt_at_ms = 0
-                continue
+                continue  # still FAILED, its next attempt due, until the attempt moves it on (_set)
             p.attempts, p.next_attempt_at_ms, p.package_fault = 0, 0, False
             self.changed()
             await self._unload_leftovers(p)
@@ -536,8 +535,11 @@ class Converger:
         p.state = state
         for key, value in fields.items():
             setattr(p, key, value)
-        if state != state_pb2.MODEL_STATE_FAILED and "reason" not in fields and p.reason:
-            p.reason = ""
+        if state != state_pb2.MODEL_STATE_FAILED:
+            # A FAILED model always says when it is tried again; once the retry moves it on, there is none.
+            p.next_attempt_at_ms = 0
+            if "reason" not in fields and p.reason:
+                p.reason = ""
         self.changed()
 
     # -- reporting ----------------------------------------------------------------------------------------------
