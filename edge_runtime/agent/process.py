@@ -99,6 +99,7 @@ class Agent:
         # Hard examples (uncertain answers, shadow disagreements) within the samples section's byte budget.
         self.hard_examples = HardExamples(self.outbox, config.samples)
         self.repository = ModelRepository(config, self.metrics, self.keeper, self.hard_examples)
+        self.repository.expect_load()  # not ready before the store's models are loaded (run() loads them)
         self.uploader = (
             Uploader(self.outbox, config.cloud, config.upload, token, channel=cloud) if cloud and token else None
         )

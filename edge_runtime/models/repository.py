@@ -87,6 +87,8 @@ class ModelRepository:
         self._shadows: dict[str, ShadowMirror] = {}
         self._switch = threading.RLock()  # one load/activate at a time
         self._closed = False
+        # Set by expect_load() until load_active() has run: the store's models are wanted before they are known.
+        self._load_pending = False
         # The inference server's event loop: models whose batches are cheaper than a thread hop run on it.
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -107,8 +109,22 @@ class ModelRepository:
 
     # -- lifecycle --------------------------------------------------------------------------------------
 
+    def expect_load(self) -> None:
+        """The agent will call load_active soon (off the loop): until it has, ServerReady (strict) is false.
+
+        Without it, a server listening before the store was read would answer ready with nothing loaded:
+        every model is wanted only once load_active has read the store."""
+        self._load_pending = True
+
     def load_active(self) -> list[ModelStatus]:
         """Load each model's active version; one that fails gives way to the previous version, if it loads."""
+        try:
+            self._load_active()
+        finally:
+            self._load_pending = False
+        return self.status()
+
+    def _load_active(self) -> None:
         for name in self.store.names():
             try:
                 pointer = self.store.active(name)
@@ -121,7 +137,6 @@ class ModelRepository:
                 self.activate(name, pointer.version)
             except EdgeRuntimeError as exc:
                 self._fall_back(name, pointer, str(exc))
-        return self.status()
 
     def install(self, source: Path, *, activate: bool = True) -> ModelPackage:
         """Install a package directory into the store (verified) and, by default, make it active.
@@ -360,6 +375,8 @@ class ModelRepository:
             return False
         if not self.config.server.strict_readiness:
             return True
+        if self._load_pending:
+            return False
         if any(s.state is ModelState.LOADING for s in list(self._status.values())):
             return False
         return all(self._active.get(name) in self._served.get(name, {}) for name in list(self._wanted))

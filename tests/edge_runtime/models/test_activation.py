@@ -137,6 +137,22 @@ def test_readiness_is_strict_by_default_and_can_be_relaxed(
         assert not repo.ready()  # closed is never ready
 
 
+def test_an_agent_starting_up_is_not_ready_before_its_store_was_loaded(
+    repos: Callable[..., ModelRepository], model_packages: dict[str, Path]
+) -> None:
+    # The agent listens before it reads the store (a TensorRT build may take minutes): until load_active has
+    # run, no model is wanted yet, and a strict ServerReady answered true with nothing loaded (caught by a
+    # test that found no model right after the agent said it was ready).
+    first = repos()
+    first.install(model_packages["digits:1"])
+    first.close()
+    repo = repos()
+    repo.expect_load()
+    assert not repo.ready()
+    (status,) = repo.load_active()
+    assert status.active and repo.ready()
+
+
 def test_a_broken_upgrade_never_becomes_active_and_a_restart_serves_the_old_version(
     repos: Callable[..., ModelRepository], model_packages: dict[str, Path], tmp_path: Path, outbox: Outbox
 ) -> None:
