@@ -33,8 +33,8 @@ DEVICES = 3
 STAGES = "shadow:30%:10s,active:30%:10s,active:100%:10s"  # 1 device shadows, 1 runs v2, then all 3
 # v1 and v2 agree on 89 % of the held-out digits, but only on 79 % of the first 52, which every device's load
 # sends first (in order): a gate that judges as soon as 20 requests are in may see ~26 rows of them, and at 0.7
-# it failed this rollout once (17 of 26; P ~ 9 %). This test is about the rollout surviving chaos, not about the
-# threshold (tests/fleet/test_rollouts.py stops a disagreeing candidate): 0.5 is 6 standard deviations away.
+# it failed this rollout once (17 of 26; P ~ 8 %). This test is about the rollout surviving chaos, not about the
+# threshold (tests/fleet/test_rollouts.py stops a disagreeing candidate): at 0.5, P ~ 0.02 %.
 GATES = "max_error_rate=0.05,min_shadow_agreement=0.5,min_devices=1,min_requests=20"
 LABELS = {"chaos": "rollout"}
 
