@@ -316,7 +316,9 @@ def test_gzip_and_deflate_requests_and_a_gzip_response(serve_http: ServeHttp) ->
 
 
 def test_tcp_answers_do_not_wait_for_the_clients_delayed_ack(serve_http: ServeHttp) -> None:
-    # Without TCP_NODELAY on the accepted sockets, a response's body waited ~40 ms behind its headers.
+    # Without TCP_NODELAY on the accepted sockets, a response's body waited ~40 ms behind its headers: every
+    # answer, so even the fastest of 15 took 40 ms or more. The fastest, not the median: a loaded CI box can
+    # stretch many of them past any fixed bound (one median was 32 ms with the fix in place).
     s = serve_http("digits:1")
     conn = http.client.HTTPConnection("127.0.0.1", s.http.tcp_port, timeout=30)
     took = []
@@ -329,7 +331,7 @@ def test_tcp_answers_do_not_wait_for_the_clients_delayed_ack(serve_http: ServeHt
             took.append(time.monotonic() - began)
     finally:
         conn.close()
-    assert sorted(took)[len(took) // 2] < 0.03, took
+    assert min(took) < 0.03, took
 
 
 # --- bad requests -------------------------------------------------------------------------------------------
