@@ -17,28 +17,10 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
+import grpc
 import structlog
 
-from edge_runtime.errors import (
-    ArtifactRefused,
-    ConfigError,
-    DownloadFailed,
-    EdgeRuntimeError,
-    EngineError,
-    InvalidInput,
-    ModelNotFound,
-    ModelNotReady,
-    OutboxUnusable,
-    Overloaded,
-    PackageError,
-    RegionExists,
-    RegionNotFound,
-    RequestTimeout,
-    RequestTooLarge,
-    ShuttingDown,
-    StepTimeout,
-    VerificationFailed,
-)
+from edge_runtime.errors import EdgeRuntimeError, InvalidInput, ModelNotFound, ModelNotReady, RequestTooLarge
 from edge_runtime.inference import keeping
 from edge_runtime.inference.types import InferRequest, InferResponse
 from edge_runtime.kserve.codec import check_version
@@ -47,6 +29,7 @@ from edge_runtime.kserve.http_views import config_json, index_json, metadata_jso
 from edge_runtime.kserve.repository import LOAD_UNIMPLEMENTED, repository_index
 from edge_runtime.kserve.servicer import EXTENSIONS, SERVER_NAME
 from edge_runtime.kserve.shm import SystemSharedMemory
+from edge_runtime.kserve.status import STATUS_CODES, status_for
 from edge_runtime.loop_bridge import LoopBridge
 from edge_runtime.models.repository import KEEP_WAIT_S, ModelRepository
 
@@ -59,26 +42,18 @@ Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 # The gRPC mapping (status.py) in HTTP terms; RESOURCE_EXHAUSTED splits into 413 (too large) and 503 (overloaded).
+_HTTP_OF_GRPC = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 503,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    grpc.StatusCode.INTERNAL: 500,
+}
 HTTP_STATUS: dict[type[EdgeRuntimeError], int] = {
-    InvalidInput: 400,
-    ConfigError: 400,
-    RequestTooLarge: 413,
-    Overloaded: 503,
-    ModelNotFound: 404,
-    ModelNotReady: 503,
-    ShuttingDown: 503,
-    RequestTimeout: 504,
-    PackageError: 400,
-    VerificationFailed: 400,
-    ArtifactRefused: 400,
-    DownloadFailed: 503,
-    StepTimeout: 504,
-    OutboxUnusable: 400,
-    # The shared-memory registry's (kserve/shm.py), as status.py maps them: NOT_FOUND, ALREADY_EXISTS.
-    RegionNotFound: 404,
-    RegionExists: 409,
-    EngineError: 500,
-    EdgeRuntimeError: 500,
+    cls: 413 if issubclass(cls, RequestTooLarge) else _HTTP_OF_GRPC[code] for cls, code in STATUS_CODES.items()
 }
 # Protocol framing and tensor metadata on top of max_request_bytes of tensor data (as the gRPC server allows).
 BODY_OVERHEAD = 1 << 20
@@ -96,12 +71,8 @@ _WBITS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
 
 def http_status_for(exc: EdgeRuntimeError) -> int:
-    """The HTTP status of the most specific mapped class of `exc`."""
-    for cls in type(exc).__mro__:
-        status = HTTP_STATUS.get(cls)
-        if status is not None:
-            return status
-    return 500  # pragma: no cover - EdgeRuntimeError is always in the MRO
+    """The HTTP status of `exc`: its gRPC status (status.py) in HTTP terms."""
+    return 413 if isinstance(exc, RequestTooLarge) else _HTTP_OF_GRPC[status_for(exc)]
 
 
 class HttpError(Exception):
