@@ -178,16 +178,7 @@ class DynamicBatcher(Generic[R, T]):
         loop = self._loop
         if loop is not None and threading.get_ident() == self._loop_thread and self.on_loop:
             future: asyncio.Future[T] = loop.create_future()
-            with self._cond:
-                inline = (
-                    not self._heap
-                    and self._busy < self._instances
-                    and (self._plan.max_queue_delay_s == 0 or self._plan.max_batch_size == 1)
-                )
-                if inline:
-                    self._check_accepting()
-                    self._busy += 1
-            if not inline:
+            if not self._claim_inline():
                 self._queue(request, future)
                 return future
             started = time.monotonic()
@@ -199,6 +190,20 @@ class DynamicBatcher(Generic[R, T]):
                 self._after_on_loop(time.monotonic() - started)
             return future
         return self.submit(request)
+
+    def _claim_inline(self) -> bool:
+        """Take an instance for a run on the caller's thread, if one is free and nothing waits to be batched
+        (no queue delay asked for); raises Overloaded or ShuttingDown as submit does."""
+        with self._cond:
+            inline = (
+                not self._heap
+                and self._busy < self._instances
+                and (self._plan.max_queue_delay_s == 0 or self._plan.max_batch_size == 1)
+            )
+            if inline:
+                self._check_accepting()
+                self._busy += 1
+            return inline
 
     def _queue(self, request: R, future: Outcome[T]) -> None:
         with self._cond:
@@ -216,16 +221,7 @@ class DynamicBatcher(Generic[R, T]):
         The fast path saves the thread hop (tens of microseconds) for in-process callers; it still counts
         as an instance, so no more than `instances` runs are ever in flight.
         """
-        with self._cond:
-            inline = (
-                not self._heap
-                and self._busy < self._instances
-                and (self._plan.max_queue_delay_s == 0 or self._plan.max_batch_size == 1)
-            )
-            if inline:
-                self._check_accepting()
-                self._busy += 1
-        if not inline:
+        if not self._claim_inline():
             return self.wait(self.submit(request), request.deadline)
         try:
             return self._execute_inline(request)
