@@ -143,24 +143,31 @@ def test_a_request_whose_deadline_passes_in_the_queue_gets_deadline_exceeded_and
     serve: Serve,
 ) -> None:
     served = serve("mobilenet-bench:1", inference=SLOW)
-    blocker = start_blocker(served, 32)
+    batcher = served.repo.model("mobilenet-bench").batcher
+    running = start_blocker(served, 32)
+    # A second full batch queued behind the first: `late` waits behind both (0.5-1.3 s of CPU), so its deadline
+    # passes in the queue with room to spare, yet is long enough for its 600 KB to reach the agent on a loaded box
+    # (a 50 ms deadline once ran out before the agent ever saw the request, which then was, rightly, not counted).
+    _, queued = served.repo.submit(InferRequest("mobilenet-bench", {"input": mobilenet_input(32, seed=1)}))
+    assert batcher.pending() == 1
     stub = served.stub()
-    late = build_request("mobilenet-bench", {"input": mobilenet_input(3)}, request_id="late")
-    try:
-        stub.ModelInfer(late, timeout=0.05)
-    except grpc.RpcError as error:
-        assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED, error.details()
-    else:
-        raise AssertionError("the request behind the blocker finished within its deadline")
-    assert not blocker.done(), "the blocker finished before the deadline: the test proves nothing"
-    blocker.result(60)
+    late = build_request("mobilenet-bench", {"input": mobilenet_input(1, seed=2)}, request_id="late")
+    call = stub.ModelInfer.future(late, timeout=0.3)
+    wait_for(lambda: batcher.pending() == 2 or call.done(), 10, "the late request to be queued")
+    assert batcher.pending() == 2, f"the late request ended before it was queued: {outcome(call)}"
+    result = outcome(call)
+    assert isinstance(result, grpc.RpcError), "the request behind two batches finished within its deadline"
+    assert result.code() == grpc.StatusCode.DEADLINE_EXCEEDED, result.details()
+    assert not queued.done(), "the batches ahead finished before the deadline: the test proves nothing"
+    running.result(60)
+    queued.result(60)
     # Queued behind where `late` was, at the same priority: had `late` been left in the queue, it would
-    # have run before this one (or in its batch) and the counts below would include its 3 rows.
+    # have run before this one (or in its batch) and the counts below would include its row.
     after = stub.ModelInfer(build_request("mobilenet-bench", {"input": mobilenet_input(1)}), timeout=60)
     assert decode_response(after).outputs["logits"].shape == (1, 1000)
 
     stats = served.stats("mobilenet-bench")
-    assert stats.inference_count == 32 + 1
+    assert stats.inference_count == 32 + 32 + 1
     assert stats.inference_stats.fail.count == 1  # counted once as failed, not lost from the figures
-    assert {b.batch_size: b.compute_infer.count for b in stats.batch_stats} == {32: 1, 1: 1}
-    assert served.repo.model("mobilenet-bench").batcher.pending() == 0
+    assert {b.batch_size: b.compute_infer.count for b in stats.batch_stats} == {32: 2, 1: 1}
+    assert batcher.pending() == 0

@@ -61,6 +61,10 @@ def watchers() -> Iterator[list[MqttWatcher]]:
         watcher.close()
 
 
+def telemetry_payloads(watcher: MqttWatcher) -> list[bytes]:
+    return [m.payload for m in watcher.on(TELEMETRY)]
+
+
 def watch(watchers: list[MqttWatcher], broker: Mosquitto, *topics: str, **options: object) -> MqttWatcher:
     watcher = MqttWatcher(broker, list(topics), client_id=f"watcher-{len(watchers)}", **options)  # type: ignore[arg-type]
     watchers.append(watcher)
@@ -156,8 +160,10 @@ def test_after_a_broker_restart_the_link_reconnects_and_sends_only_the_newest_te
     wait_for(lambda: link.counters().connects == 2, 15, "the link to reconnect")
     # The watcher reconnects on its own (1 s backoff) and takes what its session queued: 15 s ran out once with
     # the suite in 3 processes on 2 cores (the Python 3.10 run); 4-11 s alone.
-    wait_for(lambda: len(watcher.on(TELEMETRY)) == 2, 30, "the held telemetry")
-    assert [m.payload for m in watcher.on(TELEMETRY)] == [b"window-1", b"window-5"]
+    wait_for(lambda: b"window-5" in telemetry_payloads(watcher), 30, "the held telemetry")
+    # QoS 1 is at least once: a window-1 whose PUBACK the stopping broker never read comes again after the
+    # restart (seen under load). What must hold: window-1, then only the newest of the windows held offline.
+    assert list(dict.fromkeys(telemetry_payloads(watcher))) == [b"window-1", b"window-5"]
     # A live (not retained) `online` after the restart: the link announced itself again.
     wait_for(
         lambda: any(m.payload == STATUS_ONLINE and not m.retain for m in watcher.on(STATUS)[statuses_before:]),
@@ -167,7 +173,7 @@ def test_after_a_broker_restart_the_link_reconnects_and_sends_only_the_newest_te
     assert watcher.on(STATUS)[-1].payload == STATUS_ONLINE
 
     loop.call(link.publish_telemetry, b"window-6")  # and telemetry flows again
-    wait_for(lambda: len(watcher.on(TELEMETRY)) == 3, 10, "telemetry after the restart")
+    wait_for(lambda: b"window-6" in telemetry_payloads(watcher), 10, "telemetry after the restart")
 
 
 def test_a_device_that_never_reached_its_broker_keeps_only_the_newest_telemetry(
