@@ -8,14 +8,14 @@ only a restart clears. A newer generation cancels the work of the one it superse
 download of a version still wanted stays for resume). Models the desired state does not name are left alone.
 
 Not how bytes travel or what makes a manifest trustworthy (edge_runtime/control/fetch.py, trust.py), nor how
-a version loads or switches (edge_runtime/models/repository.py): this module only sequences them.
+a version loads or switches (edge_runtime/models/repository.py), nor the pure pieces it reports and decides with
+(edge_runtime/control/progress.py): this module only sequences them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import shutil
 import time
 from collections.abc import Awaitable, Callable
@@ -26,16 +26,25 @@ from typing import Any, Protocol, TypeVar
 
 import structlog
 
+from edge_runtime.control.progress import (
+    SLOWEST_ATTEMPT,
+    Deadlines,
+    ModelProgress,
+    assignments,
+    backoff_delay,
+    failure_reason,
+    package_fault,
+    repository_status,
+    same_version,
+)
 from edge_runtime.errors import (
     ConfigError,
-    DownloadFailed,
     EdgeRuntimeError,
     ModelNotFound,
     StepTimeout,
     VerificationFailed,
 )
-from edge_runtime.models.repository import ModelRepository, ModelStatus
-from edge_runtime.models.served import ModelState
+from edge_runtime.models.repository import ModelRepository
 from edgefleet.proto.edgefleet.v1 import state_pb2
 
 __all__ = [
@@ -55,9 +64,6 @@ T = TypeVar("T")
 
 # Reported states go out at most this often (the latest wins; the transports keep only the newest anyway).
 REPORT_INTERVAL_S = 0.25
-BACKOFF_FIRST_S = 1.0
-BACKOFF_CAP_S = 300.0
-SLOWEST_ATTEMPT = 30  # an attempt number whose backoff is the cap
 
 _ACTIVE = state_pb2.MODEL_ROLE_ACTIVE
 _SHADOW = state_pb2.MODEL_ROLE_SHADOW
@@ -88,84 +94,6 @@ class DesiredPersistence(Protocol):
     def save(self, state: state_pb2.DesiredState) -> None: ...
 
     def load(self) -> state_pb2.DesiredState | None: ...
-
-
-@dataclass(frozen=True)
-class Deadlines:
-    """How long each step may take (seconds). Download: without progress; warm-up is part of the build."""
-
-    download_stall_s: float = 60.0
-    verify_s: float = 120.0
-    build_s: float = 30 * 60.0
-    activate_s: float = 120.0
-
-
-def backoff_delay(failures: int, rng: random.Random | None = None) -> float:
-    """Seconds before attempt `failures + 1`: 1 s doubling to 5 min, jittered in [half, whole] so a fleet that
-    failed together does not retry together, and never near zero."""
-    ceiling = min(BACKOFF_CAP_S, BACKOFF_FIRST_S * 2 ** min(max(failures - 1, 0), 30))
-    return (rng or random).uniform(ceiling / 2, ceiling)
-
-
-@dataclass
-class ModelProgress:
-    """Where one assignment of the accepted desired state is, as reported."""
-
-    name: str
-    version: int
-    role: int
-    sha256: str
-    state: int = state_pb2.MODEL_STATE_DOWNLOADING
-    reason: str = ""
-    progress: float = 0.0
-    attempts: int = 0
-    next_attempt_at_ms: int = 0
-    backend: str = ""
-    # SHADOW role: the share of the active version's requests mirrored to this one (0..1).
-    shadow_sample_rate: float = 0.0
-    # The last failure was the package's own (package_fault()), not the link's.
-    package_fault: bool = False
-
-    @property
-    def done(self) -> bool:
-        """Nothing left to do: ACTIVE in the ACTIVE role, READY in the SHADOW role."""
-        goal = state_pb2.MODEL_STATE_READY if self.role == _SHADOW else state_pb2.MODEL_STATE_ACTIVE
-        return self.state == goal
-
-    def to_proto(self) -> state_pb2.ModelStatus:
-        return state_pb2.ModelStatus(
-            name=self.name,
-            version=self.version,
-            role=self.role,  # type: ignore[arg-type]  # the proto enum's int
-            state=self.state,  # type: ignore[arg-type]
-            reason=self.reason,
-            backend=self.backend,
-            progress=self.progress,
-            sha256=self.sha256,
-            attempts=self.attempts,
-            next_attempt_at_ms=self.next_attempt_at_ms,
-            package_fault=self.state == state_pb2.MODEL_STATE_FAILED and self.package_fault,
-        )
-
-
-def repository_status(status: ModelStatus) -> state_pb2.ModelStatus:
-    """A loaded version's state as the control plane reports it (LOADING covers verifying and building)."""
-    if status.state is ModelState.FAILED:
-        state = state_pb2.MODEL_STATE_FAILED
-    elif status.state is ModelState.LOADING:
-        state = state_pb2.MODEL_STATE_BUILDING
-    else:
-        state = state_pb2.MODEL_STATE_ACTIVE if status.active else state_pb2.MODEL_STATE_READY
-    role = state_pb2.MODEL_ROLE_ACTIVE if status.active else state_pb2.MODEL_ROLE_UNSPECIFIED
-    return state_pb2.ModelStatus(
-        name=status.name,
-        version=status.version,
-        role=role,
-        state=state,
-        reason=status.reason,
-        backend=status.backend,
-        precision=status.precision,
-    )
 
 
 @dataclass
@@ -315,7 +243,7 @@ class Converger:
     async def _accept(self, state: state_pb2.DesiredState, *, persist: bool) -> None:
         try:
             apply = await self.accept_policy(state)
-            refs = _assignments(state)
+            refs = assignments(state)
         except ConfigError as exc:
             log.error("control.desired_refused", generation=state.generation, reason=str(exc))
             self.error = f"generation {state.generation} refused: {exc}"
@@ -361,7 +289,7 @@ class Converger:
                 # A refusal a person must fix (revoked, not assigned: DownloadFailed.retryable False) is still
                 # retried, at the slowest pace; a newer desired state retries at once anyway.
                 delay = self.backoff(p.attempts if getattr(exc, "retryable", True) else SLOWEST_ATTEMPT)
-                p.state, p.reason = state_pb2.MODEL_STATE_FAILED, _reason(exc)
+                p.state, p.reason = state_pb2.MODEL_STATE_FAILED, failure_reason(exc)
                 p.package_fault = package_fault(exc)
                 p.next_attempt_at_ms = time.time_ns() // 1_000_000 + int(delay * 1000)
                 log.warning(
@@ -394,7 +322,7 @@ class Converger:
         # On the loader thread, so it runs after every load or switch queued before it (the agent's start-up
         # load, a superseded generation's switch): what it sees is what serves.
         running = await loop.run_in_executor(self.loader, self.repository.running, p.name)
-        if p.role == _ACTIVE and running is not None and _same(running, p.version, p.sha256):
+        if p.role == _ACTIVE and running is not None and same_version(running, p.version, p.sha256):
             self._set(p, state_pb2.MODEL_STATE_ACTIVE, reason="", backend=self._backend(p))
             return
         installed = await loop.run_in_executor(self.loader, self._installed_sha256, p.name, p.version)
@@ -582,61 +510,3 @@ class Converger:
             error=self.error,
             converged=self.generation > 0 and self.converged,
         )
-
-
-def _assignments(state: state_pb2.DesiredState) -> list[ModelProgress]:
-    """The state's model assignments, checked: per model name one ACTIVE and at most one SHADOW of another
-    version, a version, a known role, a shadow sample rate within 0..1. ConfigError else."""
-    from edge_runtime.models.package import check_ref
-
-    seen: set[tuple[str, int]] = set()
-    versions: dict[str, int] = {}
-    out: list[ModelProgress] = []
-    for m in state.models:
-        try:
-            check_ref(m.name, m.version)
-        except EdgeRuntimeError as exc:
-            raise ConfigError(f"models: {exc}") from None
-        if m.role not in (_ACTIVE, _SHADOW):
-            raise ConfigError(f"models: {m.name}:{m.version} has no role (ACTIVE or SHADOW)")
-        if (m.name, m.role) in seen:
-            raise ConfigError(
-                f"models: {m.name!r} is assigned twice; one version per model (and at most one SHADOW version)"
-            )
-        if versions.get(m.name) == m.version:
-            raise ConfigError(
-                f"models: {m.name}:{m.version} is assigned both ACTIVE and SHADOW; a version cannot shadow itself"
-            )
-        if not 0.0 <= m.shadow_sample_rate <= 1.0:  # NaN fails too
-            raise ConfigError(f"models: {m.name}:{m.version} shadow_sample_rate must be within 0..1")
-        if m.sha256 and not (len(m.sha256) == 64 and all(c in "0123456789abcdef" for c in m.sha256)):
-            raise ConfigError(f"models: {m.name}:{m.version} sha256 must be 64 lower-case hex digits")
-        seen.add((m.name, m.role))
-        versions[m.name] = m.version
-        rate = m.shadow_sample_rate if m.role == _SHADOW else 0.0
-        out.append(ModelProgress(m.name, m.version, m.role, m.sha256, shadow_sample_rate=rate))
-    return out
-
-
-def _same(running: tuple[int, str], version: int, sha256: str) -> bool:
-    return running[0] == version and (not sha256 or running[1] == sha256)
-
-
-def package_fault(exc: BaseException) -> bool:
-    """Whether a failure is the package's own - it does not verify, build, load, warm up or switch - rather than
-    the link's: a download cut or stalled, the cloud away or refusing the credential, a full disk. A rollout's
-    apply-failure gate counts only the package's: a cloud-sync restart mid-rollout is no fault of the candidate."""
-    if isinstance(exc, (DownloadFailed, OSError)):
-        return False
-    if isinstance(exc, StepTimeout):
-        return exc.step not in ("download", "verification")
-    return True
-
-
-def _reason(exc: BaseException) -> str:
-    """A FAILED reason: the reason word of a verification failure leads, so operators can search for it."""
-    text = str(exc) or type(exc).__name__
-    reason = getattr(exc, "reason", None)
-    if isinstance(reason, str) and reason and not text.startswith(reason):
-        text = f"{reason}: {text}"
-    return text[:1000]
