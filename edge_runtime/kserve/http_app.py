@@ -2,17 +2,15 @@
 
 The same semantics as the gRPC servicer (servicer.py): requests go through the same repository, batcher,
 keeping and statistics. Bodies are read with a limit, never whole before their size is known; large ones are
-decoded and encoded on the app's own codec threads so the event loop never waits on a 64 MiB JSON parse.
+decoded and encoded on the app's own codec threads so the event loop never waits on a 64 MiB JSON parse. The
+HTTP plumbing (bodies, encodings, JSON checks) is http_body.py; tensors in JSON, http_codec.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import json
-import zlib
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +22,24 @@ from edge_runtime.errors import EdgeRuntimeError, InvalidInput, ModelNotFound, M
 from edge_runtime.inference import keeping
 from edge_runtime.inference.types import InferRequest, InferResponse
 from edge_runtime.kserve.codec import check_version
+from edge_runtime.kserve.http_body import (
+    WBITS,
+    ClientGone,
+    Receive,
+    Scope,
+    Send,
+    accepted_coding,
+    check_keys,
+    compress,
+    count_field,
+    decompress,
+    hang_up,
+    headers_of,
+    parse_json,
+    parse_json_length,
+    raw_handle,
+    read_body,
+)
 from edge_runtime.kserve.http_codec import BINARY_HEADER, EncodedResponse, OutputPlan, decode_infer, encode_infer
 from edge_runtime.kserve.http_views import config_json, index_json, metadata_json, server_json, statistics_json
 from edge_runtime.kserve.repository import LOAD_UNIMPLEMENTED, repository_index
@@ -36,10 +52,6 @@ from edge_runtime.models.repository import KEEP_WAIT_S, ModelRepository
 __all__ = ["HTTP_STATUS", "KServeHttpApp", "Route", "http_status_for", "route"]
 
 log = structlog.get_logger(__name__)
-
-Scope = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
-Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 # The gRPC mapping (status.py) in HTTP terms; RESOURCE_EXHAUSTED splits into 413 (too large) and 503 (overloaded).
 _HTTP_OF_GRPC = {
@@ -67,7 +79,6 @@ SHM_UNAVAILABLE = (
     "(binary_data_size for raw bytes)"
 )
 _CONTENT_TYPES = {"", "application/json", "application/octet-stream"}
-_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
 
 def http_status_for(exc: EdgeRuntimeError) -> int:
@@ -191,7 +202,7 @@ class KServeHttpApp:
             reply, headers = _json({"error": str(exc)}, exc.status), exc.headers
         except EdgeRuntimeError as exc:
             reply = _json({"error": str(exc)}, http_status_for(exc))
-        except _ClientGone:
+        except ClientGone:
             return
         except asyncio.CancelledError:
             raise
@@ -246,7 +257,7 @@ class KServeHttpApp:
 
     async def _index(self, found: Route, scope: Scope, receive: Receive) -> Reply:
         body = await self._body(scope, receive)
-        doc = _parse_json(body) if body.strip() else {}
+        doc = parse_json(body) if body.strip() else {}
         if not isinstance(doc, dict) or set(doc) - {"ready"} or not isinstance(doc.get("ready", False), bool):
             raise InvalidInput('the index request body must be {} or {"ready": true|false}')
         store = self._repo.store
@@ -277,20 +288,20 @@ class KServeHttpApp:
         kind = "cuda" if found.cuda else "system"
         if not found.region:
             raise InvalidInput(f"'region name' is necessary to register {kind} shared memory region")
-        doc = _parse_json(await self._body(scope, receive))
+        doc = parse_json(await self._body(scope, receive))
         what = f"the {kind} shared memory register request"
         if found.cuda:
-            _check_keys(doc, what, {"raw_handle", "device_id", "byte_size"}, {"raw_handle", "device_id", "byte_size"})
-            raw = _raw_handle(doc["raw_handle"])
-            device_id, size = _count(doc, "device_id", what), _count(doc, "byte_size", what)
+            check_keys(doc, what, {"raw_handle", "device_id", "byte_size"}, {"raw_handle", "device_id", "byte_size"})
+            raw = raw_handle(doc["raw_handle"])
+            device_id, size = count_field(doc, "device_id", what), count_field(doc, "byte_size", what)
             await asyncio.to_thread(shm.register_cuda, found.region, raw, device_id, size)
         else:
-            _check_keys(doc, what, {"key", "offset", "byte_size"}, {"key", "byte_size"})
+            check_keys(doc, what, {"key", "offset", "byte_size"}, {"key", "byte_size"})
             key = doc["key"]
             if not isinstance(key, str):
                 raise InvalidInput(f"'key' of {what} must be a string, not {key!r}")
-            offset = _count(doc, "offset", what) if "offset" in doc else 0
-            size = _count(doc, "byte_size", what)
+            offset = count_field(doc, "offset", what) if "offset" in doc else 0
+            size = count_field(doc, "byte_size", what)
             await asyncio.to_thread(shm.register, found.region, key, offset, size)
         return Reply(200, content_type=b"")
 
@@ -298,7 +309,7 @@ class KServeHttpApp:
         """Region `found.region` ("" = all of the kind); an unknown name is no error, as in Triton."""
         shm = self._registry()
         body = await self._body(scope, receive)
-        if body.strip() and _parse_json(body) != {}:
+        if body.strip() and parse_json(body) != {}:
             raise InvalidInput("an unregister request takes no body (or {})")
         if found.cuda:  # unmapping a CUDA IPC handle calls the driver: off the loop, as over gRPC
             await asyncio.to_thread(shm.unregister, found.region, True)
@@ -307,11 +318,11 @@ class KServeHttpApp:
         return Reply(200, content_type=b"")
 
     async def _infer(self, found: Route, scope: Scope, receive: Receive) -> Reply:
-        headers = _headers(scope)
+        headers = headers_of(scope)
         content_type = headers.get(b"content-type", b"").split(b";")[0].strip().decode("latin-1").lower()
         if content_type not in _CONTENT_TYPES:
             raise InvalidInput(f"Content-Type {content_type!r}: send application/json or application/octet-stream")
-        json_length = _json_length(headers.get(BINARY_HEADER.encode()))
+        json_length = parse_json_length(headers.get(BINARY_HEADER.encode()))
         body = await self._body(scope, receive)
         # Only JSON costs time to decode or encode: binary tensors are a view and a memcpy, whatever their size.
         json_bytes = len(body) if json_length is None else json_length
@@ -330,12 +341,12 @@ class KServeHttpApp:
         """Submit through the repository and wait; a client that hangs up withdraws its queued request."""
         _served, future = self._repo.submit(request)
         waiter = self._bridge().wrap(future)
-        watcher = asyncio.ensure_future(_hang_up(receive, waiter))
+        watcher = asyncio.ensure_future(hang_up(receive, waiter))
         try:
             response = await waiter
         except asyncio.CancelledError:
             if watcher.done() and not watcher.cancelled():
-                raise _ClientGone() from None
+                raise ClientGone() from None
             raise
         finally:
             watcher.cancel()
@@ -355,9 +366,9 @@ class KServeHttpApp:
 
     async def _body(self, scope: Scope, receive: Receive) -> bytes | bytearray:
         """The request body, decompressed; 413 past the limit before it is read (or as soon as it passes it)."""
-        headers = _headers(scope)
+        headers = headers_of(scope)
         encoding = headers.get(b"content-encoding", b"identity").decode("latin-1").strip().lower()
-        if encoding not in ("identity", *_WBITS):
+        if encoding not in ("identity", *WBITS):
             raise InvalidInput(f"Content-Encoding {encoding!r}: send gzip, deflate or none")
         declared = headers.get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self._max_body):
@@ -365,10 +376,10 @@ class KServeHttpApp:
                 f"request body of {declared.decode('latin-1')} bytes is past the limit of {self._max_body} "
                 f"(server.max_request_bytes + {BODY_OVERHEAD})"
             )
-        body = await _read(receive, self._max_body)
+        body = await read_body(receive, self._max_body)
         if encoding == "identity":
             return body
-        inflated: bytes = await self._off_loop(OFF_LOOP_BYTES, _decompress, body, encoding, self._max_body)
+        inflated: bytes = await self._off_loop(OFF_LOOP_BYTES, decompress, body, encoding, self._max_body)
         return inflated
 
     async def _send(self, scope: Scope, send: Send, reply: Reply, extra: tuple[tuple[bytes, bytes], ...]) -> None:
@@ -379,97 +390,13 @@ class KServeHttpApp:
         if reply.json_length is not None:
             headers.append((BINARY_HEADER.encode(), str(reply.json_length).encode()))
         if len(body) >= COMPRESS_MIN_BYTES:
-            coding = _accepted(_headers(scope).get(b"accept-encoding", b""))
+            coding = accepted_coding(headers_of(scope).get(b"accept-encoding", b""))
             if coding is not None:
-                body = await self._off_loop(len(body), _compress, body, coding)
+                body = await self._off_loop(len(body), compress, body, coding)
                 headers.append((b"content-encoding", coding.encode()))
         headers.append((b"content-length", str(len(body)).encode()))
         await send({"type": "http.response.start", "status": reply.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
-
-
-class _ClientGone(Exception):
-    """The client hung up while its request waited: nobody to answer."""
-
-
-async def _hang_up(receive: Receive, waiter: asyncio.Future[Any]) -> None:
-    message = await receive()  # after the body: returns only when the client disconnects (or we answered)
-    if message["type"] == "http.disconnect" and not waiter.done():
-        waiter.cancel()
-
-
-def _headers(scope: Scope) -> dict[bytes, bytes]:
-    cached: dict[bytes, bytes] | None = scope.get("edgefleet.headers")
-    if cached is None:
-        cached = scope["edgefleet.headers"] = dict(scope["headers"])
-    return cached
-
-
-def _json_length(value: bytes | None) -> int | None:
-    if value is None:
-        return None
-    if not value.isdigit() or len(value) > 12:
-        raise InvalidInput(
-            f"Inference-Header-Content-Length {value.decode('latin-1')!r} is not a byte count of the JSON part"
-        )
-    return int(value)
-
-
-def _parse_json(body: bytes | bytearray) -> Any:
-    try:
-        return json.loads(body)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise InvalidInput(f"request body is not valid JSON: {exc}") from None
-
-
-async def _read(receive: Receive, limit: int) -> bytes | bytearray:
-    first = await receive()
-    if first["type"] == "http.disconnect":
-        raise _ClientGone()
-    body: bytes | bytearray = first.get("body", b"")
-    if not first.get("more_body", False):
-        return body
-    buffer = bytearray(body)
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise _ClientGone()
-        buffer += message.get("body", b"")
-        if len(buffer) > limit:  # a chunked body has no Content-Length to refuse up front
-            raise RequestTooLarge(f"request body is past the limit of {limit} bytes (server.max_request_bytes)")
-        if not message.get("more_body", False):
-            return buffer
-
-
-def _decompress(body: bytes | bytearray, encoding: str, limit: int) -> bytes:
-    """`body` inflated, refused once it passes `limit` bytes (a small bomb must not fill the memory)."""
-    inflater = zlib.decompressobj(_WBITS[encoding])
-    try:
-        out = inflater.decompress(body, limit + 1)
-    except zlib.error as exc:
-        raise InvalidInput(f"request body is not valid {encoding}: {exc}") from None
-    if len(out) > limit:
-        raise RequestTooLarge(f"request body inflates past the limit of {limit} bytes (server.max_request_bytes)")
-    if not inflater.eof or inflater.unused_data:
-        raise InvalidInput(f"request body is not one complete {encoding} stream")
-    return out
-
-
-def _accepted(value: bytes) -> str | None:
-    """gzip or deflate when Accept-Encoding names one (q=0 refuses it), else None."""
-    offered = {}
-    for item in value.decode("latin-1").lower().split(","):
-        name, _, q = item.strip().partition(";")
-        offered[name.strip()] = q.strip() not in ("q=0", "q=0.0", "q=0.00", "q=0.000")
-    for coding in ("gzip", "deflate"):
-        if offered.get(coding):
-            return coding
-    return None
-
-
-def _compress(body: bytes, coding: str) -> bytes:
-    packer = zlib.compressobj(1, zlib.DEFLATED, _WBITS[coding])  # level 1: the link is local, the CPU is not
-    return packer.compress(body) + packer.flush()
 
 
 def _json_output_bytes(response: InferResponse, plan: OutputPlan) -> int:
@@ -479,32 +406,3 @@ def _json_output_bytes(response: InferResponse, plan: OutputPlan) -> int:
     return sum(
         a.nbytes * 10 for name, a in response.outputs.items() if not wishes.get(name, default) and name not in refs
     )
-
-
-def _check_keys(doc: Any, what: str, allowed: set[str], required: set[str]) -> None:
-    if not isinstance(doc, dict):
-        raise InvalidInput(f"{what} must be a JSON object")
-    unknown = sorted(set(doc) - allowed)
-    if unknown:
-        raise InvalidInput(f"{what} has unknown key {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}")
-    missing = sorted(required - set(doc))
-    if missing:
-        raise InvalidInput(f"{what} has no {missing[0]!r} field")
-
-
-def _count(doc: Mapping[str, Any], key: str, what: str) -> int:
-    value = doc[key]
-    if type(value) is not int or value < 0:
-        raise InvalidInput(f"{key!r} of {what} must be a non-negative integer, not {value!r}")
-    return value
-
-
-def _raw_handle(value: Any) -> bytes:
-    """A cudaIpcMemHandle_t as tritonclient sends it: {"b64": base64 of its bytes}."""
-    b64 = value.get("b64") if isinstance(value, dict) and set(value) == {"b64"} else None
-    if not isinstance(b64, str):
-        raise InvalidInput("'raw_handle' must be {\"b64\": base64 of a cudaIpcMemHandle_t}")
-    try:
-        return base64.b64decode(b64, validate=True)
-    except (binascii.Error, ValueError):
-        raise InvalidInput("'raw_handle' must be a valid base64 encoded cudaIpcMemHandle_t") from None
