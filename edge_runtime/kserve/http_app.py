@@ -339,7 +339,7 @@ class KServeHttpApp:
 
     async def _run(self, request: InferRequest, receive: Receive) -> InferResponse:
         """Submit through the repository and wait; a client that hangs up withdraws its queued request."""
-        _served, future = self._repo.submit(request)
+        _served, future = self._repo.submit_awaitable(request)  # on this loop for a model that runs there
         waiter = self._bridge().wrap(future)
         watcher = asyncio.ensure_future(hang_up(receive, waiter))
         try:
