@@ -96,7 +96,7 @@ def _add_device(config: CloudSyncConfig, device_id: str, labels: str) -> int:
 def _admin_token(config: CloudSyncConfig, config_path: str | None, *, create: bool) -> int:
     """Print the token; without --create only one that exists: a wrong --config (another data dir) must never
     mint a token the running server does not know, which every later call would then fail with (401)."""
-    from cloud_sync.process import ADMIN_TOKEN_FILE, admin_token
+    from cloud_sync.admin_token import ADMIN_TOKEN_FILE, admin_token
 
     if not create and not (config.data_dir / ADMIN_TOKEN_FILE).exists():
         run = f"cloud-sync run --config {config_path}" if config_path else "cloud-sync run"

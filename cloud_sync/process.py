@@ -12,7 +12,6 @@ import os
 import secrets
 import signal
 import socket
-import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +22,7 @@ import grpc
 import structlog
 import uvicorn
 
+from cloud_sync.admin_token import admin_token
 from cloud_sync.api import ApiContext, create_app
 from cloud_sync.api_audit import audit_routes
 from cloud_sync.api_auth import BearerAuth
@@ -70,17 +70,13 @@ from cloud_sync.telemetry.metrics import TelemetryMetrics, metrics_registry
 from cloud_sync.telemetry.subscriber import TelemetrySubscriber
 from cloud_sync.uplink import DeviceAuthenticator, UplinkServicer
 from edgefleet.addresses import AddressError, parse_host_port
-from edgefleet.durable import fsync_dir
 from edgefleet.proto.edgefleet.v1 import services_pb2
 from edgefleet.rpc import add_service
 
-__all__ = ["CloudSync", "Endpoints", "admin_token"]
+__all__ = ["CloudSync", "Endpoints"]
 
 log = structlog.get_logger(__name__)
 
-ADMIN_TOKEN_FILE = "admin-token"
-# Shorter than any token admin_token makes (47 characters); a person may put their own, but not a guessable one.
-MIN_ADMIN_TOKEN_CHARS = 32
 # Device streams (WatchDesired) stay open for days. Devices ping every 30 s while a call is open (the uplink's
 # channel settings): gRPC's default lets a client ping only every 5 minutes and answers more with GOAWAY,
 # which cut every stream after three pings. Our own pings find a device that lost power (no RST ever comes)
@@ -92,42 +88,6 @@ _GRPC_OPTIONS = [
     ("grpc.keepalive_timeout_ms", 20_000),
     ("grpc.http2.max_pings_without_data", 0),
 ]
-
-
-def admin_token(data_dir: Path) -> str:
-    """The admin API token in data_dir (made on first use, mode 0600).
-
-    Raises ConfigProblem for a token file that holds no token: the API would take an empty bearer token.
-    """
-    path = data_dir / ADMIN_TOKEN_FILE
-    try:
-        return _checked_token(path, path.read_text().strip())
-    except FileNotFoundError:
-        pass
-    data_dir.mkdir(parents=True, exist_ok=True)
-    # Linked into place, never renamed over it: of several processes making it at once (`cloud-sync
-    # admin-token` beside a first `cloud-sync run`), the first one's token stands and every one returns it.
-    fd, tmp = tempfile.mkstemp(prefix=f".{ADMIN_TOKEN_FILE}.", suffix=".tmp", dir=data_dir)  # mode 0600
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(f"efa_{secrets.token_urlsafe(32)}\n".encode())
-            f.flush()
-            os.fsync(f.fileno())
-        with contextlib.suppress(FileExistsError):
-            os.link(tmp, path)
-    finally:
-        os.unlink(tmp)
-    fsync_dir(data_dir)
-    return _checked_token(path, path.read_text().strip())
-
-
-def _checked_token(path: Path, token: str) -> str:
-    if len(token) < MIN_ADMIN_TOKEN_CHARS or not (token.isascii() and token.isprintable()):
-        raise ConfigProblem(
-            f"the admin token file {path} holds no valid token (at least {MIN_ADMIN_TOKEN_CHARS} printable ASCII "
-            "characters): delete it and cloud-sync makes a new one"
-        )
-    return token
 
 
 def _delete_all(accounts: DynsecAccounts, device_ids: list[str]) -> None:

@@ -2,7 +2,7 @@
 
 `ApiTokens.create` shows a token once; `authenticate` maps a presented token to its (name, role); `revoke`
 ends it. Each change writes its audit record in the same transaction. Not the bootstrap admin token (a file,
-cloud_sync/process.py) nor the rules of what each role may do (cloud_sync/api_auth.py).
+cloud_sync/admin_token.py) nor the rules of what each role may do (cloud_sync/api_auth.py).
 """
 
 from __future__ import annotations

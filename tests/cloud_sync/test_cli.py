@@ -174,7 +174,7 @@ def test_cloud_sync_version() -> None:
 def test_admin_token_made_by_several_at_once_is_one_token(tmp_path: Path) -> None:
     # `cloud-sync admin-token` beside a first `cloud-sync run`: each once wrote a token of its own, and one of
     # them then served (or printed) a token that the file no longer held.
-    from cloud_sync.process import admin_token
+    from cloud_sync.admin_token import admin_token
 
     callers = 8
     start = threading.Barrier(callers)

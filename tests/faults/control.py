@@ -25,7 +25,7 @@ import httpx
 import numpy as np
 import sqlalchemy as sa
 
-from cloud_sync.process import admin_token
+from cloud_sync.admin_token import admin_token
 from cloud_sync.registry.signer import SIGNING_KEY_FILE
 from cloud_sync.rollouts.plan import Rollout, RolloutEvent
 from cloud_sync.rollouts.store import RolloutStore

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import httpx
 
-from cloud_sync.process import admin_token
+from cloud_sync.admin_token import admin_token
 from edgefleet.proto.edgefleet.v1.state_pb2 import DesiredState, ReportedState
 from tests.cloud_inprocess import InProcessCloud
 from tests.mosquitto import Mosquitto, MqttWatcher

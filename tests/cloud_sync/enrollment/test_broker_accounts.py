@@ -17,8 +17,8 @@ import pytest
 from paho.mqtt.client import Client
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
+from cloud_sync.admin_token import admin_token
 from cloud_sync.broker_accounts import device_acls, device_role
-from cloud_sync.process import admin_token
 from edgefleet.proto.edgefleet.v1 import services_pb2, services_pb2_grpc, state_pb2
 from tests.cloud_sync.conftest import cloud_sync_config
 from tests.mosquitto import Mosquitto

@@ -8,8 +8,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from cloud_sync.admin_token import admin_token
 from cloud_sync.config import RegistrySection
-from cloud_sync.process import admin_token
 from cloud_sync.registry import ModelRegistry
 from tests.cloud_inprocess import InProcessCloud
 from tests.waiting import wait_for
