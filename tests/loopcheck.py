@@ -23,16 +23,23 @@ a LoopThread each callback is also timed by the kernel's own count of the thread
 (/proc/thread-self/schedstat, its second field), and a report is judged by its wall time less that wait:
 blocking on I/O, a lock or a future still counts in full (the thread is not runnable then), a starved CPU
 does not.
+
+Nor is time in the garbage collector. A pytest worker holds 300,000+ objects after a few hundred tests, and one
+full collection of them took 206 ms on a quiet box (2026-12-04); any thread's collection holds the GIL, so a
+loop callback that overlapped one waited it out, whatever the callback does (CI once failed a cloud-sync test
+on three such reports). Collections are timed process-wide (gc.callbacks) and discounted like CPU waits.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import re
 import sys
 import threading
+import time
 from collections.abc import Callable, Coroutine, Iterable
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -74,8 +81,29 @@ _REPO = str(Path(__file__).resolve().parent.parent) + "/"
 _EXEMPT_FILES = ("<frozen importlib._bootstrap", "linecache.py", "tokenize.py")
 
 
+class _GcPauses:
+    """Seconds this process has spent in the cyclic garbage collector so far, all threads together (a collection
+    holds the GIL throughout, so every other thread waits it out)."""
+
+    def __init__(self) -> None:
+        self.total_s = 0.0
+        self._began = 0.0
+        gc.callbacks.append(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
+        now = time.perf_counter()
+        if phase == "start":
+            self._began = now
+        else:
+            self.total_s += now - self._began
+
+
+_GC_PAUSES = _GcPauses()
+
+
 class _RunQueueWait:
-    """Per watched loop thread: seconds its last callback spent runnable but waiting for a CPU.
+    """Per watched loop thread: seconds its last callback spent runnable but waiting for a CPU, or waiting out a
+    garbage collection.
 
     The schedstat file is opened by the thread itself (/proc/thread-self names the opening thread) before its
     blocking calls are watched; each callback then costs two pread() calls on it, which are no audit events.
@@ -90,12 +118,13 @@ class _RunQueueWait:
             if fd is None:
                 original(handle)
                 return
-            before = _waited_ns(fd)
+            before, collected = _waited_ns(fd), _GC_PAUSES.total_s
             try:
                 original(handle)
             finally:
                 after = _waited_ns(fd)
-                self._local.last_s = (after - before) / 1e9 if before is not None and after is not None else 0.0
+                waited = (after - before) / 1e9 if before is not None and after is not None else 0.0
+                self._local.last_s = waited + (_GC_PAUSES.total_s - collected)
 
         asyncio.events.Handle._run = timed  # type: ignore[method-assign]
 

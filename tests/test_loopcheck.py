@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import threading
 import time
@@ -164,3 +165,25 @@ def test_a_callback_that_blocks_is_judged_in_full_though_cpu_waits_are_discounte
 
 async def _sleeps(seconds: float) -> None:
     time.sleep(seconds)  # noqa: ASYNC251 -- blocks the loop on purpose
+
+
+def test_time_in_the_garbage_collector_is_discounted_and_the_blocking_is_not() -> None:
+    heap = [[None] for _ in range(800_000)]  # tracked containers that a full collection has to walk
+    took: list[float] = []
+
+    async def blocks_then_collects() -> None:
+        time.sleep(0.3)  # noqa: ASYNC251 -- blocks the loop on purpose
+        began = time.perf_counter()
+        gc.collect()
+        took.append(time.perf_counter() - began)
+
+    looped = LoopThread("collecting-loop")
+    try:
+        looped.run(blocks_then_collects())
+        ((judged, _),) = looped.slow.reports
+    finally:
+        looped.close()
+        del heap
+    assert took[0] > 0.02, f"the collection took {took[0]:.3f} s: too little to tell"
+    # Judged: the 0.3 s sleep (wall less CPU waits), without the collection's time on top.
+    assert 0.3 - took[0] <= judged < 0.3 + took[0] / 2, (judged, took)
