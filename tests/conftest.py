@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import shutil
 import tempfile
@@ -13,6 +14,14 @@ import pytest
 import structlog
 
 from edge_runtime.config import AgentConfig, config_from_dict
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """What collection imported and built (modules, test items) lives for the whole run: out of the collector's
+    sight, so that a full collection late in a worker walks what the tests made, not all of that again (a worker
+    held 326,000 objects after 200 tests, and one collection of them took 206 ms: the loop checks see it)."""
+    gc.collect()
+    gc.freeze()
 
 
 @pytest.fixture(autouse=True)
