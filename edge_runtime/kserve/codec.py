@@ -16,17 +16,18 @@ import numpy as np
 from edge_runtime.errors import InvalidInput, RequestTooLarge
 from edge_runtime.inference.tensors import DATATYPES, datatype_of, dtype_of
 from edge_runtime.inference.types import InferRequest, InferResponse
-from edge_runtime.kserve.shm import ShmRef, SystemSharedMemory, tensor_ref
+from edge_runtime.kserve.shm import ShmRef, SystemSharedMemory, served_ref
 from edgefleet.proto.inference import grpc_service_pb2 as pb
 
 __all__ = [
     "TYPED_FIELD",
-    "check_shape",
     "check_version",
     "decode_request",
     "encode_response",
     "parameter_value",
     "priority_of",
+    "sized_shape",
+    "tensor_ref",
     "timeout_of",
     "typed_array",
 ]
@@ -68,14 +69,29 @@ def parameter_value(p: pb.InferParameter) -> Any:
     return None if choice is None else getattr(p, choice)
 
 
-def check_shape(name: str, dims: Any) -> tuple[int, ...]:
-    """The shape of input `name` from its dims; InvalidInput past MAX_RANK or with a negative dimension."""
-    shape = tuple(dims)  # int64s already: protobuf checked the wire
+def tensor_ref(tensor: Any, shm: SystemSharedMemory | None) -> ShmRef | None:
+    """The shared-memory reference of a request's input or requested output (a protobuf tensor message)."""
+    if not tensor.parameters:
+        return None
+    return served_ref(tensor.name, {k: parameter_value(v) for k, v in tensor.parameters.items()}, shm)
+
+
+def sized_shape(name: str, dims: Any, dtype: np.dtype[Any], budget: int, limit: int) -> tuple[tuple[int, ...], int]:
+    """Input `name`'s shape from its dims, and its element count: InvalidInput past MAX_RANK or with a negative
+    dimension, RequestTooLarge when its bytes pass `budget`, what is left of the request's `limit`
+    (server.max_request_bytes)."""
+    shape = tuple(dims)  # int64s already where protobuf parsed them; the REST codec checks its own
     if len(shape) > MAX_RANK:
         raise InvalidInput(f"input {name!r} has rank {len(shape)}; at most {MAX_RANK} is supported")
     if shape and min(shape) < 0:
         raise InvalidInput(f"input {name!r} has a negative dimension in shape {list(shape)}")
-    return shape
+    count = math.prod(shape)
+    if count * dtype.itemsize > budget:
+        raise RequestTooLarge(
+            f"input {name!r} of shape {list(shape)} takes the request past its limit "
+            f"of {limit} bytes (server.max_request_bytes)"
+        )
+    return shape, count
 
 
 def _decode_tensor(
@@ -89,13 +105,7 @@ def _decode_tensor(
     dtype = DATATYPES.get(t.datatype)
     if dtype is None:
         raise InvalidInput(f"input {t.name!r} has datatype {t.datatype!r}; edge-agent serves {', '.join(DATATYPES)}")
-    shape = check_shape(t.name, t.shape)
-    count = math.prod(shape)
-    if count * dtype.itemsize > budget:
-        raise RequestTooLarge(
-            f"input {t.name!r} of shape {list(shape)} takes the request past its limit "
-            f"of {limit} bytes (server.max_request_bytes)"
-        )
+    shape, count = sized_shape(t.name, t.shape, dtype, budget, limit)
     if ref is not None and shm is not None:  # Triton's shared-memory extension: the bytes are in a region
         if t.HasField("contents") or raw is not None:
             raise InvalidInput(f"input {t.name!r} names a shared memory region and also carries contents; send one")

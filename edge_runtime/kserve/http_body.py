@@ -10,6 +10,7 @@ import binascii
 import json
 import zlib
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 from edge_runtime.errors import InvalidInput, RequestTooLarge
@@ -124,7 +125,8 @@ def compress(body: bytes, coding: str) -> bytes:
     return packer.compress(body) + packer.flush()
 
 
-def check_keys(doc: Any, what: str, allowed: set[str], required: set[str]) -> None:
+def check_keys(doc: Any, what: str, allowed: set[str], required: AbstractSet[str] = frozenset()) -> dict[str, Any]:
+    """`doc` when it is a JSON object of only `allowed` keys, `required` among them; InvalidInput else."""
     if not isinstance(doc, dict):
         raise InvalidInput(f"{what} must be a JSON object")
     unknown = sorted(set(doc) - allowed)
@@ -133,6 +135,7 @@ def check_keys(doc: Any, what: str, allowed: set[str], required: set[str]) -> No
     missing = sorted(required - set(doc))
     if missing:
         raise InvalidInput(f"{what} has no {missing[0]!r} field")
+    return doc
 
 
 def count_field(doc: Mapping[str, Any], key: str, what: str) -> int:

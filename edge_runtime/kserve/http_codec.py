@@ -7,26 +7,26 @@ datatypes, rank and count checks, integer ranges and parameters, so both protoco
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from edge_runtime.errors import InvalidInput, RequestTooLarge
+from edge_runtime.errors import InvalidInput
 from edge_runtime.inference.tensors import DATATYPES, datatype_of
 from edge_runtime.inference.types import InferRequest, InferResponse
 from edge_runtime.kserve.codec import (
     MAX_INPUTS,
     TYPED_FIELD,
-    check_shape,
     check_version,
     priority_of,
+    sized_shape,
     timeout_of,
     typed_array,
 )
-from edge_runtime.kserve.shm import REGION_PARAMETER, ShmRef, SystemSharedMemory, shm_ref
+from edge_runtime.kserve.http_body import check_keys, parse_json
+from edge_runtime.kserve.shm import REGION_PARAMETER, ShmRef, SystemSharedMemory, served_ref
 
 __all__ = ["BINARY_HEADER", "EncodedResponse", "OutputPlan", "decode_infer", "encode_infer"]
 
@@ -79,12 +79,8 @@ def decode_infer(
             f"Inference-Header-Content-Length is {json_length}, but the body has {len(body)} bytes; "
             "it must give the length of the JSON part"
         )
-    head = memoryview(body)[: json_length if json_length is not None else len(body)]
-    try:
-        doc = json.loads(bytes(head) if json_length is not None else body)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise InvalidInput(f"request body is not valid JSON: {exc}") from None
-    request = _object(doc, "request body", _REQUEST_KEYS)
+    doc = parse_json(body if json_length is None else bytes(memoryview(body)[:json_length]))
+    request = check_keys(doc, "request body", _REQUEST_KEYS)
     request_id = request.get("id", "")
     if not isinstance(request_id, str):
         raise InvalidInput(f"'id' must be a string, not {request_id!r}")
@@ -105,15 +101,6 @@ def decode_infer(
         parameters=params,
     )
     return infer, OutputPlan(({} if request.get("outputs") else {"": binary_default}) | wishes, refs)
-
-
-def _object(value: Any, what: str, allowed: set[str]) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise InvalidInput(f"{what} must be a JSON object")
-    unknown = sorted(set(value) - allowed)
-    if unknown:
-        raise InvalidInput(f"{what} has unknown key {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}")
-    return value
 
 
 def _parameters(value: Any, what: str) -> Mapping[str, Any]:
@@ -138,7 +125,7 @@ def _decode_inputs(
     inputs: dict[str, Array] = {}
     used = 0
     for item in value:
-        tensor = _object(item, "each input", _INPUT_KEYS)
+        tensor = check_keys(item, "each input", _INPUT_KEYS)
         name = tensor.get("name")
         if not isinstance(name, str):
             raise InvalidInput(f"an input's 'name' must be a string, not {name!r}")
@@ -172,16 +159,10 @@ def _decode_tensor(
     dims = tensor.get("shape")
     if not isinstance(dims, list) or not all(type(d) is int for d in dims):
         raise InvalidInput(f"input {name!r}: 'shape' must be a list of integers, not {dims!r}")
-    shape = check_shape(name, dims)
-    count = math.prod(shape)
-    if count * dtype.itemsize > budget:
-        raise RequestTooLarge(
-            f"input {name!r} of shape {list(shape)} takes the request past its limit "
-            f"of {limit} bytes (server.max_request_bytes)"
-        )
+    shape, count = sized_shape(name, dims, dtype, budget, limit)
     params = _parameters(tensor.get("parameters"), f"input {name!r}")
     size = params.get(BINARY_SIZE)
-    ref = _shm_ref(name, params, shm) if params else None
+    ref = served_ref(name, params, shm) if params else None
     if ref is not None and shm is not None:  # Triton's shared-memory extension: the bytes are in a region
         if "data" in tensor or size is not None:
             carried = "'data'" if "data" in tensor else f"'{BINARY_SIZE}'"
@@ -211,14 +192,6 @@ def _decode_tensor(
     if offset + size > len(body):
         raise InvalidInput(f"input {name!r}: {BINARY_SIZE} {size} runs past the end of the body")
     return np.frombuffer(body, dtype=dtype, count=count, offset=offset).reshape(shape), offset + size
-
-
-def _shm_ref(name: str, params: Mapping[str, Any], shm: SystemSharedMemory | None) -> ShmRef | None:
-    """The shared-memory reference in tensor `name`'s parameters (kserve/shm.py parses it as the gRPC side does)."""
-    ref = shm_ref(name, params)
-    if ref is not None and shm is None:
-        raise InvalidInput(f"tensor {name!r} names shared memory region {ref.region!r}; none is served here")
-    return ref
 
 
 def _json_array(name: str, datatype: str, data: Any, count: int, dtype: np.dtype[Any]) -> Array:
@@ -281,7 +254,7 @@ def _outputs(
     wishes: dict[str, bool] = {}
     refs: dict[str, ShmRef] = {}
     for item in value:
-        output = _object(item, "each output", _OUTPUT_KEYS)
+        output = check_keys(item, "each output", _OUTPUT_KEYS)
         name = output.get("name")
         if not isinstance(name, str) or not name:
             raise InvalidInput(f"an output's 'name' must be a non-empty string, not {name!r}")
@@ -291,7 +264,7 @@ def _outputs(
         binary = params.get(BINARY_DATA, binary_default)
         if not isinstance(binary, bool):
             raise InvalidInput(f"output {name!r}: {BINARY_DATA} must be true or false, not {binary!r}")
-        ref = _shm_ref(name, params, shm) if params else None
+        ref = served_ref(name, params, shm) if params else None
         if ref is not None and shm is not None:
             if params.get(BINARY_DATA) is True:
                 raise InvalidInput(f"output {name!r} can't set both '{REGION_PARAMETER}' and '{BINARY_DATA}'")
@@ -318,7 +291,7 @@ def encode_infer(response: InferResponse, plan: OutputPlan, shm: SystemSharedMem
         if ref is not None and shm is not None:
             shm.write_output(name, ref, array)
         elif wishes.get(name, default) or datatype == "FP16":
-            blob = np.ascontiguousarray(array).tobytes()
+            blob = array.tobytes()  # row-major, whatever the array's own layout
             entry["parameters"] = {BINARY_SIZE: len(blob)}
             blobs.append(blob)
         else:

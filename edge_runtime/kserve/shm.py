@@ -32,8 +32,8 @@ __all__ = [
     "RegionStatus",
     "ShmRef",
     "SystemSharedMemory",
+    "served_ref",
     "shm_ref",
-    "tensor_ref",
 ]
 
 REGION_PARAMETER = "shared_memory_region"
@@ -101,17 +101,11 @@ def shm_ref(tensor: str, params: Mapping[str, Any]) -> ShmRef | None:
     return ShmRef(region, offset, size)
 
 
-def tensor_ref(tensor: Any, shm: SystemSharedMemory | None) -> ShmRef | None:
-    """The shared-memory reference of a request's input or requested output (a protobuf tensor message)."""
-    if not tensor.parameters:
-        return None
-    params = {}
-    for key, value in tensor.parameters.items():
-        choice = value.WhichOneof("parameter_choice")
-        params[key] = None if choice is None else getattr(value, choice)
-    ref = shm_ref(tensor.name, params)
+def served_ref(tensor: str, params: Mapping[str, Any], shm: SystemSharedMemory | None) -> ShmRef | None:
+    """`shm_ref`, refused when no registry `shm` serves shared memory here (either protocol's codec)."""
+    ref = shm_ref(tensor, params)
     if ref is not None and shm is None:
-        raise InvalidInput(f"tensor {tensor.name!r} names shared memory region {ref.region!r}; none is served here")
+        raise InvalidInput(f"tensor {tensor!r} names shared memory region {ref.region!r}; none is served here")
     return ref
 
 
