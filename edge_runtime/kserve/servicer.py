@@ -7,10 +7,9 @@ the batcher's future, so a waiting request holds no thread (DESIGN.md "Concurren
 from __future__ import annotations
 
 import asyncio
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
-import structlog
 
 from edge_runtime.errors import EdgeRuntimeError, InvalidInput, ModelNotFound, ModelNotReady
 from edge_runtime.inference import keeping
@@ -30,12 +29,8 @@ from edgefleet.rpc import add_service
 
 __all__ = ["SERVER_NAME", "KServeServicer", "add_to_server"]
 
-log = structlog.get_logger(__name__)
-
 SERVER_NAME = "edgefleet-edge-agent"
 EXTENSIONS = ["statistics", "parameters", "model_configuration", "model_repository", "shared_memory"]
-
-T = TypeVar("T")
 
 
 def add_to_server(servicer: KServeServicer, server: grpc.aio.Server) -> None:

@@ -7,23 +7,13 @@ registry (and unregister never blocks on a request that still reads a region: it
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
-
-import grpc
+from typing import Any
 
 from edge_runtime.kserve.shm import SystemSharedMemory
 from edge_runtime.kserve.status import guarded
 from edgefleet.proto.inference import grpc_service_pb2 as pb
 
 __all__ = ["SharedMemoryServicer"]
-
-T = TypeVar("T")
-
-
-async def _answer(context: grpc.aio.ServicerContext, call: Callable[[], Awaitable[T]]) -> T:
-    """`call`'s result, with errors mapped as for every KServe RPC."""
-    return await guarded(context, call)
 
 
 class SharedMemoryServicer:
@@ -44,7 +34,7 @@ class SharedMemoryServicer:
                 )
             return response
 
-        return await _answer(context, call)
+        return await guarded(context, call)
 
     async def SystemSharedMemoryRegister(
         self, request: pb.SystemSharedMemoryRegisterRequest, context: Any
@@ -53,7 +43,7 @@ class SharedMemoryServicer:
             await asyncio.to_thread(self._shm.register, request.name, request.key, request.offset, request.byte_size)
             return pb.SystemSharedMemoryRegisterResponse()
 
-        return await _answer(context, call)
+        return await guarded(context, call)
 
     async def SystemSharedMemoryUnregister(
         self, request: pb.SystemSharedMemoryUnregisterRequest, context: Any
@@ -62,7 +52,7 @@ class SharedMemoryServicer:
             self._shm.unregister(request.name)
             return pb.SystemSharedMemoryUnregisterResponse()
 
-        return await _answer(context, call)
+        return await guarded(context, call)
 
     async def CudaSharedMemoryStatus(
         self, request: pb.CudaSharedMemoryStatusRequest, context: Any
@@ -77,7 +67,7 @@ class SharedMemoryServicer:
                 )
             return response
 
-        return await _answer(context, call)
+        return await guarded(context, call)
 
     async def CudaSharedMemoryRegister(
         self, request: pb.CudaSharedMemoryRegisterRequest, context: Any
@@ -88,7 +78,7 @@ class SharedMemoryServicer:
             )
             return pb.CudaSharedMemoryRegisterResponse()
 
-        return await _answer(context, call)
+        return await guarded(context, call)
 
     async def CudaSharedMemoryUnregister(
         self, request: pb.CudaSharedMemoryUnregisterRequest, context: Any
@@ -97,4 +87,4 @@ class SharedMemoryServicer:
             await asyncio.to_thread(self._shm.unregister, request.name, True)
             return pb.CudaSharedMemoryUnregisterResponse()
 
-        return await _answer(context, call)
+        return await guarded(context, call)
