@@ -150,8 +150,7 @@ class DynamicBatcher(Generic[R, T]):
             # A drain scheduled on a loop that stopped before running it never comes: schedule afresh (a stale
             # one left on the old loop re-checks on_loop and does nothing).
             self._drain_scheduled = False
-            if self.on_loop and self._heap and not self._closing:
-                self._schedule_drain()
+            self._hand_to_loop()
             self._cond.notify_all()
 
     @property
@@ -210,10 +209,8 @@ class DynamicBatcher(Generic[R, T]):
             self._check_accepting()
             heapq.heappush(self._heap, (request.priority, next(self._order), _Item(request, future, time.monotonic())))
             self._queued_rows += request.rows
-            if not self.on_loop:
+            if not self._hand_to_loop():
                 self._cond.notify()
-            elif not self._drain_scheduled:
-                self._schedule_drain()
 
     def run(self, request: R) -> T:
         """Run on the caller's thread when an instance is free and nothing waits; else queue and wait.
@@ -228,11 +225,9 @@ class DynamicBatcher(Generic[R, T]):
         finally:
             with self._cond:
                 self._busy -= 1
-                if self._heap:  # a worker (or the loop) may be waiting for the slot this run held
-                    if self.on_loop and not self._drain_scheduled and not self._closing:
-                        self._schedule_drain()
-                    else:
-                        self._cond.notify()
+                # A worker (or the loop) may be waiting for the slot this run held.
+                if self._heap and not self._hand_to_loop():
+                    self._cond.notify()
 
     def update(self, plan: BatchPlan, *, instances: int, max_queue_depth: int) -> None:
         """Apply a new plan or policy live: queued requests stay queued, running batches finish."""
@@ -241,8 +236,7 @@ class DynamicBatcher(Generic[R, T]):
             self._instances = instances
             self._max_queue_depth = max_queue_depth
             self._workers = [t for t in self._workers if t.is_alive()]
-            if self.on_loop and self._heap and not self._drain_scheduled:
-                self._schedule_drain()
+            self._hand_to_loop()
             self._cond.notify_all()
         self._start_workers()
 
@@ -311,8 +305,7 @@ class DynamicBatcher(Generic[R, T]):
                 with self._cond:
                     self._busy -= 1
                     # The plan may have moved onto the loop meanwhile: the loop drains what this batch held up.
-                    if self._heap and self.on_loop and not self._closing and not self._drain_scheduled:
-                        self._schedule_drain()
+                    self._hand_to_loop()
                     self._cond.notify()
 
     def _next_batch(self, index: int) -> tuple[list[_Item[R, T]] | None, list[_Item[R, T]]]:
@@ -335,6 +328,15 @@ class DynamicBatcher(Generic[R, T]):
         return self._take()
 
     # -- on the loop ------------------------------------------------------------------------------------
+
+    def _hand_to_loop(self) -> bool:
+        """Whether the loop drains what is queued (called holding the lock): true when it runs this model, requests
+        wait and the batcher is not closing; a drain is then scheduled unless one already is."""
+        if not (self._heap and self.on_loop and not self._closing):
+            return False
+        if not self._drain_scheduled:
+            self._schedule_drain()
+        return True
 
     def _schedule_drain(self) -> None:
         """Drain the queue on the loop once the requests of this iteration are in (called holding the lock)."""
@@ -390,10 +392,8 @@ class DynamicBatcher(Generic[R, T]):
             self._slow_batches = self._slow_batches + 1 if took > ON_LOOP_GIVE_UP_S else 0
             if self._slow_batches >= SLOW_BATCHES_TO_LEAVE and self._plan.on_loop:
                 self._leave_loop(took)
-            if self._heap and self.on_loop and not self._closing:
-                if not self._drain_scheduled:
-                    self._schedule_drain()
-            elif self._heap or self._closing:  # no waking idle workers for nothing: a wake-up costs a hop
+            # No waking idle workers for nothing (a wake-up costs a hop): only for a queue the loop does not take.
+            if (self._heap or self._closing) and not self._hand_to_loop():
                 self._cond.notify()
 
     def _leave_loop(self, took: float) -> None:
