@@ -13,7 +13,6 @@ import secrets
 import signal
 import socket
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +69,7 @@ from cloud_sync.telemetry.metrics import TelemetryMetrics, metrics_registry
 from cloud_sync.telemetry.subscriber import TelemetrySubscriber
 from cloud_sync.uplink import DeviceAuthenticator, UplinkServicer
 from edgefleet.addresses import AddressError, parse_host_port
+from edgefleet.embedded_http import EmbeddedServer
 from edgefleet.proto.edgefleet.v1 import services_pb2
 from edgefleet.rpc import add_service
 
@@ -530,7 +530,7 @@ class CloudSync:
         app = await asyncio.to_thread(create_app, context)
         tls = self._certificates.server
         # The admin API never asks for client certificates: operators authenticate with the bearer token.
-        server = _EmbeddedServer(
+        server = EmbeddedServer(
             uvicorn.Config(
                 app,
                 log_config=None,
@@ -542,11 +542,3 @@ class CloudSync:
         )
         self._http_task = asyncio.ensure_future(server.serve(sockets=[sock]))
         return server
-
-
-class _EmbeddedServer(uvicorn.Server):
-    """uvicorn inside cloud-sync's loop: cloud-sync owns SIGTERM and SIGINT, uvicorn must not take them."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield

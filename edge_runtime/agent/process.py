@@ -221,13 +221,13 @@ class Agent:
             grace = self.config.agent.shutdown_grace_s
             served = self.repository.models()
             log.info("agent.stopping", grace_s=grace, pending={_ref(s): s.batcher.pending() for s in served})
+            # Both answer with the same shared-memory regions: unmapped once both are done.
+            stopping = [server.stop(grace, close_shared_memory=False)]
             if http_server is not None:
-                # Both answer with the same shared-memory regions: unmapped once both are done.
-                await asyncio.gather(server.stop(grace, close_shared_memory=False), http_server.stop(grace))
-                if server.shared_memory is not None:
-                    server.shared_memory.close()
-            else:
-                await server.stop(grace)
+                stopping.append(http_server.stop(grace))
+            await asyncio.gather(*stopping)
+            if server.shared_memory is not None:
+                server.shared_memory.close()
             await self.converger.aclose()  # partial downloads stay for the next start
             if self._artifacts is not None:
                 await self._artifacts.close()

@@ -8,11 +8,9 @@ owns the process's signals: uvicorn's own handlers are never installed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import socket
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +31,7 @@ from edge_runtime.kserve.server import (
 )
 from edge_runtime.kserve.shm import SystemSharedMemory
 from edge_runtime.models.repository import ModelRepository
+from edgefleet.embedded_http import EmbeddedServer
 
 __all__ = ["HttpInferenceServer", "check_http_addresses"]
 
@@ -60,14 +59,6 @@ def check_http_addresses(config: ServerSection) -> tuple[Path | None, tuple[str,
         if tcp[1] and config.tcp_address and parse_tcp_address(config.tcp_address)[1] == tcp[1]:
             raise ConfigError(f"server.http_tcp_address {config.http_tcp_address} takes server.tcp_address's port")
     return path, tcp
-
-
-class _Server(uvicorn.Server):
-    """uvicorn without its SIGINT/SIGTERM handlers: edge_runtime/agent/process.py owns the signals."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
 
 
 def _bind_unix(path: Path) -> socket.socket:
@@ -140,7 +131,7 @@ class HttpInferenceServer:
             date_header=False,
             timeout_keep_alive=30,
         )
-        result = cls(_Server(uv_config), pool)
+        result = cls(EmbeddedServer(uv_config), pool)
         try:
             await result._listen(config, path, tcp)
             result._serving = asyncio.ensure_future(result.server.serve(sockets=result._sockets))
