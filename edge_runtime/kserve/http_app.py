@@ -64,9 +64,13 @@ _HTTP_OF_GRPC = {
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
     grpc.StatusCode.INTERNAL: 500,
 }
-HTTP_STATUS: dict[type[EdgeRuntimeError], int] = {
-    cls: 413 if issubclass(cls, RequestTooLarge) else _HTTP_OF_GRPC[code] for cls, code in STATUS_CODES.items()
-}
+
+
+def _http_status(cls: type[EdgeRuntimeError], code: grpc.StatusCode) -> int:
+    return 413 if issubclass(cls, RequestTooLarge) else _HTTP_OF_GRPC[code]
+
+
+HTTP_STATUS: dict[type[EdgeRuntimeError], int] = {cls: _http_status(cls, code) for cls, code in STATUS_CODES.items()}
 # Protocol framing and tensor metadata on top of max_request_bytes of tensor data (as the gRPC server allows).
 BODY_OVERHEAD = 1 << 20
 # JSON past this is decoded or encoded (and bodies (de)compressed) on a codec thread, not on the loop: a
@@ -83,7 +87,7 @@ _CONTENT_TYPES = {"", "application/json", "application/octet-stream"}
 
 def http_status_for(exc: EdgeRuntimeError) -> int:
     """The HTTP status of `exc`: its gRPC status (status.py) in HTTP terms."""
-    return 413 if isinstance(exc, RequestTooLarge) else _HTTP_OF_GRPC[status_for(exc)]
+    return _http_status(type(exc), status_for(exc))
 
 
 class HttpError(Exception):
