@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 
 from bench._harness import Options, Report, Target, median, percentile
+from bench.inproc import repository_config
 from bench.uplink_e2e import PAYLOAD, CloudUnderTest, drain, fill_outbox, raw_stream, read_messages
 from edge_runtime import InferRequest, ModelRepository
-from edge_runtime.config import AgentConfig, config_from_dict
 
 __all__ = ["run"]
 
@@ -75,17 +75,6 @@ class SteadyInference:
             i += 1
 
 
-def _config(data_dir: str, threads: int) -> AgentConfig:
-    return config_from_dict(
-        AgentConfig,
-        {
-            "agent": {"data_dir": data_dir},
-            "server": {"unix_socket": "", "tcp_address": "", "metrics_address": ""},
-            "engine": {"backend": "onnxruntime", "intra_op_threads": threads},
-        },
-    )
-
-
 def _summary(values: list[float]) -> dict[str, float]:
     return {
         "n": len(values),
@@ -118,7 +107,7 @@ def run(options: Options) -> Report:
         rounds = max(1, n // sample)
         raw_rate = rounds * sample / asyncio.run(raw_stream(messages, rounds))
         del messages
-        repo = ModelRepository(_config(str(work / "agent"), options.threads))
+        repo = ModelRepository(repository_config(str(work / "agent"), options.threads))
         try:
             repo.install(options.package("digits"))
             load = SteadyInference(repo, rows, INFER_PER_S)

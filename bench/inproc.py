@@ -19,7 +19,7 @@ from bench._harness import Options, Report, Samples, Target, median
 from edge_runtime import InferRequest, ModelRepository
 from edge_runtime.config import AgentConfig, config_from_dict
 
-__all__ = ["raw_session", "run"]
+__all__ = ["raw_session", "repository_config", "run"]
 
 Array = np.ndarray[Any, Any]
 OVERHEAD_LIMIT_US = 30.0
@@ -37,7 +37,8 @@ def raw_session(model: Path, threads: int) -> ort.InferenceSession:
     return ort.InferenceSession(str(model), sess_options=options, providers=["CPUExecutionProvider"])
 
 
-def _config(data_dir: str, threads: int) -> AgentConfig:
+def repository_config(data_dir: str, threads: int) -> AgentConfig:
+    """An in-process ModelRepository's config: no servers, ONNX Runtime with `threads` intra-op threads."""
     return config_from_dict(
         AgentConfig,
         {
@@ -162,7 +163,7 @@ def run(options: Options) -> Report:
         },
     )
     with tempfile.TemporaryDirectory(prefix="efb-inproc-") as data_dir:
-        repo = ModelRepository(_config(data_dir, options.threads))
+        repo = ModelRepository(repository_config(data_dir, options.threads))
         try:
             for name in ("digits", "mobilenet-bench"):
                 repo.install(options.package(name))

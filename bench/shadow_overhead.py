@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from bench._harness import Options, Report, Target, median
-from bench.inproc import _config, _round_robin
+from bench.inproc import _round_robin, repository_config
 from edge_runtime import InferRequest, ModelRepository
 
 __all__ = ["run"]
@@ -48,7 +48,7 @@ def _as_version(package: Path, version: int, directory: Path) -> Path:
 
 
 def _open(data_dir: str, options: Options, active: Path, shadow: Path | None, name: str) -> ModelRepository:
-    repo = ModelRepository(_config(data_dir, options.threads))
+    repo = ModelRepository(repository_config(data_dir, options.threads))
     repo.install(active)
     if shadow is not None:
         repo.install(shadow, activate=False)
