@@ -4,14 +4,11 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
 import secrets
-import tempfile
 from pathlib import Path
 
 from cloud_sync.config import ConfigProblem
-from edgefleet.durable import fsync_dir
+from edgefleet.durable import create_once
 
 __all__ = ["ADMIN_TOKEN_FILE", "MIN_ADMIN_TOKEN_CHARS", "admin_token"]
 
@@ -31,19 +28,9 @@ def admin_token(data_dir: Path) -> str:
     except FileNotFoundError:
         pass
     data_dir.mkdir(parents=True, exist_ok=True)
-    # Linked into place, never renamed over it: of several processes making it at once (`cloud-sync
-    # admin-token` beside a first `cloud-sync run`), the first one's token stands and every one returns it.
-    fd, tmp = tempfile.mkstemp(prefix=f".{ADMIN_TOKEN_FILE}.", suffix=".tmp", dir=data_dir)  # mode 0600
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(f"efa_{secrets.token_urlsafe(32)}\n".encode())
-            f.flush()
-            os.fsync(f.fileno())
-        with contextlib.suppress(FileExistsError):
-            os.link(tmp, path)
-    finally:
-        os.unlink(tmp)
-    fsync_dir(data_dir)
+    # Of several processes making it at once (`cloud-sync admin-token` beside a first `cloud-sync run`), the first
+    # one's token stands and every one returns it.
+    create_once(path, f"efa_{secrets.token_urlsafe(32)}\n".encode())
     return _checked_token(path, path.read_text().strip())
 
 

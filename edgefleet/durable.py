@@ -7,12 +7,13 @@ process off a resource for this process's life.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["fsync_dir", "hold_lock", "write_atomic"]
+__all__ = ["create_once", "fsync_dir", "hold_lock", "write_atomic"]
 
 
 def fsync_dir(directory: Path) -> None:
@@ -37,6 +38,23 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
+
+
+def create_once(path: Path, data: bytes) -> None:
+    """Write `data` to `path` (mode 0600) unless a file is there already, durably. Linked into place, never
+    renamed over it: of several processes making it at once, the first one's stands (a secret every one of them
+    must then read back, not the one it made)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # mode 0600
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        with contextlib.suppress(FileExistsError):
+            os.link(tmp, path)
+    finally:
+        os.unlink(tmp)
     fsync_dir(path.parent)
 
 
