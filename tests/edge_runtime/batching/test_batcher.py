@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Hashable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -15,30 +13,8 @@ from hypothesis import strategies as st
 from edge_runtime.batching.batcher import DynamicBatcher
 from edge_runtime.batching.policy import BatchPlan
 from edge_runtime.errors import EngineError, InvalidInput, Overloaded, RequestTimeout, ShuttingDown
+from tests.edge_runtime.batching.plain import Recorder, Req
 from tests.waiting import wait_for
-
-
-@dataclass(frozen=True)
-class Req:
-    ident: int
-    rows: int = 1
-    priority: int = 1
-    deadline: float | None = None
-    group: Hashable = None
-
-
-class Recorder:
-    """A BatchObserver that keeps what it saw."""
-
-    def __init__(self) -> None:
-        self.batches: list[tuple[int, int, bool]] = []
-        self.rejected: list[str] = []
-
-    def on_batch(self, rows: int, requests: int, queue_s: Sequence[float], compute_s: float, ok: bool) -> None:
-        self.batches.append((rows, requests, ok))
-
-    def on_rejected(self, reason: str) -> None:
-        self.rejected.append(reason)
 
 
 class GatedRunner:

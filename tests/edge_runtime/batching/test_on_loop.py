@@ -11,7 +11,7 @@ import asyncio
 import concurrent.futures
 import threading
 import time
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,33 +33,11 @@ from edge_runtime.models.package import read_package
 from edge_runtime.models.repository import ModelRepository
 from edge_runtime.models.served import LoadContext, ServedModel
 from edge_runtime.observability.metrics import AgentMetrics
+from tests.edge_runtime.batching.plain import Recorder, Req
 from tests.loopcheck import LoopThread
 from tests.waiting import wait_for
 
 # -- a plain batcher -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Req:
-    ident: int
-    rows: int = 1
-    priority: int = 1
-    deadline: float | None = None
-    group: Hashable = None
-
-
-class Recorder:
-    """A BatchObserver that keeps what it saw."""
-
-    def __init__(self) -> None:
-        self.batches: list[tuple[int, int, bool]] = []
-        self.rejected: list[str] = []
-
-    def on_batch(self, rows: int, requests: int, queue_s: Sequence[float], compute_s: float, ok: bool) -> None:
-        self.batches.append((rows, requests, ok))
-
-    def on_rejected(self, reason: str) -> None:
-        self.rejected.append(reason)
 
 
 @dataclass
