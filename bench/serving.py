@@ -514,9 +514,10 @@ def _judge(report: Report, r: Mapping[str, list[Any]]) -> None:
             "higher",
             how="median over repetitions of agent inf/s / bare grpc.aio requests/s, same repetition",
             reason=f"the bare server spends {cpu['bare_mlp_16']:.0f} µs of CPU per request in grpc.aio itself; "
-            f"the agent {cpu['mlp_16']:.0f} µs (+{cpu['mlp_16'] - cpu['bare_mlp_16']:.0f} µs: decoding and "
-            f"validating the request, queueing, the batch's share, encoding the answer, each a few Python "
-            f"calls); mean batch {mean_batch:.1f}, so the engine is not the bound",
+            f"the agent {cpu['mlp_16']:.0f} µs (+{cpu['mlp_16'] - cpu['bare_mlp_16']:.0f} µs: decoding the "
+            f"request, ONNX Runtime's run and encoding the answer, each run cold once per request, several times "
+            f"their tight-loop cost, docs/performance.md); mean batch {mean_batch:.1f}: grpc.aio hands over one "
+            f"call per poller round trip, so no batch amortises them",
         )
     )
     hop = report.measurements["hop"]
