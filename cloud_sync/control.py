@@ -205,8 +205,13 @@ class ControlServicer:
         try:
             await context.send_initial_metadata(WATCH_OPEN_METADATA)
             while True:
+                # Cleared before both checks, so a wake-up that comes during them is kept for the wait below. (It
+                # was cleared before the desired state's read alone: a revocation that woke the stream while its
+                # credential was checked, or before the first pass, waited out RECHECK_S; CI caught it.)
                 wake.clear()
                 try:
+                    # Revoked since the stream opened: the stream ends (the device's retries are refused).
+                    await self._run(self._auth.device_for, token)
                     state = await self._run(self._control.desired, device_id)
                 except Exception as exc:
                     await self._refuse(context, "WatchDesired", device_id, exc)
@@ -215,11 +220,6 @@ class ControlServicer:
                     yield state
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(wake.wait(), RECHECK_S)
-                try:
-                    # Revoked since the stream opened: the stream ends (the device's retries are refused).
-                    await self._run(self._auth.device_for, token)
-                except Exception as exc:
-                    await self._refuse(context, "WatchDesired", device_id, exc)
         finally:
             self._changes.unwatch(device_id, wake)
             # Shielded: a cancelled stream (the device went away) must still be recorded as offline.
