@@ -62,6 +62,7 @@ class ControlLinkStats:
     published: int  # desired states published (new ones and republished ones)
     republished: int  # of which sent again to devices that stayed behind, or after a session was lost
     publish_refused: int  # publishes the broker answered with a failure (not authorised: its ACL)
+    unanswered: int  # publishes the broker has not answered yet (QoS 1: it holds a message once it answers)
     reports_stored: int
     reports_dropped: Mapping[str, int]  # reason -> reports not stored
     batches: int
@@ -205,6 +206,7 @@ class MqttControl(SharedSubscription[_Report]):
                 published=self._published,
                 republished=self._republished,
                 publish_refused=self._refused,
+                unanswered=len(self._in_flight),
                 reports_stored=self._stored,
                 reports_dropped=dict(self._dropped),
                 batches=self._batches,
