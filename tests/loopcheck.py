@@ -81,26 +81,6 @@ _REPO = str(Path(__file__).resolve().parent.parent) + "/"
 _EXEMPT_FILES = ("<frozen importlib._bootstrap", "linecache.py", "tokenize.py")
 
 
-class _GcPauses:
-    """Seconds this process has spent in the cyclic garbage collector so far, all threads together (a collection
-    holds the GIL throughout, so every other thread waits it out)."""
-
-    def __init__(self) -> None:
-        self.total_s = 0.0
-        self._began = 0.0
-        gc.callbacks.append(self._on_gc)
-
-    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
-        now = time.perf_counter()
-        if phase == "start":
-            self._began = now
-        else:
-            self.total_s += now - self._began
-
-
-_GC_PAUSES = _GcPauses()
-
-
 class _RunQueueWait:
     """Per watched loop thread: seconds its last callback spent runnable but waiting for a CPU, or waiting out a
     garbage collection.
@@ -111,6 +91,11 @@ class _RunQueueWait:
 
     def __init__(self) -> None:
         self._local = threading.local()
+        # Seconds of garbage collection so far, all threads together, less what the collecting thread itself
+        # waited for a CPU meanwhile when it is a watched one (counted as its run-queue wait already).
+        self._gc_s = 0.0
+        self._gc_began: tuple[float, int | None] = (0.0, None)
+        gc.callbacks.append(self._on_gc)
         original = asyncio.events.Handle._run
 
         def timed(handle: asyncio.events.Handle) -> None:
@@ -118,15 +103,29 @@ class _RunQueueWait:
             if fd is None:
                 original(handle)
                 return
-            before, collected = _waited_ns(fd), _GC_PAUSES.total_s
+            before, collected = _waited_ns(fd), self._gc_s
             try:
                 original(handle)
             finally:
                 after = _waited_ns(fd)
                 waited = (after - before) / 1e9 if before is not None and after is not None else 0.0
-                self._local.last_s = waited + (_GC_PAUSES.total_s - collected)
+                self._local.last_s = waited + (self._gc_s - collected)
 
         asyncio.events.Handle._run = timed  # type: ignore[method-assign]
+
+    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
+        """A collection holds the GIL throughout: every other thread waits it out, whatever it runs."""
+        now = time.perf_counter()
+        fd = getattr(self._local, "fd", None)
+        waited = _waited_ns(fd) if fd is not None else None
+        if phase == "start":
+            self._gc_began = (now, waited)
+            return
+        began, waited_before = self._gc_began
+        pause = now - began
+        if waited is not None and waited_before is not None:
+            pause -= (waited - waited_before) / 1e9
+        self._gc_s += max(pause, 0.0)
 
     def start_on_this_thread(self) -> None:
         try:
